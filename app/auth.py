@@ -1,0 +1,42 @@
+"""Who is calling: the project behind the bearer key (or the default project when auth is off)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from app.db.session import get_db_session
+from app.errors import APIError
+from app.projects.service import DEFAULT_PROJECT, get_or_create_project, project_for_key
+from app.settings import get_settings
+
+
+@dataclass(frozen=True)
+class Caller:
+    project_id: str
+
+
+def get_session(session: Annotated[Session, Depends(get_db_session, scope="function")]) -> Session:
+    return session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_caller(request: Request, session: SessionDep) -> Caller:
+    if not get_settings().auth_enabled:
+        return Caller(project_id=get_or_create_project(session=session, name=DEFAULT_PROJECT).id)
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        raise APIError("unauthorized", "Missing API key: send 'Authorization: Bearer <key>'")
+    project = project_for_key(session=session, key=key.strip())
+    if project is None:
+        raise APIError("unauthorized", "Invalid API key")
+    return Caller(project_id=project.id)
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]

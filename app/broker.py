@@ -1,0 +1,110 @@
+"""The Celery application's configuration, and the only two messages anyone sends.
+
+A message carries just an id: the database says what the job is. The API sends by task name, so it
+never imports the worker code (or torch).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+import app.broker_fs  # noqa: F401 - registers the slimfs:// transport
+
+from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+RUN_JOB = "slimformer.run_job"
+VALIDATE_MODEL = "slimformer.validate_model"
+JOBS_QUEUE = "jobs"
+VALIDATE_QUEUE = "validate"
+
+
+def celery_config(settings: Settings) -> dict:
+    longest_job_s = 7 * 24 * 3600
+    config: dict = {
+        "broker_url": settings.resolved_broker_url,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,  # the database holds results
+        "result_backend": None,
+        # Long jobs: ack only after the task returns; if the process dies the message comes back.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_max_tasks_per_child": 20,  # returns memory torch keeps cached
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # wait out a broker restart
+        "broker_connection_timeout": 5,
+        # Publishing from the API must not hang a request when the broker is down: the job row is
+        # committed already, and the reaper re-sends the message later.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0.2,
+                                      "interval_step": 0.5, "interval_max": 1},
+        # Per-job max_runtime_s is enforced cooperatively by the heartbeat; these are the backstop.
+        "task_soft_time_limit": longest_job_s,
+        "task_time_limit": longest_job_s + 600,
+        "task_default_queue": settings.queue(JOBS_QUEUE),
+    }
+    if settings.is_filesystem_broker:
+        folder = settings.broker_dir
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        config["broker_transport_options"] = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            "polling_interval": settings.broker_polling_interval_s,
+        }
+    else:
+        # Redis redelivers an unacked message after the visibility timeout: make it longer than
+        # any job, so a healthy long job is never handed to a second worker.
+        config["broker_transport_options"] = {"visibility_timeout": longest_job_s + 3600}
+    return config
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("slimformer")
+    app.conf.update(celery_config(settings))
+    return app
+
+
+_client: Celery | None = None
+
+
+def client() -> Celery:
+    global _client
+    if _client is None:
+        _client = make_celery()
+    return _client
+
+
+def send_run_job(job_id: str) -> bool:
+    """Best effort: on failure the job stays queued and the reaper re-sends it."""
+    return _send(RUN_JOB, job_id, JOBS_QUEUE)
+
+
+def send_validate_model(model_id: str) -> bool:
+    return _send(VALIDATE_MODEL, model_id, VALIDATE_QUEUE)
+
+
+def _send(task: str, resource_id: str, queue: str) -> bool:
+    try:
+        client().send_task(task, args=[resource_id], queue=get_settings().queue(queue))
+        return True
+    except Exception:  # noqa: BLE001 - any broker failure means "the reaper will retry"
+        log.warning("could not send %s for %s; it will be re-sent", task, resource_id,
+                    exc_info=True)
+        return False
+
+
+def ping() -> None:
+    with client().connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=2)

@@ -1,0 +1,141 @@
+"""`slimformer`: the composition root. It starts the API, the worker or both, runs migrations, makes
+API keys, and carries the client commands (submit, jobs, download). Nothing imports this module."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from app.settings import get_settings
+
+
+@click.group()
+def cli() -> None:
+    """Slimformer: compress Transformer models as durable jobs."""
+
+
+@cli.command()
+def migrate() -> None:
+    """Create or upgrade the database schema, and register the built-in examples."""
+    _migrate_and_seed()
+    click.echo(f"database at {_redacted(get_settings().resolved_database_url)} is up to date")
+
+
+def _migrate_and_seed() -> None:
+    from app.db.migrate import upgrade
+    from workers.seed import seed_builtins
+
+    upgrade()
+    seed_builtins()
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def api(host: str, port: int) -> None:
+    """Run the HTTP API only (production: workers run separately)."""
+    import uvicorn
+
+    from app.main import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level=get_settings().log_level.lower())
+
+
+@cli.command()
+@click.option("--queues", default="jobs,validate", show_default=True, help="Comma-separated queues")
+@click.option("--concurrency", default=1, show_default=True, type=int)
+@click.option("--hostname", default=None, help="Celery node name (default: worker@<host>)")
+@click.option("--reaper/--no-reaper", default=True, show_default=True,
+              help="Run the lease reaper loop in this worker")
+def worker(queues: str, concurrency: int, hostname: str | None, reaper: bool) -> None:
+    """Run a Celery worker (prefork; one job per process)."""
+    settings = get_settings()
+    args = [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker",
+        "--pool", "prefork", "--concurrency", str(concurrency),
+        "--queues", ",".join(settings.queue(q.strip()) for q in queues.split(",") if q.strip()),
+        "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
+    ]
+    if hostname:
+        args += ["--hostname", hostname]
+    env = dict(os.environ, SLIMFORMER_REAPER="1" if reaper else "0")
+    os.execve(sys.executable, args, env)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the embedded database, broker and artifacts live (default: ./.slimformer)")
+def serve(host: str, port: int, data_dir: Path | None) -> None:
+    """Everything on one machine: migrations, the API and a real Celery worker (embedded default)."""
+    if data_dir is not None:
+        os.environ["SLIMFORMER_DATA_DIR"] = str(data_dir)
+        get_settings.cache_clear()
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _migrate_and_seed()
+    if not settings.auth_enabled:
+        click.echo("slimformer: authentication is OFF (embedded single-user mode); "
+                   "every request acts as project 'default'", err=True)
+    worker_process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker"], env=os.environ.copy(), start_new_session=True
+    )
+    try:
+        api.callback(host=host, port=port)  # type: ignore[misc]
+    finally:
+        _stop(worker_process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Warm shutdown first (the running job is handed back), then the hard way."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@cli.group()
+def keys() -> None:
+    """API keys (one project each)."""
+
+
+@keys.command("create")
+@click.option("--project", required=True, help="Project name (created if new)")
+def keys_create(project: str) -> None:
+    """Create an API key for PROJECT and print it once; only its hash is stored."""
+    from app.db.session import session_scope
+    from app.projects.service import create_api_key
+
+    with session_scope() as session:
+        key = create_api_key(session=session, project_name=project)
+    click.echo(key)
+
+
+def _redacted(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def main() -> None:
+    from app.client import register_client_commands
+
+    register_client_commands(cli)
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
+
+from app.auth import CallerDep, SessionDep
+from app.db.session import session_scope
+from app.db.tables import Job
+from app.jobs import service
+from app.jobs.lifecycle import TERMINAL
+from app.jobs.schemas import JobCreate, JobEventList, JobEventOut, JobList, JobOut
+from app.responses import resource_response
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+SSE_POLL_S = 0.5
+
+
+def job_of_project(job_id: str, caller: CallerDep, session: SessionDep) -> Job:
+    """Ownership as a dependency: another project's job is a 404 before the route runs."""
+    return service.get_job(session=session, project_id=caller.project_id, job_id=job_id)
+
+
+JobDep = Annotated[Job, Depends(job_of_project)]
+
+
+@router.post("", status_code=202, response_model=JobOut)
+def create_job(spec: JobCreate, request: Request, caller: CallerDep, session: SessionDep,
+               idempotency_key: Annotated[str | None, Header()] = None) -> Response:
+    job, _created = service.create_job(session=session, project_id=caller.project_id, spec=spec,
+                                       idempotency_key=idempotency_key)
+    return resource_response(request, service.to_out(session, job), etag=service.job_etag(job),
+                             status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.get("", response_model=JobList)
+def list_jobs(request: Request, caller: CallerDep, session: SessionDep,
+              status: str | None = None, model_id: str | None = None,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              after: str | None = None) -> JobList:
+    """Filters: `status` (comma-separated), `model_id`, and `metadata.<key>=<value>`."""
+    metadata = {key.removeprefix("metadata."): value
+                for key, value in request.query_params.items() if key.startswith("metadata.")}
+    rows, has_more = service.list_jobs(session=session, project_id=caller.project_id,
+                                       status=status, model_id=model_id, metadata=metadata,
+                                       limit=limit, after=after)
+    return JobList(data=[service.to_out(session, row) for row in rows], has_more=has_more)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job: JobDep, request: Request, session: SessionDep) -> Response:
+    return resource_response(request, service.to_out(session, job), etag=service.job_etag(job))
+
+
+@router.get("/{job_id}/events", response_model=JobEventList,
+            responses={200: {"content": {"text/event-stream": {}}}})
+def job_events(job: JobDep, request: Request, session: SessionDep,
+               after: Annotated[int, Query(ge=0)] = 0,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+               last_event_id: Annotated[str | None, Header()] = None) -> Response:
+    """The job's events as a JSON list, or as Server-Sent Events with `Accept: text/event-stream`
+    (`id:` = seq; reconnect with `Last-Event-ID`; the stream ends after the terminal status)."""
+    if "text/event-stream" in request.headers.get("accept", ""):
+        start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
+        return EventSourceResponse(_stream(job.id, start, request), ping=15)
+    rows, has_more = service.list_events(session=session, job_id=job.id, after=after, limit=limit)
+    body = JobEventList(data=[_event_out(row) for row in rows], has_more=has_more)
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+def _event_out(row) -> JobEventOut:  # noqa: ANN001 - a JobEvent row
+    return JobEventOut(seq=row.seq, type=row.type, level=row.level, message=row.message,
+                       data=row.data, created_at=row.created_at)
+
+
+def _poll(job_id: str, after: int) -> tuple[list[JobEventOut], str | None]:
+    with session_scope() as session:
+        rows, _ = service.list_events(session=session, job_id=job_id, after=after, limit=500)
+        status = session.get(Job, job_id)
+        return [_event_out(row) for row in rows], status.status if status else None
+
+
+async def _stream(job_id: str, after: int, request: Request) -> AsyncIterator[ServerSentEvent]:
+    while True:
+        events, status = await run_in_threadpool(_poll, job_id, after)
+        for event in events:
+            after = event.seq
+            yield ServerSentEvent(data=json.dumps(event.model_dump(mode="json")),
+                                  id=str(event.seq), event=event.type)
+        # End once the terminal status event has been delivered (no events after it can come).
+        if status is None or (status in TERMINAL and not events):
+            return
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(SSE_POLL_S)
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
+def cancel_job(job: JobDep, request: Request, session: SessionDep) -> Response:
+    job = service.cancel_job(session=session, job=job)
+    return resource_response(request, service.to_out(session, job), etag=service.job_etag(job),
+                             status_code=202)
+
+
+@router.post("/{job_id}/retry", status_code=202, response_model=JobOut)
+def retry_job(job: JobDep, request: Request, caller: CallerDep, session: SessionDep) -> Response:
+    new_job = service.retry_job(session=session, project_id=caller.project_id, job=job)
+    return resource_response(request, service.to_out(session, new_job),
+                             etag=service.job_etag(new_job), status_code=202,
+                             headers={"Location": f"/v1/jobs/{new_job.id}"})
+
+
+@router.delete("/{job_id}", status_code=204)
+def delete_job(job: JobDep, session: SessionDep) -> Response:
+    service.delete_job(session=session, job=job)
+    return Response(status_code=204)

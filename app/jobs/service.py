@@ -1,0 +1,193 @@
+"""Jobs: submit, read, list, cancel, retry, delete. Never commits: the caller's session does."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import broker
+from app.datasets.service import dataset_visible_to
+from app.db.session import after_commit
+from app.db.tables import Artifact, Dataset, Job, JobEvent, utcnow
+from app.errors import APIError, not_found
+from app.idempotency import remember, replay, request_hash
+from app.ids import new_id
+from app.jobs.lifecycle import LIVE, TERMINAL, add_event, transition
+from app.jobs.schemas import JobCreate, JobOut, Progress
+from app.models.service import model_visible_to
+from app.pagination import page
+from app.settings import get_settings
+from app.storage import get_store
+
+DEFAULT_EVALUATION_DATASET = {"causal-lm": "enwiki-evaluation"}
+FALLBACK_EVALUATION_DATASET = "lee-sentences"
+ENDPOINT = "POST /v1/jobs"
+
+
+def create_job(*, session: Session, project_id: str, spec: JobCreate,
+               idempotency_key: str | None) -> tuple[Job, bool]:
+    """Returns (job, created). A replayed Idempotency-Key returns the first job, created=False."""
+    body = spec.model_dump(mode="json")
+    body_hash = request_hash(body)
+    existing = replay(session, project_id=project_id, endpoint=ENDPOINT, key=idempotency_key,
+                      body_hash=body_hash)
+    if existing is not None:
+        return get_job(session=session, project_id=project_id, job_id=existing), False
+
+    model = model_visible_to(session=session, project_id=project_id, model_id=spec.model_id)
+    if model is None:
+        raise APIError("not_found", f"No model with id {spec.model_id!r}", param="model_id")
+    if model.status == "rejected":
+        raise APIError("conflict", f"Model {model.id} was rejected: "
+                       f"{(model.error or {}).get('message', 'see the model')}", param="model_id")
+    evaluation = spec.evaluation.model_dump(mode="json")
+    if evaluation["dataset_id"] is None and model.task is not None:
+        evaluation["dataset_id"] = _builtin_dataset_id(session, default_evaluation_dataset(model.task))
+    for param, dataset_id in (("calibration.dataset_id", (body["calibration"] or {}).get("dataset_id")),
+                              ("evaluation.dataset_id", evaluation["dataset_id"])):
+        if dataset_id is None:
+            continue
+        dataset = dataset_visible_to(session=session, project_id=project_id, dataset_id=dataset_id)
+        if dataset is None:
+            raise APIError("not_found", f"No dataset with id {dataset_id!r}", param=param)
+        if dataset.status != "ready":
+            raise APIError("conflict", f"Dataset {dataset_id} is {dataset.status}", param=param)
+
+    settings = get_settings()
+    job_id = new_id("job")
+    winner = remember(session, project_id=project_id, endpoint=ENDPOINT, key=idempotency_key,
+                      body_hash=body_hash, resource_id=job_id)
+    if winner != job_id:  # a concurrent request with the same key got there first
+        return get_job(session=session, project_id=project_id, job_id=winner), False
+
+    now = utcnow()
+    job = Job(
+        id=job_id, project_id=project_id, model_id=model.id, status="queued",
+        recipe=body["recipe"], calibration=body["calibration"], evaluation=evaluation,
+        targets=body["targets"], export=body["export"], job_metadata=body["metadata"],
+        priority=spec.priority,
+        max_runtime_s=spec.max_runtime_s or settings.default_max_runtime_s,
+        max_attempts=spec.max_attempts or settings.default_max_attempts,
+        attempt=0, event_seq=0, progress=Progress(message="waiting for a worker").model_dump(
+            mode="json"), created_at=now, updated_at=now, enqueued_at=now,
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job_id=job.id, type="status", message="status: queued",
+              data={"status": "queued"})
+    # Commit first, then send: a worker must never receive an id the database does not have yet.
+    after_commit(session, lambda: broker.send_run_job(job_id))
+    return job, True
+
+
+def default_evaluation_dataset(task: str) -> str:
+    return DEFAULT_EVALUATION_DATASET.get(task, FALLBACK_EVALUATION_DATASET)
+
+
+def _builtin_dataset_id(session: Session, name: str) -> str | None:
+    return session.scalar(select(Dataset.id).where(
+        Dataset.project_id.is_(None), Dataset.name == name, Dataset.status == "ready"))
+
+
+def get_job(*, session: Session, project_id: str, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project_id))
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def list_jobs(*, session: Session, project_id: str, status: str | None, model_id: str | None,
+              metadata: dict[str, str], limit: int, after: str | None) -> tuple[list[Job], bool]:
+    statement = select(Job).where(Job.project_id == project_id)
+    if status:
+        statement = statement.where(Job.status.in_(status.split(",")))
+    if model_id:
+        statement = statement.where(Job.model_id == model_id)
+    for key, value in metadata.items():
+        statement = statement.where(Job.job_metadata[key].as_string() == value)
+    return page(session, statement, id_column=Job.id, limit=limit, after=after)
+
+
+def list_events(*, session: Session, job_id: str, after: int, limit: int
+                ) -> tuple[list[JobEvent], bool]:
+    rows = list(session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after)
+        .order_by(JobEvent.seq).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def cancel_job(*, session: Session, job: Job) -> Job:
+    if job.status in ("cancelling", "cancelled"):
+        return job
+    if job.status in ("succeeded", "failed"):
+        raise APIError("conflict", f"Job {job.id} already {job.status}; nothing to cancel")
+    # A queued job has no worker to notice: it goes straight through cancelling to cancelled.
+    # A running one is told, and its worker stops at the next step and cleans up.
+    if transition(session, job_id=job.id, to="cancelling", from_=("queued",),
+                  message="cancel requested"):
+        transition(session, job_id=job.id, to="cancelled", from_=("cancelling",),
+                   message="cancelled before it started")
+    elif not transition(session, job_id=job.id, to="cancelling", from_=("running",),
+                        message="cancel requested; the worker stops at the next step"):
+        session.refresh(job)
+        return cancel_job(session=session, job=job)  # it moved under us: decide again
+    session.refresh(job)
+    return job
+
+
+def retry_job(*, session: Session, project_id: str, job: Job) -> Job:
+    if job.status not in TERMINAL:
+        raise APIError("conflict", f"Job {job.id} is {job.status}; only finished jobs can be retried")
+    spec = JobCreate.model_validate({
+        "model_id": job.model_id, "recipe": job.recipe, "calibration": job.calibration,
+        "evaluation": job.evaluation, "targets": job.targets, "export": job.export,
+        "priority": job.priority, "max_runtime_s": job.max_runtime_s,
+        "max_attempts": job.max_attempts, "metadata": {**job.job_metadata},
+    })
+    new_job, _ = create_job(session=session, project_id=project_id, spec=spec, idempotency_key=None)
+    add_event(session, job_id=new_job.id, type="log", message=f"retry of {job.id}",
+              data={"retry_of": job.id})
+    return new_job
+
+
+def delete_job(*, session: Session, job: Job) -> None:
+    if job.status in LIVE:
+        raise APIError("conflict", f"Job {job.id} is {job.status}; cancel it first")
+    store = get_store()
+    keys = list(session.scalars(select(Artifact.storage_key).where(Artifact.job_id == job.id)))
+    session.delete(job)
+    prefix = f"jobs/{job.id}"
+
+    def remove_files() -> None:
+        for key in keys:
+            store.delete(key)
+        store.delete_prefix(prefix)
+
+    after_commit(session, remove_files)
+
+
+def artifact_ids(session: Session, job_id: str) -> list[str]:
+    return list(session.scalars(
+        select(Artifact.id).where(Artifact.job_id == job_id).order_by(Artifact.id)))
+
+
+def to_out(session: Session, job: Job) -> JobOut:
+    return JobOut(
+        id=job.id, status=job.status, model_id=job.model_id, recipe=job.recipe,
+        calibration=job.calibration, evaluation=job.evaluation, targets=job.targets,
+        export=job.export, priority=job.priority, max_runtime_s=job.max_runtime_s,
+        metadata=job.job_metadata, progress=Progress.model_validate(job.progress or {}),
+        metrics=job.metrics, error=job.error, attempt=job.attempt, max_attempts=job.max_attempts,
+        artifact_ids=artifact_ids(session, job.id), created_at=job.created_at,
+        started_at=job.started_at, finished_at=job.finished_at, updated_at=job.updated_at,
+    )
+
+
+def job_etag(job: Job) -> str:
+    # event_seq moves with every change the worker or the API makes to the job.
+    return f'W/"{job.id}-{job.event_seq}-{job.updated_at.timestamp():.6f}"'
+
+
+def jobs_using_model(session: Session, model_id: str) -> list[str]:
+    return list(session.scalars(select(Job.id).where(Job.model_id == model_id,
+                                                     Job.status.in_(LIVE))))

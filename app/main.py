@@ -1,0 +1,48 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from app.artifacts.router import router as artifacts_router
+from app.datasets.router import router as datasets_router
+from app.errors import install_error_handlers
+from app.jobs.router import router as jobs_router
+from app.models.router import router as models_router
+from app.ops.router import HTTP_LATENCY
+from app.ops.router import router as ops_router
+
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="Slimformer", version="1.0.0",
+                  description="Compress Transformer models as durable jobs. See API.md.")
+    install_error_handlers(app)
+    for router in (models_router, datasets_router, jobs_router, artifacts_router, ops_router):
+        app.include_router(router)
+
+    @app.middleware("http")
+    async def _timing(request: Request, call_next: Callable[[Request], Awaitable[Response]]
+                      ) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        HTTP_LATENCY.labels(request.method, getattr(route, "path", "unmatched"),
+                            str(response.status_code)).observe(time.perf_counter() - started)
+        return response
+
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+        @app.get("/", include_in_schema=False)
+        def dashboard() -> FileResponse:
+            return FileResponse(STATIC / "index.html")
+
+    return app

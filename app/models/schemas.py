@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PathSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["path"]
+    path: str
+
+
+class HubSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["hub"]
+    repo: str = Field(pattern=r"^[\w.\-]+/[\w.\-]+$")
+    revision: str = "main"
+
+
+class ModelRegister(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    source: Annotated[PathSource | HubSource, Field(discriminator="type")]
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    name: str
+    status: str
+    architecture: str | None
+    task: str | None
+    parameters: int | None
+    size_bytes: int | None
+    sha256: str | None
+    source: dict[str, Any]
+    created_at: datetime
+    error: dict[str, Any] | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
+    has_more: bool

@@ -1,0 +1,98 @@
+"""Models: uploads, registrations by path or hub, built-ins. Validation happens in a worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from app import broker
+from app.db.session import after_commit
+from app.db.tables import Model, utcnow
+from app.errors import APIError, not_found
+from app.models.schemas import ModelOut, ModelRegister
+from app.pagination import page
+from app.settings import get_settings
+from app.storage import StoredObject, get_store
+
+
+def model_visible_to(*, session: Session, project_id: str, model_id: str) -> Model | None:
+    return session.scalar(select(Model).where(
+        Model.id == model_id, Model.deleted_at.is_(None),
+        or_(Model.project_id == project_id, Model.project_id.is_(None))))
+
+
+def get_model(*, session: Session, project_id: str, model_id: str) -> Model:
+    model = model_visible_to(session=session, project_id=project_id, model_id=model_id)
+    if model is None:
+        raise not_found("model", model_id)
+    return model
+
+
+def list_models(*, session: Session, project_id: str, limit: int, after: str | None
+                ) -> tuple[list[Model], bool]:
+    statement = select(Model).where(
+        Model.deleted_at.is_(None), or_(Model.project_id == project_id, Model.project_id.is_(None)))
+    return page(session, statement, id_column=Model.id, limit=limit, after=after)
+
+
+def create_uploaded(*, session: Session, project_id: str, model_id: str, name: str,
+                    filename: str | None, stored: StoredObject) -> Model:
+    model = Model(id=model_id, project_id=project_id, name=name, status="validating",
+                  source={"type": "upload", "filename": filename}, size_bytes=stored.size_bytes,
+                  sha256=stored.sha256, storage_key=stored.key)
+    session.add(model)
+    session.flush()
+    after_commit(session, lambda: broker.send_validate_model(model_id))
+    return model
+
+
+def register(*, session: Session, project_id: str, model_id: str, spec: ModelRegister) -> Model:
+    source = spec.source.model_dump()
+    if spec.source.type == "path":
+        source["path"] = str(_allowed_path(spec.source.path))
+    model = Model(id=model_id, project_id=project_id, name=spec.name, status="validating",
+                  source=source)
+    session.add(model)
+    session.flush()
+    after_commit(session, lambda: broker.send_validate_model(model_id))
+    return model
+
+
+def _allowed_path(raw: str) -> Path:
+    roots = [root.resolve() for root in get_settings().model_path_roots]
+    path = Path(raw).resolve()
+    if not any(path.is_relative_to(root) for root in roots):
+        raise APIError("invalid_request",
+                       "Path is not under an allowed root (SLIMFORMER_MODEL_PATH_ROOTS)",
+                       param="source.path")
+    if not path.is_dir():
+        raise APIError("invalid_request", f"No model folder at {raw!r}", param="source.path")
+    return path
+
+
+def delete_model(*, session: Session, model: Model) -> None:
+    from app.jobs.service import jobs_using_model
+
+    if model.project_id is None:
+        raise APIError("conflict", "Built-in models cannot be deleted")
+    live = jobs_using_model(session, model.id)
+    if live:
+        raise APIError("conflict", f"Model is used by live jobs: {', '.join(live[:5])}")
+    model.deleted_at = utcnow()
+    storage_key = model.storage_key
+    model.storage_key = None
+    if storage_key:
+        after_commit(session, lambda: get_store().delete(storage_key))
+
+
+def to_out(model: Model) -> ModelOut:
+    return ModelOut(id=model.id, name=model.name, status=model.status,
+                    architecture=model.architecture, task=model.task, parameters=model.parameters,
+                    size_bytes=model.size_bytes, sha256=model.sha256, source=model.source,
+                    created_at=model.created_at, error=model.error)
+
+
+def etag(model: Model) -> str:
+    return f'W/"{model.id}-{model.status}-{model.updated_at.timestamp():.6f}"'

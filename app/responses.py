@@ -1,0 +1,21 @@
+"""Responses for single resources: ETag and If-None-Match (304)."""
+
+from __future__ import annotations
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+
+def resource_response(request: Request, resource: BaseModel, *, etag: str,
+                      status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    headers = {"ETag": etag, **(headers or {})}
+    if status_code == 200 and etag in _candidates(request.headers.get("if-none-match", "")):
+        return Response(status_code=304, headers=headers)
+    return JSONResponse(resource.model_dump(mode="json"), status_code=status_code, headers=headers)
+
+
+def _candidates(header: str) -> set[str]:
+    values = {value.strip() for value in header.split(",") if value.strip()}
+    # Weak comparison (RFC 9110): W/"x" matches "x".
+    return values | {value.removeprefix("W/") for value in values} | {f"W/{v}" for v in values}

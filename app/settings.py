@@ -1,0 +1,97 @@
+"""Settings: the one leaf module that the API, the workers and the CLI all read.
+
+Every value comes from an environment variable with the `SLIMFORMER_` prefix. With nothing set, the
+service runs on its embedded default: SQLite, a local artifact folder and kombu's filesystem broker,
+all under `data_dir`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLIMFORMER_", extra="ignore")
+
+    data_dir: Path = Path(".slimformer")
+    database_url: str | None = None  # default: sqlite:///<data_dir>/slimformer.db
+    broker_url: str | None = None  # default: filesystem:// under <data_dir>/broker
+    storage_url: str | None = None  # default: file://<data_dir>/storage
+    queue_prefix: str = ""  # prefixes Celery queue names (lets tests share one Redis)
+
+    # None = decided by the backend: off for the embedded default (single user), on otherwise.
+    auth: bool | None = None
+    allow_insecure: bool = False  # permit auth off on a networked database
+
+    max_upload_bytes: int = 4 * 1024**3
+    max_archive_members: int = 10_000
+    max_extracted_bytes: int = 16 * 1024**3
+    model_path_roots: list[Path] = Field(default_factory=list)  # allow-list for source.type=path
+
+    lease_s: float = 60.0  # a running job's lease; the heartbeat renews it every lease_s / 4
+    reaper_interval_s: float = 15.0
+    requeue_after_s: float = 300.0  # a queued job untouched this long gets its message re-sent
+    default_max_attempts: int = 3
+    default_max_runtime_s: int = 7200
+    progress_min_interval_s: float = 0.5  # throttle for progress events
+    idempotency_ttl_s: int = 48 * 3600
+    broker_polling_interval_s: float = 0.2  # filesystem broker only
+
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if self.auth is False and not self.is_embedded_database and not self.allow_insecure:
+            raise ValueError(
+                "SLIMFORMER_AUTH=false with a networked database would expose every project; "
+                "set SLIMFORMER_ALLOW_INSECURE=true if that is really what you want"
+            )
+        if self.lease_s <= 0 or self.reaper_interval_s <= 0:
+            raise ValueError("lease_s and reaper_interval_s must be positive")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'slimformer.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        # kombu's filesystem transport, with atomic writes (app/broker_fs.py)
+        return self.broker_url or "slimfs://"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or f"file://{(self.data_dir / 'storage').resolve()}"
+
+    @property
+    def is_embedded_database(self) -> bool:
+        return self.resolved_database_url.startswith("sqlite")
+
+    @property
+    def is_filesystem_broker(self) -> bool:
+        return self.resolved_broker_url.startswith(("slimfs", "filesystem"))
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth if self.auth is not None else not self.is_embedded_database
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def cache_dir(self) -> Path:
+        """Worker-local scratch: extracted models, converted built-ins. Safe to delete."""
+        return (self.data_dir / "cache").resolve()
+
+    def queue(self, name: str) -> str:
+        return f"{self.queue_prefix}{name}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

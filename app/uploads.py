@@ -1,0 +1,104 @@
+"""Streaming multipart uploads: the file part goes straight to storage, chunk by chunk, under a size
+limit; it is never held whole in memory or spooled to a temporary file first."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from app.errors import APIError
+from app.storage import StoredObject, TooLarge, get_store
+
+FIELD_LIMIT = 64 * 1024  # text form fields (name, format) are small
+
+
+@dataclass
+class Upload:
+    stored: StoredObject
+    filename: str | None
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+async def receive_upload(request: Request, *, key: str, max_bytes: int,
+                         inspect_chunk: Callable[[bytes], None] | None = None) -> Upload:
+    """Parse `multipart/form-data` from the request body; the part named `file` is written to `key`.
+    Raises APIError 413 (nothing stored) past `max_bytes`, 422 on a malformed body or no file."""
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data" or b"boundary" not in options:
+        raise APIError("invalid_request", "Send the model as multipart/form-data with a 'file' part",
+                       param="file")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes + FIELD_LIMIT:
+        raise APIError("payload_too_large", f"Upload is larger than the limit of {max_bytes} bytes")
+
+    store = get_store()
+    fields: dict[str, str] = {}
+    state: dict = {"headers": {}, "name": None, "filename": None, "buffer": bytearray(),
+                   "writer": None, "file_seen": False, "header_field": b"", "header_value": b""}
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["header_field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["header_value"] += data[start:end]
+
+    def on_header_end() -> None:
+        state["headers"][state["header_field"].lower()] = state["header_value"]
+        state["header_field"], state["header_value"] = b"", b""
+
+    def on_headers_finished() -> None:
+        _, disposition = parse_options_header(state["headers"].get(b"content-disposition", b""))
+        state["name"] = disposition.get(b"name", b"").decode("utf-8", "replace")
+        filename = disposition.get(b"filename")
+        state["filename"] = filename.decode("utf-8", "replace") if filename is not None else None
+        if state["name"] == "file":
+            if state["file_seen"]:
+                raise APIError("invalid_request", "Only one 'file' part is allowed", param="file")
+            state["file_seen"] = True
+            state["writer"] = writer
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if state["name"] == "file":
+            if inspect_chunk is not None:
+                inspect_chunk(chunk)
+            writer.write(chunk)
+        else:
+            state["buffer"] += chunk
+            if len(state["buffer"]) > FIELD_LIMIT:
+                raise APIError("payload_too_large", f"Form field {state['name']!r} is too long")
+
+    def on_part_end() -> None:
+        if state["name"] == "file":
+            fields["__filename__"] = state["filename"] or ""
+        elif state["name"]:
+            fields[state["name"]] = state["buffer"].decode("utf-8", "replace")
+        state["buffer"] = bytearray()
+        state["headers"] = {}
+        state["name"] = None
+
+    parser = MultipartParser(options[b"boundary"], callbacks={
+        "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+        "on_part_data": on_part_data, "on_part_end": on_part_end,
+    })
+    try:
+        with store.writer(key, max_bytes=max_bytes) as writer:
+            async for chunk in request.stream():
+                parser.write(chunk)
+            parser.finalize()
+            if not state["file_seen"]:
+                raise APIError("invalid_request", "The form has no 'file' part", param="file")
+    except TooLarge:
+        raise APIError("payload_too_large",
+                       f"Upload is larger than the limit of {max_bytes} bytes") from None
+    except APIError:
+        raise
+    except Exception as exc:  # a malformed multipart body
+        raise APIError("invalid_request", f"Malformed multipart body: {exc}", param="file") from exc
+    assert writer.result is not None
+    filename = fields.pop("__filename__", None) or None
+    return Upload(stored=writer.result, filename=filename, fields=fields)

@@ -1,0 +1,205 @@
+"""Shared test fixtures.
+
+Service tests run the real thing: the API (uvicorn) and a Celery worker as separate processes, on the
+backend chosen by SLIMFORMER_TEST_BACKEND: `embedded` (SQLite + kombu filesystem broker, the default)
+or `postgres` (a fresh PostgreSQL database and a private Redis queue prefix, both dropped afterwards).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKEND = os.environ.get("SLIMFORMER_TEST_BACKEND", "embedded")
+PG_ADMIN_URL = os.environ.get("SLIMFORMER_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("SLIMFORMER_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Service:
+    """A running Slimformer: its environment, API process, worker processes and clients."""
+
+    env: dict[str, str]
+    data_dir: Path
+    base_url: str
+    processes: list[subprocess.Popen] = field(default_factory=list)
+    workers: list[subprocess.Popen] = field(default_factory=list)
+    api_process: subprocess.Popen | None = None
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def client(self, project: str = "alpha") -> httpx.Client:
+        headers = {}
+        if self.env.get("SLIMFORMER_AUTH") != "false":
+            headers["Authorization"] = f"Bearer {self.key(project)}"
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=60)
+
+    def key(self, project: str) -> str:
+        if project not in self.keys:
+            out = self.cli("keys", "create", "--project", project)
+            self.keys[project] = out.strip().splitlines()[-1]
+        return self.keys[project]
+
+    def cli(self, *args: str, timeout: float = 300) -> str:
+        result = subprocess.run([sys.executable, "-m", "app.cli", *args], env=self.env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"slimformer {' '.join(args)} failed:\n{result.stderr}")
+        return result.stdout
+
+    def start_api(self) -> None:
+        port = int(self.base_url.rsplit(":", 1)[1])
+        self.api_process = self._spawn("api", "--port", str(port), log="api.log")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.api_process.poll() is not None:
+                raise RuntimeError(f"API exited:\n{(self.data_dir / 'api.log').read_text()}")
+            time.sleep(0.2)
+        raise RuntimeError("API did not start")
+
+    def start_worker(self, name: str | None = None) -> subprocess.Popen:
+        name = name or f"w{len(self.workers)}"
+        process = self._spawn("worker", "--hostname", f"{name}@%h", log=f"worker-{name}.log")
+        self.workers.append(process)
+        return process
+
+    def kill_worker(self, process: subprocess.Popen) -> None:
+        """SIGKILL the whole worker: the main process and its pool children."""
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+    def _spawn(self, *args: str, log: str) -> subprocess.Popen:
+        handle = (self.data_dir / log).open("ab")
+        process = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=self.env,
+                                   cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}"
+                         for path in sorted(self.data_dir.glob("*.log")))
+
+
+def service_env(data_dir: Path, **overrides: str) -> tuple[dict[str, str], callable]:
+    """Environment for a service on the chosen backend, and a function that drops what it made."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SLIMFORMER_")}
+    env.update({
+        "SLIMFORMER_DATA_DIR": str(data_dir),
+        "SLIMFORMER_AUTH": "true",
+        "SLIMFORMER_LEASE_S": "4",
+        "SLIMFORMER_REAPER_INTERVAL_S": "1",
+        "SLIMFORMER_REQUEUE_AFTER_S": "6",
+        "SLIMFORMER_MAX_UPLOAD_BYTES": str(8 * 1024 * 1024),
+        "SLIMFORMER_PROGRESS_MIN_INTERVAL_S": "0.2",
+        "SLIMFORMER_BROKER_POLLING_INTERVAL_S": "0.1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    })
+    cleanups = []
+    if BACKEND == "postgres":
+        import psycopg
+
+        name = f"slimformer_test_{secrets.token_hex(6)}"
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+        prefix = f"sftest-{secrets.token_hex(4)}-"
+        env.update({"SLIMFORMER_DATABASE_URL": f"{base}/{name}",
+                    "SLIMFORMER_BROKER_URL": REDIS_URL, "SLIMFORMER_QUEUE_PREFIX": prefix})
+
+        def drop() -> None:
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            import redis
+
+            client = redis.Redis.from_url(REDIS_URL)
+            for key in client.scan_iter(f"*{prefix}*"):
+                client.delete(key)
+
+        cleanups.append(drop)
+    env.update(overrides)
+
+    def cleanup() -> None:
+        for step in cleanups:
+            step()
+
+    return env, cleanup
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """One API and one worker for the whole session (tests that kill things make their own)."""
+    data_dir = tmp_path_factory.mktemp("service")
+    env, cleanup = service_env(data_dir)
+    svc = Service(env=env, data_dir=data_dir, base_url=f"http://127.0.0.1:{free_port()}")
+    try:
+        svc.cli("migrate")
+        svc.start_api()
+        svc.start_worker()
+        yield svc
+    finally:
+        svc.stop()
+        cleanup()
+
+
+def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    job: dict = {}
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} stayed {job.get('status')} (wanted {statuses}): {job}")
+
+
+def builtin_id(client: httpx.Client, kind: str, name: str) -> str:
+    after = None
+    while True:
+        params = {"limit": 100, **({"after": after} if after else {})}
+        body = client.get(f"/v1/{kind}", params=params).json()
+        for item in body["data"]:
+            if item["name"] == name:
+                return item["id"]
+        if not body["has_more"]:
+            raise AssertionError(f"no {kind} named {name}")
+        after = body["data"][-1]["id"]

@@ -1,0 +1,74 @@
+"""End to end on the real MiniLM: submit over HTTP, wait, download, load, compare with the report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import Service, builtin_id, wait_for
+from tests.service.conftest import minilm_folder
+
+pytestmark = [pytest.mark.service, pytest.mark.real_model]
+
+
+def mean_pooled(model: torch.nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:  # noqa: ANN001
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def test_minilm_dynamic_int8_over_http(service: Service, tmp_path: Path) -> None:
+    with service.client() as client:
+        model_id = builtin_id(client, "models", "all-MiniLM-L6-v2")
+        sentences_id = builtin_id(client, "datasets", "lee-sentences")
+        response = client.post("/v1/jobs", json={
+            "model_id": model_id, "recipe": {"stages": [{"method": "dynamic_int8"}]},
+            "evaluation": {"dataset_id": sentences_id, "max_samples": 64, "seq_len": 128,
+                           "latency": {"runs": 5, "warmup": 1}}})
+        assert response.status_code == 202, response.text
+        job = wait_for(client, response.json()["id"], {"succeeded", "failed"}, timeout=600)
+        assert job["status"] == "succeeded", (job, service.logs())
+        metrics = job["metrics"]
+        cosine = metrics["compressed"]["embedding_cosine"]
+        assert cosine >= 0.99
+        assert metrics["compressed"]["size_bytes"] < 0.5 * metrics["baseline"]["size_bytes"]
+        assert metrics["settings"]["dataset_sha256"]
+
+        artifact = next(a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+                        if a["kind"] == "model")
+        archive = tmp_path / artifact["filename"]
+        with client.stream("GET", f"/v1/artifacts/{artifact['id']}/content") as download:
+            with archive.open("wb") as handle:
+                for chunk in download.iter_bytes():
+                    handle.write(chunk)
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() == artifact["sha256"]
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "out", filter="data")
+    folder = tmp_path / "out" / "model"
+    assert {"config.json", "README.md", "slimformer.json", "tokenizer.json"} <= {
+        p.name for p in folder.iterdir()}
+    card = json.loads((folder / "slimformer.json").read_text())
+    assert card["recipe"]["stages"][0]["method"] == "dynamic_int8"
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from workers.compression.export import load_artifact
+
+    loaded = load_artifact(folder)
+    original = AutoModel.from_pretrained(minilm_folder(), use_safetensors=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    texts = ["The cat sat on the mat.", "Stock markets fell sharply on Monday.",
+             "A new vaccine was approved by regulators.", "He plays the violin every evening."]
+    ours = mean_pooled(loaded.model, tokenizer, texts)
+    reference = mean_pooled(original, tokenizer, texts)
+    measured = (ours * reference).sum(-1)
+    assert measured.min().item() >= 0.98
+    assert abs(measured.mean().item() - cosine) < 0.01  # what the job reported is what we get

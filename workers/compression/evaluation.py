@@ -1,0 +1,326 @@
+"""One harness for the baseline and the compressed model, with the settings it used recorded.
+
+An `Evaluator` fixes everything that could differ between two measurements (texts, token windows,
+latency inputs, device) when it is built; `measure` then runs the same passes on any model. The
+first `measure` is the baseline: its sentence embeddings are kept so that later measurements report
+how close the compressed model's embeddings stay (`embedding_cosine`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from torch.ao.nn.quantized import dynamic as nnqd
+from torch.nn import functional as F
+
+from workers.compression.data import special_tokens_around, token_stream
+from workers.compression.recipe import EvaluationSettings, default_metrics
+
+EMBEDDING_BATCH_SIZE = 32
+
+
+class Evaluator:
+    def __init__(
+        self,
+        *,
+        task: str,
+        tokenizer,
+        settings: EvaluationSettings,
+        records: list[dict],
+        device: torch.device | str,
+    ) -> None:
+        self.task = task
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.device = torch.device(device)
+        self.metrics = list(settings.metrics or default_metrics(task))
+        if "accuracy" in self.metrics:
+            raise ValueError("the accuracy metric is not implemented yet")
+        if "perplexity" in self.metrics and task != "causal-lm":
+            raise ValueError("perplexity needs a causal language model")
+        self.texts = [record["text"] for record in records if record["text"].strip()]
+        if not self.texts:
+            raise ValueError("the evaluation dataset has no text")
+
+        stream = token_stream(self.texts, tokenizer)
+        self.windows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if "perplexity" in self.metrics:
+            self.windows, self.stride = self._perplexity_windows(stream)
+        self.embedding_texts = self.texts[: settings.max_samples]
+        self.embedding_len = min(settings.seq_len, tokenizer.model_max_length)
+        latency = settings.latency
+        needed = latency.batch_size * latency.seq_len
+        repeated = (stream * (needed // len(stream) + 1))[:needed]  # short datasets are cycled
+        self.latency_input = torch.tensor(repeated).reshape(latency.batch_size, latency.seq_len)
+        self._baseline_embeddings: torch.Tensor | None = None
+
+    def _perplexity_windows(self, stream: list[int]) -> tuple[list, int]:
+        """Fixed windows over the token stream, as in the transformers perplexity guide: each window
+        scores only the tokens the previous one did not, with up to `seq_len` tokens of context.
+        If the tokenizer starts every text with BOS, every window starts with it too (unscored)."""
+        prefix, _ = special_tokens_around(self.tokenizer)
+        content = self.settings.seq_len - len(prefix)
+        stride = min(self.settings.stride or content, content)
+        windows, previous_end = [], 0
+        for begin in range(0, len(stream), stride):
+            end = min(begin + content, len(stream))
+            scored = end - previous_end
+            ids = prefix + stream[begin:end]
+            labels = [-100] * (len(ids) - scored) + stream[end - scored : end]
+            windows.append((torch.tensor([ids]), torch.tensor([labels])))
+            previous_end = end
+            if end == len(stream) or len(windows) == self.settings.max_windows:
+                break
+        return windows, stride
+
+    def settings_record(self) -> dict:
+        """Everything needed to reproduce the numbers `measure` reports."""
+        latency = self.settings.latency
+        return {
+            "task": self.task,
+            "metrics": self.metrics,
+            "num_texts": len(self.texts),
+            "device": str(self.device),
+            "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+            "num_threads": torch.get_num_threads(),
+            "perplexity": {
+                "seq_len": self.settings.seq_len,
+                "stride": self.stride,
+                "max_windows": self.settings.max_windows,
+                "windows": len(self.windows),
+                "scored_tokens": sum(int((labels[0, 1:] != -100).sum()) for _, labels in self.windows),
+            }
+            if self.windows
+            else None,
+            "embedding": {
+                "texts": len(self.embedding_texts),
+                "max_len": self.embedding_len,
+                "batch_size": EMBEDDING_BATCH_SIZE,
+                "pooling": "mean over attention mask, L2-normalised",
+            }
+            if "embedding_cosine" in self.metrics
+            else None,
+            "latency": {
+                **latency.model_dump(),
+                "peak_memory": "weight bytes + peak extra memory of one forward pass "
+                + ("(CUDA max_memory_allocated)" if self.device.type == "cuda" else "(peak RSS)"),
+            }
+            if "latency" in self.metrics
+            else None,
+        }
+
+    @torch.inference_mode()
+    def measure(self, model: nn.Module, *, folder: Path | None) -> dict:
+        """Run every metric on `model`; `folder` holds its weight files, for `size`."""
+        model_device = next(model.parameters()).device
+        if model_device != self.device and not (
+            model_device.type == self.device.type == "cuda" and self.device.index is None
+        ):
+            raise ValueError(
+                f"the model is on {model_device} but this evaluator measures on {self.device}; "
+                "evaluate baseline and result on the same device (CPU for dynamic int8)"
+            )
+        results: dict = {}
+        if "perplexity" in self.metrics:
+            results["perplexity"] = self._perplexity(model)
+        if "embedding_cosine" in self.metrics:
+            results.update(self._embedding_cosine(model))
+        if "latency" in self.metrics:
+            results.update(self._latency(model))
+        if "size" in self.metrics:
+            results.update(self._size(model, folder))
+        return results
+
+    @staticmethod
+    def delta(baseline: dict, compressed: dict) -> dict:
+        """compressed - baseline and compressed / baseline for every number both report."""
+
+        def number(value) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+
+        return {
+            key: {
+                "difference": compressed[key] - baseline[key],
+                "ratio": compressed[key] / baseline[key] if baseline[key] else None,
+            }
+            for key in baseline
+            if key in compressed and number(baseline[key]) and number(compressed[key])
+        }
+
+    def _check_length(self, model: nn.Module, length: int, what: str) -> None:
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and length > limit:
+            raise ValueError(f"{what} seq_len {length} exceeds the model's {limit} positions")
+
+    def _perplexity(self, model: nn.Module) -> float:
+        self._check_length(model, self.settings.seq_len, "perplexity")
+        total_nll, total_tokens = 0.0, 0
+        for ids, labels in self.windows:
+            logits = model(input_ids=ids.to(self.device), use_cache=False).logits
+            # Position t predicts token t+1; the sum (not the mean) weights windows by tokens.
+            targets = labels[0, 1:].to(self.device)
+            nll = F.cross_entropy(logits[0, :-1].float(), targets, ignore_index=-100, reduction="sum")
+            total_nll += nll.item()
+            total_tokens += int((targets != -100).sum())
+        return math.exp(total_nll / total_tokens)
+
+    def _embeddings(self, model: nn.Module) -> torch.Tensor:
+        encoder = model.base_model  # the hidden states, without an LM head on top
+        embeddings = []
+        for start in range(0, len(self.embedding_texts), EMBEDDING_BATCH_SIZE):
+            batch = self.tokenizer(
+                self.embedding_texts[start : start + EMBEDDING_BATCH_SIZE],
+                padding=True,
+                truncation=True,
+                max_length=self.embedding_len,
+                return_tensors="pt",
+            )
+            mask = batch["attention_mask"].to(self.device)
+            hidden = encoder(input_ids=batch["input_ids"].to(self.device), attention_mask=mask)
+            hidden = hidden.last_hidden_state.float()
+            weights = mask.unsqueeze(-1).float()
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+            embeddings.append(F.normalize(pooled, dim=-1).cpu())
+        return torch.cat(embeddings)
+
+    def _embedding_cosine(self, model: nn.Module) -> dict:
+        self._check_length(model, self.embedding_len, "embedding")
+        embeddings = self._embeddings(model)
+        if self._baseline_embeddings is None:
+            self._baseline_embeddings = embeddings
+        cosine = (embeddings * self._baseline_embeddings).sum(-1)
+        return {
+            "embedding_cosine": cosine.mean().item(),
+            "embedding_cosine_min": cosine.min().item(),
+        }
+
+    def _latency(self, model: nn.Module) -> dict:
+        latency = self.settings.latency
+        self._check_length(model, latency.seq_len, "latency")
+        ids = self.latency_input.to(self.device)
+        kwargs = {"use_cache": False} if self.task == "causal-lm" else {}
+        for _ in range(latency.warmup):
+            model(input_ids=ids, **kwargs)
+        timings = []
+        for _ in range(latency.runs):
+            self._synchronize()
+            started = time.perf_counter()
+            model(input_ids=ids, **kwargs)
+            self._synchronize()
+            timings.append(time.perf_counter() - started)
+        extra = _forward_extra_bytes(lambda: model(input_ids=ids, **kwargs), self.device)
+        timings.sort()
+        p50, p95 = _percentile(timings, 50), _percentile(timings, 95)
+        return {
+            "latency_ms_p50": p50 * 1000,
+            "latency_ms_p95": p95 * 1000,
+            "tokens_per_s": ids.numel() / p50,
+            # Weights plus working memory: what a process serving this model needs at least.
+            "peak_memory_bytes": tensor_bytes(model) + extra,
+        }
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _size(self, model: nn.Module, folder: Path | None) -> dict:
+        parameters = parameter_count(model)
+        if folder is not None:
+            size = sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
+            source = "weight files"
+        else:
+            size = tensor_bytes(model)
+            source = "in-memory tensors"
+        return {
+            "size_bytes": size,
+            "size_source": source,
+            "parameters": parameters,
+            "bits_per_weight": 8 * size / parameters,
+        }
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Weights the model holds, tied ones once; an int8 Linear counts its weight and bias."""
+    count = sum(parameter.numel() for parameter in model.parameters())
+    for module in model.modules():
+        if isinstance(module, nnqd.Linear):
+            bias = module.bias()
+            count += module.weight().numel() + (bias.numel() if bias is not None else 0)
+    return count
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights in memory (int8 values and their float32 scales for int8)."""
+    total = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    for module in model.modules():
+        if isinstance(module, nnqd.Linear):
+            weight, bias = module.weight(), module.bias()
+            scales = 1 if weight.qscheme() == torch.per_tensor_affine else weight.shape[0]
+            total += weight.numel() + 4 * scales + (bias.numel() * 4 if bias is not None else 0)
+    return total
+
+
+def _percentile(ordered: list[float], percent: float) -> float:
+    # Nearest rank: the smallest sample with at least `percent`% of the samples at or below it.
+    rank = max(1, math.ceil(percent / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _forward_extra_bytes(forward, device: torch.device) -> int:
+    """The most memory one call of `forward` needs above what is resident before it.
+
+    On CUDA that is the allocator's peak. On Linux CPU, freed heap memory is first handed back to
+    the OS (glibc malloc_trim) and the kernel's peak-RSS counter (VmHWM) reset by writing 5 to
+    /proc/self/clear_refs, so the peak belongs to this call alone. Elsewhere it is 0 unless the call
+    raises the process's lifetime peak (ru_maxrss): an under-estimate, never an over-estimate.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        forward()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - before)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except (OSError, AttributeError):
+        pass
+    before = _resident_bytes()
+    forward()
+    return max(0, _peak_resident_bytes() - before)
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return None
+
+
+def _resident_bytes() -> int:
+    current = _proc_status_bytes("VmRSS")
+    return current if current is not None else _peak_resident_bytes()
+
+
+def _peak_resident_bytes() -> int:
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    # ru_maxrss is in bytes on macOS, kilobytes elsewhere.
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024

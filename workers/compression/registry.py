@@ -1,0 +1,69 @@
+"""Which function applies which stage config (torchao's `register_quantize_module_handler`, shrunk).
+
+A method is one pydantic config class in `recipe.py` and one function registered here against it:
+
+    @register_method(DynamicInt8Config)
+    def dynamic_int8(model, config, context) -> dict: ...
+
+The function changes `model` in place and returns a JSON-able summary of what it did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from workers.compression.progress import ProgressFn, ProgressUpdate
+from workers.compression.recipe import StageConfig
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass
+class StageContext:
+    """What a method gets besides the model and its config."""
+
+    method: str
+    calibration: list[torch.Tensor] | None
+    stage_index: int
+    num_stages: int
+    progress: ProgressFn | None
+
+    def report(self, step: int, total_steps: int, message: str) -> None:
+        # The callback may raise to cancel the job; that must reach the caller, so no try here.
+        if self.progress is not None:
+            self.progress(
+                ProgressUpdate(
+                    stage=self.method,
+                    stage_index=self.stage_index,
+                    num_stages=self.num_stages,
+                    step=step,
+                    total_steps=total_steps,
+                    message=message,
+                )
+            )
+
+
+MethodFn = Callable[["nn.Module", Any, StageContext], dict]
+
+_METHODS: dict[type[StageConfig], MethodFn] = {}
+
+
+def register_method(config_cls: type[StageConfig]) -> Callable[[MethodFn], MethodFn]:
+    def register(fn: MethodFn) -> MethodFn:
+        if config_cls in _METHODS:
+            raise ValueError(f"{config_cls.__name__} already has a method registered")
+        _METHODS[config_cls] = fn
+        return fn
+
+    return register
+
+
+def method_for(config: StageConfig) -> MethodFn:
+    try:
+        return _METHODS[type(config)]
+    except KeyError:
+        raise ValueError(f"no method is registered for {type(config).__name__}") from None

