@@ -18,7 +18,7 @@ from app.db.session import session_scope
 from app.db.tables import Model, utcnow
 from app.settings import get_settings
 from app.storage import get_store
-from workers.compression.archive import ArchiveError, extract_archive
+from workers.compression.archive import ArchiveError, extract_archive, list_members
 from workers.compression.builtins import builtin_model_folder
 from workers.compression.inspect import ModelInfo, ModelRejected, inspect_model_folder, \
     is_pickled_weight
@@ -64,6 +64,13 @@ def _extract_upload(model: Model, target: Path) -> None:
     get_store().fetch(model.storage_key, scratch)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
+        names = [m.name for m in list_members(scratch, max_members=settings.max_archive_members,
+                                              max_total_bytes=settings.max_extracted_bytes)]
+        has_safe_weights = any(n.endswith((".safetensors", ".gguf")) for n in names)
+        if not has_safe_weights and any(is_pickled_weight(n) for n in names):
+            raise ModelRejected("unsafe_model", "the archive has only pickled weights (.bin/.pt), "
+                                "which can run code when loaded; convert them to safetensors "
+                                "with save_pretrained(..., safe_serialization=True)")
         extract_archive(scratch, target, max_members=settings.max_archive_members,
                         max_total_bytes=settings.max_extracted_bytes, skip=is_pickled_weight)
     finally:

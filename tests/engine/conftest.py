@@ -23,13 +23,17 @@ from workers.compression.loading import LoadedModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-WORDS = (
-    "the a of and to in is was for on that with as by it from at his an were are which this be "
-    "or has had first one their its new after but who not they have her she two been other when "
-    "there all during into school time may years more most only over city some world would where "
-    "later up such used many can state about national out known university united then made "
-    "model small fast int8 weight layer token text river north south war music film game team"
-).split()
+SENTENCES = [
+    "the river was used for music and film in the city",
+    "a small team made the first model of the world",
+    "after the war the university had many new school years",
+    "she was known for her game in the north and the south",
+    "int8 weight layer token text",
+    "the national state has a city which is on the river",
+    "two of them were later known as the most fast team",
+    "it is one of the only games that can be used in school",
+]
+WORDS = sorted({word for sentence in SENTENCES for word in sentence.split()})
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "<s>", "</s>"]
 VOCAB_SIZE = 128  # room above the words, so random ids stay valid
 
@@ -52,7 +56,10 @@ def word_tokenizer(*, wrap: bool = False) -> PreTrainedTokenizerFast:
             model_max_length=64,
         )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        bos_token="<s>",
+        eos_token="</s>",
         pad_token="</s>",
     )
 
@@ -88,19 +95,9 @@ def tiny_bert() -> LoadedModel:
         pad_token_id=0,
     )
     model = BertModel(config).eval()
-    return LoadedModel(model, word_tokenizer(wrap=True), "feature-extraction", "BertModel", Path("tiny"))
-
-
-SENTENCES = [
-    "the river was used for music and film in the city",
-    "a small team made the first model of the world",
-    "after the war the university had many new school years",
-    "she was known for her game in the north and the south",
-    "int8 weight layer token text",
-    "the national state has a city which is on the river",
-    "two of them were later known as the most fast team",
-    "it is one of the only games that can be used in school",
-]
+    return LoadedModel(
+        model, word_tokenizer(wrap=True), "feature-extraction", "BertModel", Path("tiny")
+    )
 
 
 @pytest.fixture

@@ -14,7 +14,9 @@ def test_read_txt_keeps_non_empty_lines(tmp_path):
     path = tmp_path / "data.txt"
     path.write_text("first line\n\n  second line  \n\t\nthird\n", encoding="utf-8")
     assert read_records(path, "txt") == [
-        {"text": "first line"}, {"text": "second line"}, {"text": "third"}
+        {"text": "first line"},
+        {"text": "second line"},
+        {"text": "third"},
     ]
 
 

@@ -66,8 +66,14 @@ def test_ignore_patterns_match_full_names_and_dotted_tails(llama):
     summary = run(llama.model, ignore=["down_proj", "model.layers.0.*"])
     assert summary["quantized"] == [
         f"model.layers.1.{part}"
-        for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj")
+        for part in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+        )
     ]
     assert "model.layers.1.mlp.down_proj" in summary["skipped"]
     assert isinstance(llama.model.model.layers[0].self_attn.q_proj, nn.Linear)
@@ -129,4 +135,6 @@ def test_stages_run_in_order_and_report_their_config(llama):
     assert [stage["quantized_layers"] for stage in result.stages] == [6, 8]
     assert result.stages[1]["config"]["per_channel"] is False
     assert llama.model.model.layers[0].mlp.up_proj.weight().qscheme() == torch.per_channel_affine
-    assert llama.model.model.layers[0].self_attn.q_proj.weight().qscheme() == torch.per_tensor_affine
+    assert (
+        llama.model.model.layers[0].self_attn.q_proj.weight().qscheme() == torch.per_tensor_affine
+    )

@@ -1,4 +1,5 @@
-"""save_model -> load_artifact on tiny models: same outputs, same bytes, compressed-tensors layout."""
+"""save_model -> load_artifact on tiny models: same outputs, same bytes, the compressed-tensors
+layout."""
 
 from __future__ import annotations
 
@@ -28,7 +29,12 @@ INPUTS = {"model_sha256": "ab" * 32}
 
 def save(loaded, folder):
     return save_model(
-        loaded, loaded.model, folder, recipe=RECIPE, metrics=METRICS, inputs=INPUTS,
+        loaded,
+        loaded.model,
+        folder,
+        recipe=RECIPE,
+        metrics=METRICS,
+        inputs=INPUTS,
         versions={"torch": "pinned"},
     )
 
@@ -42,7 +48,11 @@ def test_int8_llama_round_trip_gives_identical_logits(make_llama, tmp_path):
     quantize(loaded, modules=["Linear"])  # lm_head too: it must be untied from the embedding
     files = save(loaded, tmp_path / "artifact")
     assert {path.name for path in files} >= {
-        "model.safetensors", "config.json", "README.md", "slimformer.json", "tokenizer.json",
+        "model.safetensors",
+        "config.json",
+        "README.md",
+        "slimformer.json",
+        "tokenizer.json",
         "generation_config.json",
     }
 
@@ -65,7 +75,9 @@ def test_int8_layout_is_compressed_tensors(llama, tmp_path):
         scale = weights.get_tensor("model.layers.0.mlp.down_proj.weight_scale")
     assert q.dtype == torch.int8 and q.shape == (32, 64)
     assert scale.dtype == torch.float32 and scale.shape == (32, 1)
-    assert not any("zero_point" in key or "packed" in key for key in keys)  # symmetric: no zero points
+    assert not any(
+        "zero_point" in key or "packed" in key for key in keys
+    )  # symmetric: no zero points
     assert "lm_head.weight" not in keys  # tied to the embedding and left in float: stored once
 
     config = json.loads((tmp_path / "artifact" / "config.json").read_text())
@@ -75,12 +87,26 @@ def test_int8_layout_is_compressed_tensors(llama, tmp_path):
     assert quantization["ignore"] == ["lm_head"]
     (group,) = quantization["config_groups"].values()
     assert group["targets"] == ["Linear"]
-    assert group["weights"].items() >= {
-        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False
-    }.items()
-    assert group["input_activations"].items() >= {
-        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True
-    }.items()
+    assert (
+        group["weights"].items()
+        >= {
+            "num_bits": 8,
+            "type": "int",
+            "symmetric": True,
+            "strategy": "channel",
+            "dynamic": False,
+        }.items()
+    )
+    assert (
+        group["input_activations"].items()
+        >= {
+            "num_bits": 8,
+            "type": "int",
+            "symmetric": True,
+            "strategy": "token",
+            "dynamic": True,
+        }.items()
+    )
     assert config["tie_word_embeddings"] is True
 
     metadata = json.loads((tmp_path / "artifact" / "slimformer.json").read_text())
@@ -126,7 +152,9 @@ def test_a_tampered_artifact_fails_verification(llama, tmp_path):
     tensors["model.layers.1.mlp.up_proj.weight_scale"] *= 2
     safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(ExportVerificationError):
-        verify_export(tmp_path / "artifact", llama.model, "causal-lm", torch.randint(6, 128, (1, 8)))
+        verify_export(
+            tmp_path / "artifact", llama.model, "causal-lm", torch.randint(6, 128, (1, 8))
+        )
 
 
 def test_an_existing_folder_is_never_overwritten(llama, tmp_path):

@@ -39,7 +39,9 @@ def test_minilm_dynamic_int8_over_http(service: Service, tmp_path: Path) -> None
         metrics = job["metrics"]
         cosine = metrics["compressed"]["embedding_cosine"]
         assert cosine >= 0.99
-        assert metrics["compressed"]["size_bytes"] < 0.5 * metrics["baseline"]["size_bytes"]
+        # The Linear layers go from 4 bytes to ~1 per weight; the word embeddings (half of MiniLM's
+        # 22.7M parameters) stay float32: about 0.65x overall.
+        assert metrics["compressed"]["size_bytes"] < 0.7 * metrics["baseline"]["size_bytes"]
         assert metrics["settings"]["dataset_sha256"]
 
         artifact = next(a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]

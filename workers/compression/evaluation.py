@@ -97,7 +97,9 @@ class Evaluator:
                 "stride": self.stride,
                 "max_windows": self.settings.max_windows,
                 "windows": len(self.windows),
-                "scored_tokens": sum(int((labels[0, 1:] != -100).sum()) for _, labels in self.windows),
+                "scored_tokens": sum(
+                    int((labels[0, 1:] != -100).sum()) for _, labels in self.windows
+                ),
             }
             if self.windows
             else None,
@@ -168,7 +170,9 @@ class Evaluator:
             logits = model(input_ids=ids.to(self.device), use_cache=False).logits
             # Position t predicts token t+1; the sum (not the mean) weights windows by tokens.
             targets = labels[0, 1:].to(self.device)
-            nll = F.cross_entropy(logits[0, :-1].float(), targets, ignore_index=-100, reduction="sum")
+            nll = F.cross_entropy(
+                logits[0, :-1].float(), targets, ignore_index=-100, reduction="sum"
+            )
             total_nll += nll.item()
             total_tokens += int((targets != -100).sum())
         return math.exp(total_nll / total_tokens)

@@ -1,11 +1,11 @@
 """Writing compressed models as folders people can load, and proving that they load.
 
 A dense model is a standard Hugging Face folder. A dynamic-int8 model uses the compressed-tensors
-`int-quantized` layout, the format transformers (with the compressed-tensors package) and vLLM read:
-for each quantized Linear `<name>.weight` holds the int8 values and `<name>.weight_scale` the float32
-scales ([out, 1] per channel, [1] per tensor); zero points are omitted because the quantization is
-symmetric; and config.json carries a `quantization_config` describing the scheme. `load_artifact`
-reads that same folder back into a runnable CPU model without the compressed-tensors package.
+`int-quantized` layout, the format transformers (with the compressed-tensors package) and vLLM
+read: for each quantized Linear `<name>.weight` holds the int8 values and `<name>.weight_scale` the
+float32 scales ([out, 1] per channel, [1] per tensor); zero points are omitted because the
+quantization is symmetric; and config.json carries a `quantization_config` describing the scheme.
+`load_artifact` reads that same folder back into a runnable CPU model without compressed-tensors.
 
 Bytes are deterministic: tensors, config and metadata depend only on the model and the arguments
 (no timestamps, JSON keys sorted), and the folder appears by one rename once every file is written.
@@ -125,9 +125,9 @@ def _weight_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
             continue  # packed int8 params; written below in the compressed-tensors layout
         tensors[key] = value
     for target, source in getattr(model, "all_tied_weights_keys", {}).items():
-        if target in tensors and source in tensors:
-            if tensors[target].data_ptr() == tensors[source].data_ptr():
-                del tensors[target]
+        tied = target in tensors and source in tensors
+        if tied and tensors[target].data_ptr() == tensors[source].data_ptr():
+            del tensors[target]
     int8_layers = {}
     for name, module in int8_modules.items():
         q, scale = int8_weight_and_scale(module)
@@ -215,8 +215,12 @@ def load_artifact(folder: Path, *, device: torch.device | str | None = None) -> 
     model = model_class.from_config(config, dtype=torch.float32)
 
     state = safetensors.torch.load_file(folder / WEIGHTS_FILE)
-    names = sorted(key.removesuffix(".weight_scale") for key in state if key.endswith(".weight_scale"))
-    int8 = {name: (state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale")) for name in names}
+    names = sorted(
+        key.removesuffix(".weight_scale") for key in state if key.endswith(".weight_scale")
+    )
+    int8 = {
+        name: (state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale")) for name in names
+    }
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = getattr(model, "all_tied_weights_keys", {})
     absent = [
@@ -226,7 +230,8 @@ def load_artifact(folder: Path, *, device: torch.device | str | None = None) -> 
     ]
     if unexpected or absent:
         raise UnsupportedModelError(
-            f"weights do not match {architecture}: unexpected {unexpected[:5]}, missing {absent[:5]}"
+            f"weights do not match {architecture}: "
+            f"unexpected {unexpected[:5]}, missing {absent[:5]}"
         )
     for name, (q, scale) in int8.items():
         linear = model.get_submodule(name)
@@ -274,7 +279,9 @@ def verify_export(
         expected = _outputs(model_in_memory, loaded_task, ids)
         actual = _outputs(artifact.model, loaded_task, ids)
     max_abs_diff = (expected - actual).abs().max().item()
-    cosine = F.cosine_similarity(expected.double().flatten(), actual.double().flatten(), dim=0).item()
+    cosine = F.cosine_similarity(
+        expected.double().flatten(), actual.double().flatten(), dim=0
+    ).item()
     # Same weights and kernels give the same numbers; allow float noise from op ordering only.
     tolerance = 1e-4 * max(1.0, expected.abs().max().item())
     report = {
@@ -328,7 +335,7 @@ def model_card(
             "tensor there, per token in vLLM):\n\n"
             "```python\nfrom workers.compression.export import load_artifact\n\n"
             'loaded = load_artifact("path/to/this/folder")\n'
-            "outputs = loaded.model(**loaded.tokenizer(\"Hello\", return_tensors=\"pt\"))\n```\n\n"
+            'outputs = loaded.model(**loaded.tokenizer("Hello", return_tensors="pt"))\n```\n\n'
             "transformers (with the `compressed-tensors` package installed) and vLLM read the "
             "`quantization_config` in config.json directly."
         )

@@ -1,7 +1,8 @@
 """Recipe specs: one small, versioned config class per method, discriminated on `method`.
 
-This module imports only pydantic, so the API can validate recipes without loading torch. The function
-that applies each config lives in `workers.compression.methods` and is registered against the class.
+This module imports only pydantic, so the API can validate recipes without loading torch. The
+function that applies each config lives in `workers.compression.methods` and is registered against
+the class.
 Adding a method = one config class here (listed in STAGE_CONFIGS) + one registered function + tests.
 """
 

@@ -21,17 +21,16 @@ from workers.compression.recipe import DynamicInt8Config
 from workers.compression.registry import StageContext, register_method
 from workers.compression.targets import linear_layers
 
-
 # torch quantizes dynamic activations to 7 bits on x86 (`reduce_range`) because fbgemm's AVX2 int8
 # dot product (vpmaddubsw) adds pairs of u8*s8 products in int16 and can saturate. With VNNI
-# (vpdpbusd) products accumulate in int32, so the full 8 bits are safe, and they halve the activation
-# error: all-MiniLM-L6-v2's embedding cosine to FP32 goes from 0.975 to 0.992. qnnpack (ARM) always
-# uses the full range.
+# (vpdpbusd) products accumulate in int32, so the full 8 bits are safe, and they halve the
+# activation error: all-MiniLM-L6-v2's embedding cosine to FP32 goes from 0.975 to 0.992.
+# qnnpack (ARM) always uses the full range.
 FULL_RANGE_ACTIVATIONS: bool = getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
 
 
 class DynamicInt8Linear(nnqd.Linear):
-    """torch's dynamic int8 Linear, with 8-bit activations where the CPU's kernel cannot overflow."""
+    """torch's dynamic int8 Linear, with 8-bit activations where the CPU kernel cannot overflow."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.quantized.linear_dynamic(
@@ -40,13 +39,12 @@ class DynamicInt8Linear(nnqd.Linear):
         return y.to(x.dtype)
 
 
-def quantize_weight(weight: torch.Tensor, *, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(
+    weight: torch.Tensor, *, per_channel: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scale): int8 weights and float32 scales, [out, 1] per channel or [1] per tensor."""
     weight = weight.detach().float()
-    if per_channel:
-        amax = weight.abs().amax(dim=1, keepdim=True)
-    else:
-        amax = weight.abs().amax().reshape(1)
+    amax = weight.abs().amax(dim=1, keepdim=True) if per_channel else weight.abs().amax().reshape(1)
     # An all-zero row would give scale 0 and a division by zero; any positive scale represents it.
     scale = (amax / 127).clamp(min=torch.finfo(torch.float32).tiny)
     q = torch.round(weight / scale).clamp(-127, 127).to(torch.int8)
