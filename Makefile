@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/slimformer serve --host $(HOST) --port $(PORT)
 
-test: install services
+test: install services lint
 	$(MAKE) test-embedded
 	$(MAKE) test-postgres
 
@@ -38,4 +38,4 @@ services:
 	./.ci/services
 
 lint: install
-	$(VENV)/bin/ruff check app workers migrations tests
+	$(VENV)/bin/ruff check app workers migrations tests bench

@@ -11,7 +11,6 @@ import logging
 from celery import Celery
 
 import app.broker_fs  # noqa: F401 - registers the slimfs:// transport
-
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -44,8 +43,12 @@ def celery_config(settings: Settings) -> dict:
         # Publishing from the API must not hang a request when the broker is down: the job row is
         # committed already, and the reaper re-sends the message later.
         "task_publish_retry": True,
-        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0.2,
-                                      "interval_step": 0.5, "interval_max": 1},
+        "task_publish_retry_policy": {
+            "max_retries": 2,
+            "interval_start": 0.2,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
         # Per-job max_runtime_s is enforced cooperatively by the heartbeat; these are the backstop.
         "task_soft_time_limit": longest_job_s,
         "task_time_limit": longest_job_s + 600,
@@ -100,8 +103,9 @@ def _send(task: str, resource_id: str, queue: str) -> bool:
         client().send_task(task, args=[resource_id], queue=get_settings().queue(queue))
         return True
     except Exception:  # noqa: BLE001 - any broker failure means "the reaper will retry"
-        log.warning("could not send %s for %s; it will be re-sent", task, resource_id,
-                    exc_info=True)
+        log.warning(
+            "could not send %s for %s; it will be re-sent", task, resource_id, exc_info=True
+        )
         return False
 
 

@@ -51,16 +51,32 @@ def api(host: str, port: int) -> None:
 @click.option("--queues", default="jobs,validate", show_default=True, help="Comma-separated queues")
 @click.option("--concurrency", default=1, show_default=True, type=int)
 @click.option("--hostname", default=None, help="Celery node name (default: worker@<host>)")
-@click.option("--reaper/--no-reaper", default=True, show_default=True,
-              help="Run the lease reaper loop in this worker")
+@click.option(
+    "--reaper/--no-reaper",
+    default=True,
+    show_default=True,
+    help="Run the lease reaper loop in this worker",
+)
 def worker(queues: str, concurrency: int, hostname: str | None, reaper: bool) -> None:
     """Run a Celery worker (prefork; one job per process)."""
     settings = get_settings()
     args = [
-        sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker",
-        "--pool", "prefork", "--concurrency", str(concurrency),
-        "--queues", ",".join(settings.queue(q.strip()) for q in queues.split(",") if q.strip()),
-        "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app:celery_app",
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        str(concurrency),
+        "--queues",
+        ",".join(settings.queue(q.strip()) for q in queues.split(",") if q.strip()),
+        "--loglevel",
+        settings.log_level,
+        "--without-gossip",
+        "--without-mingle",
     ]
     if hostname:
         args += ["--hostname", hostname]
@@ -71,8 +87,12 @@ def worker(queues: str, concurrency: int, hostname: str | None, reaper: bool) ->
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="Where the embedded database, broker and artifacts live (default: ./.slimformer)")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the embedded database, broker and artifacts live (default: ./.slimformer)",
+)
 def serve(host: str, port: int, data_dir: Path | None) -> None:
     """Everything on one machine: migrations, the API and a real Celery worker (embedded default)."""
     if data_dir is not None:
@@ -82,8 +102,11 @@ def serve(host: str, port: int, data_dir: Path | None) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     _migrate_and_seed()
     if not settings.auth_enabled:
-        click.echo("slimformer: authentication is OFF (embedded single-user mode); "
-                   "every request acts as project 'default'", err=True)
+        click.echo(
+            "slimformer: authentication is OFF (embedded single-user mode); "
+            "every request acts as project 'default'",
+            err=True,
+        )
     worker_process = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "worker"], env=os.environ.copy(), start_new_session=True
     )

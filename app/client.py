@@ -56,8 +56,10 @@ class ApiError(CommandError):
 class ServiceUnreachable(CommandError):
     def __init__(self, url: str, reason: httpx.TransportError) -> None:
         if isinstance(reason, httpx.ConnectError | httpx.ConnectTimeout):
-            message = (f"the Slimformer service isn't running at {url} ({reason}); start it with "
-                       "`slimformer serve`, or point --url / SLIMFORMER_URL at it")
+            message = (
+                f"the Slimformer service isn't running at {url} ({reason}); start it with "
+                "`slimformer serve`, or point --url / SLIMFORMER_URL at it"
+            )
         else:
             message = f"lost the connection to the Slimformer service at {url} ({reason})"
         super().__init__("service_unreachable", message)
@@ -76,8 +78,9 @@ class Api:
             headers["Authorization"] = f"Bearer {api_key}"
         # Streams may sit quiet between events; a read timeout well above the SSE keep-alive
         # interval makes a silently dead server show up as a reconnect instead of a hang.
-        self.http = httpx.Client(base_url=self.url, headers=headers,
-                                 timeout=httpx.Timeout(timeout, read=120.0))
+        self.http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, read=120.0)
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -92,15 +95,22 @@ class Api:
         return response
 
     def get(self, path: str, **params: Any) -> Any:
-        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None}
-                            ).json()
+        return self.request(
+            "GET", path, params={k: v for k, v in params.items() if v is not None}
+        ).json()
 
     def post(self, path: str, body: Any = None, *, headers: dict[str, str] | None = None) -> Any:
         return self.request("POST", path, json=body, headers=headers).json()
 
     @contextmanager
-    def stream(self, method: str, path: str, *, headers: dict[str, str] | None = None,
-               allowed: Iterable[int] = ()) -> Iterator[httpx.Response]:
+    def stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        allowed: Iterable[int] = (),
+    ) -> Iterator[httpx.Response]:
         """A streamed response; statuses >= 400 raise unless listed in `allowed`. Transport errors
         while reading the body are left to the caller, who knows how to resume."""
         allowed = set(allowed)
@@ -117,8 +127,9 @@ class Api:
 def error_from(response: httpx.Response) -> ApiError:
     try:
         error = response.json()["error"]
-        return ApiError(response.status_code, str(error["code"]), str(error["message"]),
-                        error.get("param"))
+        return ApiError(
+            response.status_code, str(error["code"]), str(error["message"]), error.get("param")
+        )
     except (ValueError, KeyError, TypeError):
         text = response.text.strip()[:200] or response.reason_phrase
         return ApiError(response.status_code, f"http_{response.status_code}", text)
@@ -143,8 +154,9 @@ def resolve_id(api: Api, collection: str, name_or_id: str) -> str:
     prefix = ID_PREFIXES[collection]
     if name_or_id.startswith(prefix):
         return name_or_id
-    matches = [item for item in iter_list(api, f"/v1/{collection}")
-               if item.get("name") == name_or_id]
+    matches = [
+        item for item in iter_list(api, f"/v1/{collection}") if item.get("name") == name_or_id
+    ]
     kind = collection.rstrip("s")
     if not matches:
         raise CommandError("not_found", f"no {kind} named {name_or_id!r} (nor a {prefix}… id)")
@@ -154,8 +166,10 @@ def resolve_id(api: Api, collection: str, name_or_id: str) -> str:
     if len(ready) == 1:
         return ready[0]["id"]
     ids = ", ".join(item["id"] for item in matches)
-    raise CommandError("ambiguous", f"{len(matches)} {collection} are named {name_or_id!r} "
-                                    f"({ids}); pass the id instead")
+    raise CommandError(
+        "ambiguous",
+        f"{len(matches)} {collection} are named {name_or_id!r} ({ids}); pass the id instead",
+    )
 
 
 # --- Server-Sent Events -------------------------------------------------------------------------
@@ -227,13 +241,23 @@ def job_event(event: SSEEvent) -> dict[str, Any]:
         payload = event.data
     if isinstance(payload, dict) and "type" in payload:
         return payload
-    return {"seq": event.id, "type": event.event, "level": "info",
-            "message": payload if isinstance(payload, str) else "",
-            "data": payload if isinstance(payload, dict) else None}
+    return {
+        "seq": event.id,
+        "type": event.event,
+        "level": "info",
+        "message": payload if isinstance(payload, str) else "",
+        "data": payload if isinstance(payload, dict) else None,
+    }
 
 
-def follow_job(api: Api, job_id: str, on_event: Callable[[dict[str, Any]], None], *,
-               reconnect_delay_s: float = 1.0, max_failures: int = 8) -> dict[str, Any]:
+def follow_job(
+    api: Api,
+    job_id: str,
+    on_event: Callable[[dict[str, Any]], None],
+    *,
+    reconnect_delay_s: float = 1.0,
+    max_failures: int = 8,
+) -> dict[str, Any]:
     """Stream the job's events to `on_event` until the job is terminal; return the final job.
 
     The stream is resumed with `Last-Event-ID` whenever it ends early, so no event is seen twice or
@@ -287,8 +311,13 @@ class ProgressView:
 
     def __init__(self, *, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.bar = tqdm(total=PROGRESS_STEPS, file=sys.stderr, disable=None if enabled else True,
-                        bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}", desc="queued")
+        self.bar = tqdm(
+            total=PROGRESS_STEPS,
+            file=sys.stderr,
+            disable=None if enabled else True,
+            bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}",
+            desc="queued",
+        )
         self.stage: str | None = None
 
     def __call__(self, event: dict[str, Any]) -> None:
@@ -371,9 +400,10 @@ def format_table(rows: list[list[str]], headers: list[str] | None = None) -> str
     if not lines:
         return ""
     widths = [max(len(str(cell)) for cell in column) for column in zip(*lines, strict=True)]
-    return "\n".join("  ".join(str(cell).ljust(width)
-                               for cell, width in zip(line, widths, strict=True)).rstrip()
-                     for line in lines)
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
@@ -448,10 +478,16 @@ def parse_metadata(pairs: Iterable[str]) -> dict[str, str]:
     return metadata
 
 
-def build_job_body(*, model_id: str, template: dict[str, Any] | None = None,
-                   stages: list[dict[str, Any]] = (), calibration_id: str | None = None,
-                   evaluation_id: str | None = None, metrics: Iterable[str] = (),
-                   metadata: dict[str, str] | None = None) -> dict[str, Any]:
+def build_job_body(
+    *,
+    model_id: str,
+    template: dict[str, Any] | None = None,
+    stages: list[dict[str, Any]] = (),
+    calibration_id: str | None = None,
+    evaluation_id: str | None = None,
+    metrics: Iterable[str] = (),
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """The `POST /v1/jobs` body: the recipe file's fields, overridden by the command line."""
     body = json.loads(json.dumps(template or {}))  # a deep copy
     body["model_id"] = model_id
@@ -484,8 +520,9 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
         return {"recipe": document}
     if isinstance(document, dict) and "recipe" in document:
         return document
-    raise click.BadParameter(f"{path}: expected {{\"stages\": [...]}} or a job body with "
-                             "\"recipe\"", param_hint="--recipe")
+    raise click.BadParameter(
+        f'{path}: expected {{"stages": [...]}} or a job body with "recipe"', param_hint="--recipe"
+    )
 
 
 # --- Downloads ----------------------------------------------------------------------------------
@@ -523,10 +560,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_artifact(api: Api, artifact_id: str, directory: Path, *,
-                      expected_sha256: str | None = None, filename: str | None = None,
-                      show_progress: bool = True, attempts: int = 5,
-                      retry_delay_s: float = 1.0) -> Path:
+def download_artifact(
+    api: Api,
+    artifact_id: str,
+    directory: Path,
+    *,
+    expected_sha256: str | None = None,
+    filename: str | None = None,
+    show_progress: bool = True,
+    attempts: int = 5,
+    retry_delay_s: float = 1.0,
+) -> Path:
     """Stream an artifact into `directory`, resuming a partial download with `Range`, verify its
     sha256 and only then give it its name. A file already there with the right hash is kept."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -538,39 +582,58 @@ def download_artifact(api: Api, artifact_id: str, directory: Path, *,
         if offset:
             headers["Range"] = f"bytes={offset}-"
         try:
-            with api.stream("GET", f"/v1/artifacts/{artifact_id}/content", headers=headers,
-                            allowed=(416,)) as response:
+            with api.stream(
+                "GET", f"/v1/artifacts/{artifact_id}/content", headers=headers, allowed=(416,)
+            ) as response:
                 if response.status_code == 416:  # the partial file is not a prefix of this one
                     partial.unlink()
                     continue
                 served = etag_sha256(response.headers.get("etag"))
                 if expected_sha256 and served and served != expected_sha256:
-                    raise CommandError("checksum_mismatch", f"{artifact_id}: the server sends "
-                                       f"sha256 {served}, the artifact says {expected_sha256}")
+                    raise CommandError(
+                        "checksum_mismatch",
+                        f"{artifact_id}: the server sends "
+                        f"sha256 {served}, the artifact says {expected_sha256}",
+                    )
                 expected = expected_sha256 or served
-                target = directory / (filename or disposition_filename(
-                    response.headers.get("content-disposition")) or artifact_id)
+                target = directory / (
+                    filename
+                    or disposition_filename(response.headers.get("content-disposition"))
+                    or artifact_id
+                )
                 if target.exists() and expected and file_sha256(target) == expected:
                     partial.unlink(missing_ok=True)
                     return target
                 resumed = response.status_code == 206 and _range_start(response) == offset
-                digest = _write_body(response, partial, resumed=resumed, offset=offset,
-                                     label=target.name, show_progress=show_progress)
+                digest = _write_body(
+                    response,
+                    partial,
+                    resumed=resumed,
+                    offset=offset,
+                    label=target.name,
+                    show_progress=show_progress,
+                )
         except (ServiceUnreachable, httpx.TransportError) as exc:
             if attempt == attempts:
-                raise exc if isinstance(exc, ServiceUnreachable) else ServiceUnreachable(
-                    api.url, exc) from exc
+                raise (
+                    exc if isinstance(exc, ServiceUnreachable) else ServiceUnreachable(api.url, exc)
+                ) from exc
             time.sleep(retry_delay_s * attempt)
             continue
         if expected is None:
-            raise CommandError("checksum_missing", f"{artifact_id}: the server gave no sha256 "
-                               f"to verify; the download is left in {partial}")
+            raise CommandError(
+                "checksum_missing",
+                f"{artifact_id}: the server gave no sha256 "
+                f"to verify; the download is left in {partial}",
+            )
         if digest != expected:
             partial.unlink()
             if resumed:  # the old bytes were bad; one clean download settles it
                 continue
-            raise CommandError("checksum_mismatch", f"{artifact_id}: downloaded sha256 {digest}, "
-                               f"expected {expected}")
+            raise CommandError(
+                "checksum_mismatch",
+                f"{artifact_id}: downloaded sha256 {digest}, expected {expected}",
+            )
         os.replace(partial, target)
         return target
     raise CommandError("download_failed", f"{artifact_id}: gave up after {attempts} attempts")
@@ -592,19 +655,34 @@ def _range_total(response: httpx.Response) -> int | None:
     return int(length) if length.isdigit() else None
 
 
-def _write_body(response: httpx.Response, partial: Path, *, resumed: bool, offset: int,
-                label: str, show_progress: bool) -> str:
+def _write_body(
+    response: httpx.Response,
+    partial: Path,
+    *,
+    resumed: bool,
+    offset: int,
+    label: str,
+    show_progress: bool,
+) -> str:
     digest = hashlib.sha256()
     if resumed:
         with partial.open("rb") as existing:
             while chunk := existing.read(CHUNK):
                 digest.update(chunk)
     total = _range_total(response)
-    with partial.open("ab" if resumed else "wb") as out, tqdm(
-        total=total, initial=offset if resumed else 0,
-        unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr,
-        disable=None if show_progress else True,
-    ) as bar:
+    with (
+        partial.open("ab" if resumed else "wb") as out,
+        tqdm(
+            total=total,
+            initial=offset if resumed else 0,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=label,
+            file=sys.stderr,
+            disable=None if show_progress else True,
+        ) as bar,
+    ):
         for chunk in response.iter_bytes(CHUNK):
             out.write(chunk)
             digest.update(chunk)
@@ -675,10 +753,20 @@ def extraction_folder(archive: Path) -> Path:
 
 
 def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    command = click.option("--api-key", envvar="SLIMFORMER_API_KEY", show_envvar=True,
-                           help="API key (not needed when the service runs with auth off)")(command)
-    return click.option("--url", envvar="SLIMFORMER_URL", show_envvar=True, default=DEFAULT_URL,
-                        show_default=True, help="Service URL")(command)
+    command = click.option(
+        "--api-key",
+        envvar="SLIMFORMER_API_KEY",
+        show_envvar=True,
+        help="API key (not needed when the service runs with auth off)",
+    )(command)
+    return click.option(
+        "--url",
+        envvar="SLIMFORMER_URL",
+        show_envvar=True,
+        default=DEFAULT_URL,
+        show_default=True,
+        help="Service URL",
+    )(command)
 
 
 @contextmanager
@@ -706,37 +794,68 @@ def register_client_commands(group: click.Group) -> None:
 
 @click.command()
 @click.argument("model")
-@click.option("--recipe", "recipe_file", type=click.Path(exists=True, dir_okay=False,
-                                                         path_type=Path),
-              help='JSON: a recipe {"stages": [...]} or a whole job body; options override it')
-@click.option("--method", "methods", multiple=True, metavar="METHOD[:key=value,…]",
-              help="A recipe stage, e.g. dynamic_int8 or rtn:bits=4,group_size=128; "
-                   "repeat for a pipeline, in order")
+@click.option(
+    "--recipe",
+    "recipe_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help='JSON: a recipe {"stages": [...]} or a whole job body; options override it',
+)
+@click.option(
+    "--method",
+    "methods",
+    multiple=True,
+    metavar="METHOD[:key=value,…]",
+    help="A recipe stage, e.g. dynamic_int8 or rtn:bits=4,group_size=128; "
+    "repeat for a pipeline, in order",
+)
 @click.option("--calibration", metavar="DATASET", help="Calibration dataset (name or dset_ id)")
 @click.option("--evaluation", metavar="DATASET", help="Evaluation dataset (name or dset_ id)")
-@click.option("--metric", "metrics", multiple=True, metavar="METRIC",
-              help="perplexity, embedding_cosine, accuracy, latency or size (repeatable; "
-                   "default: what fits the model)")
-@click.option("--metadata", "metadata_pairs", multiple=True, metavar="KEY=VALUE",
-              help="Attach metadata (repeatable)")
+@click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    metavar="METRIC",
+    help="perplexity, embedding_cosine, accuracy, latency or size (repeatable; "
+    "default: what fits the model)",
+)
+@click.option(
+    "--metadata",
+    "metadata_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Attach metadata (repeatable)",
+)
 @click.option("--idempotency-key", help="Resubmitting with the same key returns the same job")
 @click.option("--wait", is_flag=True, help="Follow the job to its end; exit 1 unless it succeeds")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON")
 @connection_options
-def submit(model: str, recipe_file: Path | None, methods: tuple[str, ...],
-           calibration: str | None, evaluation: str | None, metrics: tuple[str, ...],
-           metadata_pairs: tuple[str, ...], idempotency_key: str | None, wait: bool,
-           as_json: bool, url: str, api_key: str | None) -> None:
+def submit(
+    model: str,
+    recipe_file: Path | None,
+    methods: tuple[str, ...],
+    calibration: str | None,
+    evaluation: str | None,
+    metrics: tuple[str, ...],
+    metadata_pairs: tuple[str, ...],
+    idempotency_key: str | None,
+    wait: bool,
+    as_json: bool,
+    url: str,
+    api_key: str | None,
+) -> None:
     """Compress MODEL (a model name or mdl_ id) as a job; print its id."""
     template = read_recipe_file(recipe_file) if recipe_file else None
     stages = [parse_stage(spec) for spec in methods]
     metadata = parse_metadata(metadata_pairs)
     with api_session(url, api_key) as api:
         body = build_job_body(
-            model_id=resolve_id(api, "models", model), template=template, stages=stages,
+            model_id=resolve_id(api, "models", model),
+            template=template,
+            stages=stages,
             calibration_id=calibration and resolve_id(api, "datasets", calibration),
             evaluation_id=evaluation and resolve_id(api, "datasets", evaluation),
-            metrics=metrics, metadata=metadata,
+            metrics=metrics,
+            metadata=metadata,
         )
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         job = api.post("/v1/jobs", body, headers=headers)
@@ -750,8 +869,11 @@ def submit(model: str, recipe_file: Path | None, methods: tuple[str, ...],
             final = follow_job(api, job["id"], view)
         except KeyboardInterrupt:
             view.close()
-            click.echo(f"\nstopped following {job['id']}; it keeps running "
-                       f"(`slimformer cancel {job['id']}` stops it)", err=True)
+            click.echo(
+                f"\nstopped following {job['id']}; it keeps running "
+                f"(`slimformer cancel {job['id']}` stops it)",
+                err=True,
+            )
             raise click.exceptions.Exit(130) from None
         finally:
             view.close()
@@ -780,31 +902,48 @@ def report_outcome(api: Api, job: dict[str, Any]) -> None:
 
 def artifacts_table(artifacts: list[dict[str, Any]]) -> str:
     return format_table(
-        [[a["id"], a.get("kind", "-"), a.get("format") or "-",
-          format_metric("size_bytes", a.get("size_bytes")), a.get("filename") or "-"]
-         for a in artifacts],
+        [
+            [
+                a["id"],
+                a.get("kind", "-"),
+                a.get("format") or "-",
+                format_metric("size_bytes", a.get("size_bytes")),
+                a.get("filename") or "-",
+            ]
+            for a in artifacts
+        ],
         ["artifact", "kind", "format", "size", "filename"],
     )
 
 
 @click.group(invoke_without_command=True)
-@click.option("--status", type=click.Choice(["queued", "running", "cancelling", "succeeded",
-                                             "failed", "cancelled"]))
+@click.option(
+    "--status",
+    type=click.Choice(["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]),
+)
 @click.option("--model", metavar="MODEL", help="Only jobs of this model (name or mdl_ id)")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
 @click.option("--json", "as_json", is_flag=True, help="Print the jobs as JSON")
 @connection_options
 @click.pass_context
-def jobs(ctx: click.Context, status: str | None, model: str | None, limit: int, as_json: bool,
-         url: str, api_key: str | None) -> None:
+def jobs(
+    ctx: click.Context,
+    status: str | None,
+    model: str | None,
+    limit: int,
+    as_json: bool,
+    url: str,
+    api_key: str | None,
+) -> None:
     """List jobs, newest first (`jobs show JOB_ID` for one)."""
     if ctx.invoked_subcommand is not None:
         return
     with api_session(url, api_key) as api:
         model_id = resolve_id(api, "models", model) if model else None
         listed = []
-        for job in iter_list(api, "/v1/jobs", page_size=min(limit, 100), status=status,
-                             model_id=model_id):
+        for job in iter_list(
+            api, "/v1/jobs", page_size=min(limit, 100), status=status, model_id=model_id
+        ):
             listed.append(job)
             if len(listed) == limit:
                 break
@@ -815,11 +954,21 @@ def jobs(ctx: click.Context, status: str | None, model: str | None, limit: int, 
             click.echo("no jobs" + (f" with status {status}" if status else ""))
             return
         names = model_names(api, {job["model_id"] for job in listed})
-        click.echo(format_table(
-            [[job["id"], job["status"], names.get(job["model_id"], job["model_id"]),
-              progress_cell(job), short_time(job.get("created_at"))] for job in listed],
-            ["job", "status", "model", "stage / progress", "created (UTC)"],
-        ))
+        click.echo(
+            format_table(
+                [
+                    [
+                        job["id"],
+                        job["status"],
+                        names.get(job["model_id"], job["model_id"]),
+                        progress_cell(job),
+                        short_time(job.get("created_at")),
+                    ]
+                    for job in listed
+                ],
+                ["job", "status", "model", "stage / progress", "created (UTC)"],
+            )
+        )
 
 
 def model_names(api: Api, model_ids: set[str]) -> dict[str, str]:
@@ -839,8 +988,9 @@ def model_names(api: Api, model_ids: set[str]) -> dict[str, str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON")
 @connection_options
 @click.pass_context
-def jobs_show(ctx: click.Context, job_id: str, as_json: bool, url: str,
-              api_key: str | None) -> None:
+def jobs_show(
+    ctx: click.Context, job_id: str, as_json: bool, url: str, api_key: str | None
+) -> None:
     """Show one job: status, progress, metrics and artifacts."""
     url, api_key = (_inherited(ctx, "url", url), _inherited(ctx, "api_key", api_key))
     with api_session(url, api_key) as api:
@@ -860,9 +1010,21 @@ def jobs_show(ctx: click.Context, job_id: str, as_json: bool, url: str,
         ]
         if job["status"] in ("running", "cancelling"):
             eta = progress.get("eta_s")
-            rows.append(["progress", " ".join(filter(None, [
-                progress_cell(job), progress.get("message"),
-                f"eta {format_duration(eta)}" if _is_number(eta) else None]))])
+            rows.append(
+                [
+                    "progress",
+                    " ".join(
+                        filter(
+                            None,
+                            [
+                                progress_cell(job),
+                                progress.get("message"),
+                                f"eta {format_duration(eta)}" if _is_number(eta) else None,
+                            ],
+                        )
+                    ),
+                ]
+            )
         if job.get("metadata"):
             rows.append(["metadata", ", ".join(f"{k}={v}" for k, v in job["metadata"].items())])
         if job.get("error"):
@@ -893,14 +1055,32 @@ def _inherited(ctx: click.Context, name: str, value: Any) -> Any:
 
 @click.command()
 @click.argument("job_or_artifact_id")
-@click.option("-o", "--output", "directory", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("."), show_default=True, help="Folder to write into")
-@click.option("--kind", type=click.Choice(["model", "report", "log"]), default="model",
-              show_default=True, help="Which of a job's artifacts to download")
+@click.option(
+    "-o",
+    "--output",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Folder to write into",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["model", "report", "log"]),
+    default="model",
+    show_default=True,
+    help="Which of a job's artifacts to download",
+)
 @click.option("--extract", is_flag=True, help="Unpack the archive into a folder next to it")
 @connection_options
-def download(job_or_artifact_id: str, directory: Path, kind: str, extract: bool, url: str,
-             api_key: str | None) -> None:
+def download(
+    job_or_artifact_id: str,
+    directory: Path,
+    kind: str,
+    extract: bool,
+    url: str,
+    api_key: str | None,
+) -> None:
     """Download a job's compressed model (or one artifact by art_ id), verified by sha256."""
     with api_session(url, api_key) as api:
         if job_or_artifact_id.startswith("art_"):
@@ -910,12 +1090,18 @@ def download(job_or_artifact_id: str, directory: Path, kind: str, extract: bool,
             wanted = [artifact for artifact in artifacts if artifact.get("kind") == kind]
             if not wanted:
                 present = ", ".join(a.get("kind", "?") for a in artifacts) or "none"
-                raise CommandError("not_found", f"job {job_or_artifact_id} has no {kind} "
-                                                f"artifact (it has: {present})")
+                raise CommandError(
+                    "not_found",
+                    f"job {job_or_artifact_id} has no {kind} artifact (it has: {present})",
+                )
         for artifact in wanted:
-            path = download_artifact(api, artifact["id"], directory,
-                                     expected_sha256=artifact.get("sha256"),
-                                     filename=safe_filename(artifact.get("filename")))
+            path = download_artifact(
+                api,
+                artifact["id"],
+                directory,
+                expected_sha256=artifact.get("sha256"),
+                filename=safe_filename(artifact.get("filename")),
+            )
             click.echo(str(path))
             if extract:
                 click.echo(str(safe_extract(path, extraction_folder(path))))

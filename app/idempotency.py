@@ -19,38 +19,60 @@ def request_hash(body: Any) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def replay(session: Session, *, project_id: str, endpoint: str, key: str | None,
-           body_hash: str) -> str | None:
+def replay(
+    session: Session, *, project_id: str, endpoint: str, key: str | None, body_hash: str
+) -> str | None:
     """The resource the key already made, if any. 409 when the key came with another body."""
     if key is None:
         return None
     if len(key) > 255:
-        raise APIError("invalid_request", "Idempotency-Key is at most 255 characters",
-                       param="Idempotency-Key")
-    row = session.scalar(select(IdempotencyKey).where(
-        IdempotencyKey.project_id == project_id, IdempotencyKey.endpoint == endpoint,
-        IdempotencyKey.key == key))
+        raise APIError(
+            "invalid_request", "Idempotency-Key is at most 255 characters", param="Idempotency-Key"
+        )
+    row = session.scalar(
+        select(IdempotencyKey).where(
+            IdempotencyKey.project_id == project_id,
+            IdempotencyKey.endpoint == endpoint,
+            IdempotencyKey.key == key,
+        )
+    )
     if row is None:
         return None
     if row.request_hash != body_hash:
-        raise APIError("idempotency_mismatch",
-                       "This Idempotency-Key was used with a different request body")
+        raise APIError(
+            "idempotency_mismatch", "This Idempotency-Key was used with a different request body"
+        )
     return row.resource_id
 
 
-def remember(session: Session, *, project_id: str, endpoint: str, key: str | None,
-             body_hash: str, resource_id: str) -> str:
+def remember(
+    session: Session,
+    *,
+    project_id: str,
+    endpoint: str,
+    key: str | None,
+    body_hash: str,
+    resource_id: str,
+) -> str:
     """Record the key in the request's transaction. If a concurrent request with the same key won
     the race, return that request's resource instead (the caller then discards its own)."""
     if key is None:
         return resource_id
     try:
         with session.begin_nested():
-            session.add(IdempotencyKey(project_id=project_id, endpoint=endpoint, key=key,
-                                       request_hash=body_hash, resource_id=resource_id))
+            session.add(
+                IdempotencyKey(
+                    project_id=project_id,
+                    endpoint=endpoint,
+                    key=key,
+                    request_hash=body_hash,
+                    resource_id=resource_id,
+                )
+            )
     except IntegrityError:
-        existing = replay(session, project_id=project_id, endpoint=endpoint, key=key,
-                          body_hash=body_hash)
+        existing = replay(
+            session, project_id=project_id, endpoint=endpoint, key=key, body_hash=body_hash
+        )
         if existing is None:
             raise
         return existing

@@ -22,20 +22,25 @@ STATIC = Path(__file__).parent / "static"
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="Slimformer", version="1.0.0",
-                  description="Compress Transformer models as durable jobs. See API.md.")
+    app = FastAPI(
+        title="Slimformer",
+        version="1.0.0",
+        description="Compress Transformer models as durable jobs. See API.md.",
+    )
     install_error_handlers(app)
     for router in (models_router, datasets_router, jobs_router, artifacts_router, ops_router):
         app.include_router(router)
 
     @app.middleware("http")
-    async def _timing(request: Request, call_next: Callable[[Request], Awaitable[Response]]
-                      ) -> Response:
+    async def _timing(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         started = time.perf_counter()
         response = await call_next(request)
         route = request.scope.get("route")
-        HTTP_LATENCY.labels(request.method, getattr(route, "path", "unmatched"),
-                            str(response.status_code)).observe(time.perf_counter() - started)
+        HTTP_LATENCY.labels(
+            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
+        ).observe(time.perf_counter() - started)
         return response
 
     if STATIC.is_dir():

@@ -8,8 +8,14 @@ from sqlalchemy import Select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 
-def page(session: Session, statement: Select[Any], *, id_column: InstrumentedAttribute[str],
-         limit: int, after: str | None) -> tuple[list[Any], bool]:
+def page(
+    session: Session,
+    statement: Select[Any],
+    *,
+    id_column: InstrumentedAttribute[str],
+    limit: int,
+    after: str | None,
+) -> tuple[list[Any], bool]:
     if after:
         statement = statement.where(id_column < after)
     rows = list(session.scalars(statement.order_by(id_column.desc()).limit(limit + 1)))

@@ -7,8 +7,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 
-def resource_response(request: Request, resource: BaseModel, *, etag: str,
-                      status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+def resource_response(
+    request: Request,
+    resource: BaseModel,
+    *,
+    etag: str,
+    status_code: int = 200,
+    headers: dict[str, str] | None = None,
+) -> Response:
     headers = {"ETag": etag, **(headers or {})}
     if status_code == 200 and etag in _candidates(request.headers.get("if-none-match", "")):
         return Response(status_code=304, headers=headers)

@@ -39,10 +39,12 @@ class Writer(Protocol):
 
 
 class Store(Protocol):
-    def writer(self, key: str, *, max_bytes: int | None = None
-               ) -> AbstractContextManager[Writer]: ...
-    def write_stream(self, key: str, chunks: Iterator[bytes], *, max_bytes: int | None = None
-                     ) -> StoredObject: ...
+    def writer(
+        self, key: str, *, max_bytes: int | None = None
+    ) -> AbstractContextManager[Writer]: ...
+    def write_stream(
+        self, key: str, chunks: Iterator[bytes], *, max_bytes: int | None = None
+    ) -> StoredObject: ...
     def put_file(self, key: str, source: Path) -> StoredObject: ...
     def put_bytes(self, key: str, data: bytes) -> StoredObject: ...
     def open(self, key: str) -> BinaryIO: ...
@@ -71,8 +73,9 @@ class HashingWriter:
         self._handle.write(chunk)
 
     def finish(self) -> None:
-        self.result = StoredObject(key=self.key, size_bytes=self.size,
-                                   sha256=self._digest.hexdigest())
+        self.result = StoredObject(
+            key=self.key, size_bytes=self.size, sha256=self._digest.hexdigest()
+        )
 
 
 class LocalStore:
@@ -113,8 +116,9 @@ class LocalStore:
             yield writer
         writer.finish()
 
-    def write_stream(self, key: str, chunks: Iterator[bytes], *, max_bytes: int | None = None
-                     ) -> StoredObject:
+    def write_stream(
+        self, key: str, chunks: Iterator[bytes], *, max_bytes: int | None = None
+    ) -> StoredObject:
         with self.writer(key, max_bytes=max_bytes) as writer:
             for chunk in chunks:
                 writer.write(chunk)

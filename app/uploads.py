@@ -22,22 +22,38 @@ class Upload:
     fields: dict[str, str] = field(default_factory=dict)
 
 
-async def receive_upload(request: Request, *, key: str, max_bytes: int,
-                         inspect_chunk: Callable[[bytes], None] | None = None) -> Upload:
+async def receive_upload(
+    request: Request,
+    *,
+    key: str,
+    max_bytes: int,
+    inspect_chunk: Callable[[bytes], None] | None = None,
+) -> Upload:
     """Parse `multipart/form-data` from the request body; the part named `file` is written to `key`.
     Raises APIError 413 (nothing stored) past `max_bytes`, 422 on a malformed body or no file."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in options:
-        raise APIError("invalid_request", "Send the model as multipart/form-data with a 'file' part",
-                       param="file")
+        raise APIError(
+            "invalid_request",
+            "Send the model as multipart/form-data with a 'file' part",
+            param="file",
+        )
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes + FIELD_LIMIT:
         raise APIError("payload_too_large", f"Upload is larger than the limit of {max_bytes} bytes")
 
     store = get_store()
     fields: dict[str, str] = {}
-    state: dict = {"headers": {}, "name": None, "filename": None, "buffer": bytearray(),
-                   "writer": None, "file_seen": False, "header_field": b"", "header_value": b""}
+    state: dict = {
+        "headers": {},
+        "name": None,
+        "filename": None,
+        "buffer": bytearray(),
+        "writer": None,
+        "file_seen": False,
+        "header_field": b"",
+        "header_value": b"",
+    }
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         state["header_field"] += data[start:end]
@@ -80,11 +96,17 @@ async def receive_upload(request: Request, *, key: str, max_bytes: int,
         state["headers"] = {}
         state["name"] = None
 
-    parser = MultipartParser(options[b"boundary"], callbacks={
-        "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-        "on_part_data": on_part_data, "on_part_end": on_part_end,
-    })
+    parser = MultipartParser(
+        options[b"boundary"],
+        callbacks={
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
     try:
         with store.writer(key, max_bytes=max_bytes) as writer:
             async for chunk in request.stream():
@@ -93,8 +115,9 @@ async def receive_upload(request: Request, *, key: str, max_bytes: int,
             if not state["file_seen"]:
                 raise APIError("invalid_request", "The form has no 'file' part", param="file")
     except TooLarge:
-        raise APIError("payload_too_large",
-                       f"Upload is larger than the limit of {max_bytes} bytes") from None
+        raise APIError(
+            "payload_too_large", f"Upload is larger than the limit of {max_bytes} bytes"
+        ) from None
     except APIError:
         raise
     except Exception as exc:  # a malformed multipart body

@@ -23,7 +23,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND = os.environ.get("SLIMFORMER_TEST_BACKEND", "embedded")
-PG_ADMIN_URL = os.environ.get("SLIMFORMER_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "SLIMFORMER_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 REDIS_URL = os.environ.get("SLIMFORMER_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
@@ -58,8 +60,14 @@ class Service:
         return self.keys[project]
 
     def cli(self, *args: str, timeout: float = 300) -> str:
-        result = subprocess.run([sys.executable, "-m", "app.cli", *args], env=self.env, cwd=ROOT,
-                                capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            [sys.executable, "-m", "app.cli", *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"slimformer {' '.join(args)} failed:\n{result.stderr}")
         return result.stdout
@@ -92,9 +100,14 @@ class Service:
 
     def _spawn(self, *args: str, log: str) -> subprocess.Popen:
         handle = (self.data_dir / log).open("ab")
-        process = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=self.env,
-                                   cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", *args],
+            env=self.env,
+            cwd=ROOT,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.processes.append(process)
         return process
 
@@ -113,27 +126,31 @@ class Service:
                 process.wait()
 
     def logs(self) -> str:
-        return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}"
-                         for path in sorted(self.data_dir.glob("*.log")))
+        return "\n".join(
+            f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}"
+            for path in sorted(self.data_dir.glob("*.log"))
+        )
 
 
 def service_env(data_dir: Path, **overrides: str) -> tuple[dict[str, str], callable]:
     """Environment for a service on the chosen backend, and a function that drops what it made."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("SLIMFORMER_")}
-    env.update({
-        "SLIMFORMER_DATA_DIR": str(data_dir),
-        "SLIMFORMER_AUTH": "true",
-        "SLIMFORMER_LEASE_S": "4",
-        "SLIMFORMER_REAPER_INTERVAL_S": "1",
-        "SLIMFORMER_REQUEUE_AFTER_S": "6",
-        "SLIMFORMER_MAX_UPLOAD_BYTES": str(8 * 1024 * 1024),
-        "SLIMFORMER_PROGRESS_MIN_INTERVAL_S": "0.2",
-        "SLIMFORMER_BROKER_POLLING_INTERVAL_S": "0.1",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-    })
+    env.update(
+        {
+            "SLIMFORMER_DATA_DIR": str(data_dir),
+            "SLIMFORMER_AUTH": "true",
+            "SLIMFORMER_LEASE_S": "4",
+            "SLIMFORMER_REAPER_INTERVAL_S": "1",
+            "SLIMFORMER_REQUEUE_AFTER_S": "6",
+            "SLIMFORMER_MAX_UPLOAD_BYTES": str(8 * 1024 * 1024),
+            "SLIMFORMER_PROGRESS_MIN_INTERVAL_S": "0.2",
+            "SLIMFORMER_BROKER_POLLING_INTERVAL_S": "0.1",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
     cleanups = []
     if BACKEND == "postgres":
         import psycopg
@@ -143,8 +160,13 @@ def service_env(data_dir: Path, **overrides: str) -> tuple[dict[str, str], calla
             conn.execute(f'CREATE DATABASE "{name}"')
         base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
         prefix = f"sftest-{secrets.token_hex(4)}-"
-        env.update({"SLIMFORMER_DATABASE_URL": f"{base}/{name}",
-                    "SLIMFORMER_BROKER_URL": REDIS_URL, "SLIMFORMER_QUEUE_PREFIX": prefix})
+        env.update(
+            {
+                "SLIMFORMER_DATABASE_URL": f"{base}/{name}",
+                "SLIMFORMER_BROKER_URL": REDIS_URL,
+                "SLIMFORMER_QUEUE_PREFIX": prefix,
+            }
+        )
 
         def drop() -> None:
             with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:

@@ -20,8 +20,12 @@ from app.settings import get_settings
 from app.storage import get_store
 from workers.compression.archive import ArchiveError, extract_archive, list_members
 from workers.compression.builtins import builtin_model_folder
-from workers.compression.inspect import ModelInfo, ModelRejected, inspect_model_folder, \
-    is_pickled_weight
+from workers.compression.inspect import (
+    ModelInfo,
+    ModelRejected,
+    inspect_model_folder,
+    is_pickled_weight,
+)
 
 log = logging.getLogger("slimformer.models")
 
@@ -64,15 +68,29 @@ def _extract_upload(model: Model, target: Path) -> None:
     get_store().fetch(model.storage_key, scratch)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        names = [m.name for m in list_members(scratch, max_members=settings.max_archive_members,
-                                              max_total_bytes=settings.max_extracted_bytes)]
+        names = [
+            m.name
+            for m in list_members(
+                scratch,
+                max_members=settings.max_archive_members,
+                max_total_bytes=settings.max_extracted_bytes,
+            )
+        ]
         has_safe_weights = any(n.endswith((".safetensors", ".gguf")) for n in names)
         if not has_safe_weights and any(is_pickled_weight(n) for n in names):
-            raise ModelRejected("unsafe_model", "the archive has only pickled weights (.bin/.pt), "
-                                "which can run code when loaded; convert them to safetensors "
-                                "with save_pretrained(..., safe_serialization=True)")
-        extract_archive(scratch, target, max_members=settings.max_archive_members,
-                        max_total_bytes=settings.max_extracted_bytes, skip=is_pickled_weight)
+            raise ModelRejected(
+                "unsafe_model",
+                "the archive has only pickled weights (.bin/.pt), "
+                "which can run code when loaded; convert them to safetensors "
+                "with save_pretrained(..., safe_serialization=True)",
+            )
+        extract_archive(
+            scratch,
+            target,
+            max_members=settings.max_archive_members,
+            max_total_bytes=settings.max_extracted_bytes,
+            skip=is_pickled_weight,
+        )
     finally:
         scratch.unlink(missing_ok=True)
 
@@ -82,12 +100,17 @@ def _download_from_hub(source: dict, target: Path) -> None:
 
     try:
         # Data only: weights in safetensors/GGUF, configs and tokenizer files; never code or pickles.
-        snapshot_download(repo_id=source["repo"], revision=source.get("revision") or "main",
-                          local_dir=target, allow_patterns=HUB_PATTERNS)
+        snapshot_download(
+            repo_id=source["repo"],
+            revision=source.get("revision") or "main",
+            local_dir=target,
+            allow_patterns=HUB_PATTERNS,
+        )
     except Exception as exc:  # noqa: BLE001 - offline, unknown repo, auth: all mean "cannot fetch"
         shutil.rmtree(target, ignore_errors=True)
-        raise ModelUnavailable("unsupported_model",
-                               f"could not fetch {source['repo']} from the hub: {exc}") from exc
+        raise ModelUnavailable(
+            "unsupported_model", f"could not fetch {source['repo']} from the hub: {exc}"
+        ) from exc
 
 
 def _converted_if_gguf(folder: Path, converted: Path) -> Path:
@@ -108,8 +131,9 @@ def validate_model(model_id: str) -> None:
         if model is None or model.status != "validating":
             return
     try:
-        folder = materialize(model) if model.source.get("type") != "path" else Path(
-            model.source["path"])
+        folder = (
+            materialize(model) if model.source.get("type") != "path" else Path(model.source["path"])
+        )
         info = inspect_model_folder(folder)
     except Exception as exc:  # noqa: BLE001 - the files are data: any failure reading them rejects
         if not isinstance(exc, ArchiveError | ModelRejected | ModelUnavailable):
@@ -126,14 +150,26 @@ def validate_model(model_id: str) -> None:
     _finish(model_id, status="ready", info=info)
 
 
-def _finish(model_id: str, *, status: str, info: ModelInfo | None = None,
-            error: dict | None = None) -> None:
+def _finish(
+    model_id: str, *, status: str, info: ModelInfo | None = None, error: dict | None = None
+) -> None:
     values: dict = {"status": status, "updated_at": utcnow(), "error": error}
     if info is not None:
-        values.update(architecture=info.architecture, task=info.task, parameters=info.parameters,
-                      details={"model_type": info.model_type, "weight_format": info.weight_format,
-                               "weight_bytes": info.size_bytes,
-                               "linear_shapes": info.linear_shapes})
+        values.update(
+            architecture=info.architecture,
+            task=info.task,
+            parameters=info.parameters,
+            details={
+                "model_type": info.model_type,
+                "weight_format": info.weight_format,
+                "weight_bytes": info.size_bytes,
+                "linear_shapes": info.linear_shapes,
+            },
+        )
     with session_scope() as session:
-        session.execute(update(Model).where(Model.id == model_id, Model.status == "validating")
-                        .values(**values).execution_options(synchronize_session=False))
+        session.execute(
+            update(Model)
+            .where(Model.id == model_id, Model.status == "validating")
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )

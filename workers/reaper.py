@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from app import broker
 from app.db.session import after_commit, session_scope
@@ -30,53 +32,110 @@ def reap_once() -> dict[str, int]:
     now = utcnow()
     counts = {"requeued": 0, "failed": 0, "cancelled": 0, "resent": 0, "validations_resent": 0}
     with session_scope() as session:
-        expired = session.execute(select(Job.id, Job.status, Job.attempt, Job.max_attempts).where(
-            Job.status.in_(("running", "cancelling")), Job.lease_until < now)).all()
+        expired = session.execute(
+            select(Job.id, Job.status, Job.attempt, Job.max_attempts).where(
+                Job.status.in_(("running", "cancelling")), Job.lease_until < now
+            )
+        ).all()
     for job_id, status, attempt, max_attempts in expired:
         still_expired = Job.lease_until < now
         with session_scope() as session:
             if status == "cancelling":
-                if transition(session, job_id=job_id, to="cancelled", from_=("cancelling",),
-                              attempt=attempt, extra_where=still_expired,
-                              message="worker lost while cancelling; cancelled"):
+                if transition(
+                    session,
+                    job_id=job_id,
+                    to="cancelled",
+                    from_=("cancelling",),
+                    attempt=attempt,
+                    extra_where=still_expired,
+                    message="worker lost while cancelling; cancelled",
+                ):
                     counts["cancelled"] += 1
             elif attempt < max_attempts:
-                if transition(session, job_id=job_id, to="queued", from_=("running",),
-                              attempt=attempt, extra_where=still_expired, level="warning",
-                              values={"lease_until": None, "worker": None, "enqueued_at": now},
-                              message=f"worker lost (lease expired); re-queued for attempt "
-                                      f"{attempt + 1} of {max_attempts}"):
+                if transition(
+                    session,
+                    job_id=job_id,
+                    to="queued",
+                    from_=("running",),
+                    attempt=attempt,
+                    extra_where=still_expired,
+                    level="warning",
+                    values={"lease_until": None, "worker": None, "enqueued_at": now},
+                    message=f"worker lost (lease expired); re-queued for attempt "
+                    f"{attempt + 1} of {max_attempts}",
+                ):
                     counts["requeued"] += 1
                     after_commit(session, lambda job_id=job_id: broker.send_run_job(job_id))
-            elif transition(session, job_id=job_id, to="failed", from_=("running",),
-                            attempt=attempt, extra_where=still_expired, level="error",
-                            values={"error": {"code": "worker_lost", "retryable": True,
-                                              "message": f"the worker died {attempt} times"}},
-                            message="worker lost and no attempts left"):
+            elif transition(
+                session,
+                job_id=job_id,
+                to="failed",
+                from_=("running",),
+                attempt=attempt,
+                extra_where=still_expired,
+                level="error",
+                values={
+                    "error": {
+                        "code": "worker_lost",
+                        "retryable": True,
+                        "message": f"the worker died {attempt} times",
+                    }
+                },
+                message="worker lost and no attempts left",
+            ):
                 counts["failed"] += 1
 
     stale = now - timedelta(seconds=settings.requeue_after_s)
     with session_scope() as session:
-        for job_id in session.scalars(select(Job.id).where(Job.status == "queued",
-                                                           Job.enqueued_at < stale)):
-            touched = session.execute(update(Job).where(
-                Job.id == job_id, Job.status == "queued", Job.enqueued_at < stale,
-            ).values(enqueued_at=now).execution_options(synchronize_session=False))
-            if touched.rowcount:
-                counts["resent"] += 1
-                after_commit(session, lambda job_id=job_id: broker.send_run_job(job_id))
-        for model_id in session.scalars(select(Model.id).where(Model.status == "validating",
-                                                               Model.updated_at < stale)):
-            touched = session.execute(update(Model).where(
-                Model.id == model_id, Model.status == "validating", Model.updated_at < stale,
-            ).values(updated_at=now).execution_options(synchronize_session=False))
-            if touched.rowcount:
-                counts["validations_resent"] += 1
-                after_commit(session, lambda model_id=model_id: broker.send_validate_model(model_id))
+        counts["resent"] = _resend_stale(
+            session,
+            Job,
+            status="queued",
+            stamp="enqueued_at",
+            stale=stale,
+            now=now,
+            send=broker.send_run_job,
+        )
+        counts["validations_resent"] = _resend_stale(
+            session,
+            Model,
+            status="validating",
+            stamp="updated_at",
+            stale=stale,
+            now=now,
+            send=broker.send_validate_model,
+        )
         purge_expired(session, ttl_s=settings.idempotency_ttl_s)
     if any(counts.values()):
         log.info("reaper: %s", counts)
     return counts
+
+
+def _resend_stale(
+    session: Session,
+    table: type[Job] | type[Model],
+    *,
+    status: str,
+    stamp: str,
+    stale: datetime,
+    now: datetime,
+    send: Callable[[str], bool],
+) -> int:
+    """Re-send the message of every row waiting in `status` since before `stale`. Touching the
+    stamp with a conditional update first means two reapers never both send for one row."""
+    column = getattr(table, stamp)
+    sent = 0
+    for row_id in session.scalars(select(table.id).where(table.status == status, column < stale)):
+        touched = session.execute(
+            update(table)
+            .where(table.id == row_id, table.status == status, column < stale)
+            .values({stamp: now})
+            .execution_options(synchronize_session=False)
+        )
+        if touched.rowcount:
+            sent += 1
+            after_commit(session, lambda row_id=row_id: send(row_id))
+    return sent
 
 
 def _loop() -> None:

@@ -71,8 +71,9 @@ class JobContext:
         if self.interrupt is not None:
             raise Interrupted(self.interrupt)
 
-    def progress(self, stage_index: int, step: int, total_steps: int, message: str,
-                 *, force: bool = False) -> None:
+    def progress(
+        self, stage_index: int, step: int, total_steps: int, message: str, *, force: bool = False
+    ) -> None:
         self.check()
         now = time.monotonic()
         if not force and now - self._last_progress < get_settings().progress_min_interval_s:
@@ -83,22 +84,49 @@ class JobContext:
         fraction = min(1.0, (stage_index + within) / num_stages)
         elapsed = now - self.started
         eta = elapsed * (1 - fraction) / fraction if fraction > 0.02 else None
-        progress = {"stage": self.stage_names[stage_index], "stage_index": stage_index,
-                    "num_stages": num_stages, "step": step, "total_steps": total_steps,
-                    "fraction": round(fraction, 4), "eta_s": round(eta, 1) if eta else None,
-                    "message": message, "updated_at": utcnow().isoformat()}
+        progress = {
+            "stage": self.stage_names[stage_index],
+            "stage_index": stage_index,
+            "num_stages": num_stages,
+            "step": step,
+            "total_steps": total_steps,
+            "fraction": round(fraction, 4),
+            "eta_s": round(eta, 1) if eta else None,
+            "message": message,
+            "updated_at": utcnow().isoformat(),
+        }
         with session_scope() as session:
-            seq = add_event(session, job_id=self.job_id, type="progress", message=message,
-                            data=progress, values={"progress": progress}, attempt=self.attempt)
+            seq = add_event(
+                session,
+                job_id=self.job_id,
+                type="progress",
+                message=message,
+                data=progress,
+                values={"progress": progress},
+                attempt=self.attempt,
+            )
         if seq is None:
             self.interrupt = "lease_lost"
             self.check()
 
-    def log(self, message: str, data: dict[str, Any] | None = None, *, type: str = "log",
-            level: str = "info") -> None:
+    def log(
+        self,
+        message: str,
+        data: dict[str, Any] | None = None,
+        *,
+        type: str = "log",
+        level: str = "info",
+    ) -> None:
         with session_scope() as session:
-            add_event(session, job_id=self.job_id, type=type, message=message, data=data,
-                      level=level, attempt=self.attempt)
+            add_event(
+                session,
+                job_id=self.job_id,
+                type=type,
+                message=message,
+                data=data,
+                level=level,
+                attempt=self.attempt,
+            )
 
 
 class Heartbeat(threading.Thread):
@@ -121,10 +149,16 @@ class Heartbeat(threading.Thread):
         context = self.context
         with session_scope() as session:
             status = session.execute(
-                update(Job).where(Job.id == context.job_id, Job.attempt == context.attempt,
-                                  Job.status.in_(("running", "cancelling")))
-                .values(lease_until=lease_deadline(lease_s)).returning(Job.status)
-                .execution_options(synchronize_session=False)).scalar_one_or_none()
+                update(Job)
+                .where(
+                    Job.id == context.job_id,
+                    Job.attempt == context.attempt,
+                    Job.status.in_(("running", "cancelling")),
+                )
+                .values(lease_until=lease_deadline(lease_s))
+                .returning(Job.status)
+                .execution_options(synchronize_session=False)
+            ).scalar_one_or_none()
         if status is None:
             context.interrupt = "lease_lost"
         elif status == "cancelling":
@@ -145,12 +179,20 @@ def claim(job_id: str) -> JobContext | None:
     now = utcnow()
     with session_scope() as session:
         if not transition(
-            session, job_id=job_id, to="running", from_=("queued",),
+            session,
+            job_id=job_id,
+            to="running",
+            from_=("queued",),
             extra_where=Job.attempt < Job.max_attempts,
-            values={"attempt": Job.attempt + 1, "lease_until": lease_deadline(settings.lease_s),
-                    "worker": worker_name(), "started_at": func.coalesce(Job.started_at, now),
-                    "error": None},
-            message=f"status: running on {worker_name()}", data={"worker": worker_name()},
+            values={
+                "attempt": Job.attempt + 1,
+                "lease_until": lease_deadline(settings.lease_s),
+                "worker": worker_name(),
+                "started_at": func.coalesce(Job.started_at, now),
+                "error": None,
+            },
+            message=f"status: running on {worker_name()}",
+            data={"worker": worker_name()},
         ):
             return None
         job = session.get(Job, job_id)
@@ -205,17 +247,36 @@ def _succeed(context: JobContext, prefix: str, metrics: dict, files: list[dict])
         job = session.get(Job, context.job_id)
         assert job is not None
         for item, obj in stored:
-            session.execute(insert(Artifact).values(
-                id=new_id("art"), job_id=context.job_id, project_id=job.project_id,
-                kind=item["kind"], format=item["format"], filename=item["filename"],
-                size_bytes=obj.size_bytes, sha256=obj.sha256, storage_key=obj.key,
-                created_at=utcnow()))
-        progress = {**(job.progress or {}), "fraction": 1.0, "eta_s": 0, "message": "done",
-                    "updated_at": utcnow().isoformat()}
-        moved = transition(session, job_id=context.job_id, to="succeeded", from_=("running",),
-                           attempt=context.attempt,
-                           values={"metrics": metrics, "progress": progress},
-                           message="status: succeeded")
+            session.execute(
+                insert(Artifact).values(
+                    id=new_id("art"),
+                    job_id=context.job_id,
+                    project_id=job.project_id,
+                    kind=item["kind"],
+                    format=item["format"],
+                    filename=item["filename"],
+                    size_bytes=obj.size_bytes,
+                    sha256=obj.sha256,
+                    storage_key=obj.key,
+                    created_at=utcnow(),
+                )
+            )
+        progress = {
+            **(job.progress or {}),
+            "fraction": 1.0,
+            "eta_s": 0,
+            "message": "done",
+            "updated_at": utcnow().isoformat(),
+        }
+        moved = transition(
+            session,
+            job_id=context.job_id,
+            to="succeeded",
+            from_=("running",),
+            attempt=context.attempt,
+            values={"metrics": metrics, "progress": progress},
+            message="status: succeeded",
+        )
         if not moved:
             # Cancelled meanwhile, or the lease went to another worker: this attempt leaves no trace.
             session.rollback()
@@ -225,30 +286,36 @@ def _succeed(context: JobContext, prefix: str, metrics: dict, files: list[dict])
 
 
 def _interrupted(context: JobContext, reason: str) -> None:
-    with session_scope() as session:
-        if reason == "cancelled":
-            transition(session, job_id=context.job_id, to="cancelled", from_=("cancelling",),
-                       attempt=context.attempt, message="status: cancelled; nothing kept")
-        elif reason == "timeout":
-            transition(session, job_id=context.job_id, to="failed",
-                       from_=("running", "cancelling"), attempt=context.attempt, level="error",
-                       values={"error": {"code": "timeout", "retryable": False,
-                                         "message": f"ran past max_runtime_s="
-                                                    f"{context.max_runtime_s}"}},
-                       message="status: failed (max_runtime_s exceeded)")
+    if reason == "cancelled":
+        with session_scope() as session:
+            transition(
+                session,
+                job_id=context.job_id,
+                to="cancelled",
+                from_=("cancelling",),
+                attempt=context.attempt,
+                message="status: cancelled; nothing kept",
+            )
+    elif reason == "timeout":
+        message = f"ran past max_runtime_s={context.max_runtime_s}"
+        _fail(context, "timeout", message, retryable=False)
     # lease_lost: another attempt owns the job now; touch nothing.
 
 
 def _fail(context: JobContext, code: str, message: str, *, retryable: bool) -> None:
     with session_scope() as session:
-        moved = transition(session, job_id=context.job_id, to="failed", from_=("running",),
-                           attempt=context.attempt, level="error",
-                           values={"error": {"code": code, "message": message,
-                                             "retryable": retryable}},
-                           message=f"status: failed ({code}): {message}")
-        if not moved:
-            transition(session, job_id=context.job_id, to="cancelled", from_=("cancelling",),
-                       attempt=context.attempt, message="status: cancelled")
+        moved = transition(
+            session,
+            job_id=context.job_id,
+            to="failed",
+            from_=("running",),
+            attempt=context.attempt,
+            level="error",
+            values={"error": {"code": code, "message": message, "retryable": retryable}},
+            message=f"status: failed ({code}): {message}",
+        )
+    if not moved:  # a cancel arrived meanwhile: it wins
+        _interrupted(context, "cancelled")
 
 
 # --- the work itself -------------------------------------------------------------------------------
@@ -283,14 +350,16 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
             session.expunge_all()
     if model_row.status != "ready":
         error = model_row.error or {}
-        raise JobFailure(error.get("code", "unsupported_model"),
-                         f"model {model_row.id} is {model_row.status}: {error.get('message', '')}")
+        raise JobFailure(
+            error.get("code", "unsupported_model"),
+            f"model {model_row.id} is {model_row.status}: {error.get('message', '')}",
+        )
     try:
         folder = materialize(model_row)
     except ModelUnavailable as exc:
         raise JobFailure(exc.code, exc.message) from exc
     context.check()
-    device = select_device()
+    device = torch.device(recipe.required_device) if recipe.required_device else select_device()
     torch.manual_seed(0)
     loaded = load_model(folder, device=device)
     context.progress(0, 1, 3, f"loaded {loaded.architecture} on {device}", force=True)
@@ -302,16 +371,23 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     calibration = None
     calibration_sha = None
     if job.calibration:
-        cal_records, calibration_sha = _dataset_records(job.calibration["dataset_id"],
-                                                        read_records)
+        cal_records, calibration_sha = _dataset_records(job.calibration["dataset_id"], read_records)
         calibration = calibration_batches(
-            [record["text"] for record in cal_records], loaded.tokenizer,
-            num_samples=job.calibration["num_samples"], seq_len=job.calibration["seq_len"],
-            seed=job.calibration["seed"])
+            [record["text"] for record in cal_records],
+            loaded.tokenizer,
+            num_samples=job.calibration["num_samples"],
+            seq_len=job.calibration["seq_len"],
+            seed=job.calibration["seed"],
+        )
     context.progress(0, 3, 3, "data ready", force=True)
 
-    evaluator = Evaluator(task=loaded.task, tokenizer=loaded.tokenizer, settings=settings,
-                          records=eval_records, device=device)
+    evaluator = Evaluator(
+        task=loaded.task,
+        tokenizer=loaded.tokenizer,
+        settings=settings,
+        records=eval_records,
+        device=device,
+    )
     context.progress(1, 0, 1, "measuring the original model", force=True)
     baseline = evaluator.measure(loaded.model, folder=folder)
     context.log("baseline measured", {"baseline": baseline}, type="metric")
@@ -325,39 +401,56 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     export_index = 2 + len(methods)
     context.progress(export_index, 0, 2, "writing the compressed model", force=True)
     model_folder = scratch / "measured"
-    inputs = {"model_sha256": model_row.sha256, "model_id": model_row.id,
-              "evaluation_dataset_sha256": eval_sha, "calibration_dataset_sha256": calibration_sha}
+    inputs = {
+        "model_sha256": model_row.sha256,
+        "model_id": model_row.id,
+        "evaluation_dataset_sha256": eval_sha,
+        "calibration_dataset_sha256": calibration_sha,
+    }
     save_model(loaded, result.model, model_folder, recipe=job.recipe, metrics={}, inputs=inputs)
-    sample = loaded.tokenizer(eval_records[0]["text"], return_tensors="pt", truncation=True,
-                              max_length=64)["input_ids"]
+    sample = loaded.tokenizer(
+        eval_records[0]["text"], return_tensors="pt", truncation=True, max_length=64
+    )["input_ids"]
     verification = verify_export(model_folder, result.model, loaded.task, sample)
     context.progress(export_index, 1, 2, "export load-tested", force=True)
 
     context.progress(export_index + 1, 0, 1, "measuring the compressed model", force=True)
     compressed = evaluator.measure(result.model, folder=model_folder)
     metrics = {
-        "baseline": baseline, "compressed": compressed,
-        "delta": evaluator.delta(baseline, compressed), "trials": [],
-        "settings": {**evaluator.settings_record(), "dataset_id": eval_dataset_id,
-                     "dataset_sha256": eval_sha},
-        "stages": result.stages, "export_check": verification,
+        "baseline": baseline,
+        "compressed": compressed,
+        "delta": evaluator.delta(baseline, compressed),
+        "trials": [],
+        "settings": {
+            **evaluator.settings_record(),
+            "dataset_id": eval_dataset_id,
+            "dataset_sha256": eval_sha,
+        },
+        "stages": result.stages,
+        "export_check": verification,
     }
     if job.targets:
         metrics["targets"] = _targets_report(job.targets, baseline, compressed)
     # The folder's card and slimformer.json carry the final metrics: write them again, then pack.
     final_folder = scratch / "model"
-    save_model(loaded, result.model, final_folder, recipe=job.recipe, metrics=metrics,
-               inputs=inputs)
-    files = [_pack(final_folder, scratch / "model.tar.gz"),
-             _report(metrics, job.recipe, inputs, scratch / "report.json")]
+    save_model(
+        loaded, result.model, final_folder, recipe=job.recipe, metrics=metrics, inputs=inputs
+    )
+    files = [
+        _pack(final_folder, scratch / "model.tar.gz"),
+        _report(metrics, job.recipe, inputs, scratch / "report.json"),
+    ]
     return metrics, files
 
 
 def _default_dataset(task: str) -> str:
     name = default_evaluation_dataset(task)
     with session_scope() as session:
-        dataset_id = session.scalar(select(Dataset.id).where(
-            Dataset.project_id.is_(None), Dataset.name == name, Dataset.deleted_at.is_(None)))
+        dataset_id = session.scalar(
+            select(Dataset.id).where(
+                Dataset.project_id.is_(None), Dataset.name == name, Dataset.deleted_at.is_(None)
+            )
+        )
     if dataset_id is None:
         raise JobFailure("invalid_request", f"no evaluation dataset given and no built-in {name!r}")
     return dataset_id
@@ -369,7 +462,9 @@ def _dataset_records(dataset_id: str, read_records: Any) -> tuple[list[dict], st
         session.expunge_all()
     if dataset is None or dataset.storage_key is None or dataset.deleted_at is not None:
         raise JobFailure("not_found", f"dataset {dataset_id} is gone")
-    local = get_settings().cache_dir / "datasets" / f"{dataset.id}-{dataset.sha256}.{dataset.format}"
+    local = (
+        get_settings().cache_dir / "datasets" / f"{dataset.id}-{dataset.sha256}.{dataset.format}"
+    )
     if not local.is_file():
         get_store().fetch(dataset.storage_key, local)
     return read_records(local, dataset.format), dataset.sha256
@@ -384,17 +479,25 @@ def _targets_report(targets: dict, baseline: dict, compressed: dict) -> dict:
         if not isinstance(before, int | float) or not isinstance(after, int | float) or not before:
             report[metric] = {"met": None, "reason": "metric not measured"}
             continue
-        drop = (before - after) / abs(before) if metric in higher_is_better else \
-            (after - before) / abs(before)
+        drop = (
+            (before - after) / abs(before)
+            if metric in higher_is_better
+            else (after - before) / abs(before)
+        )
         report[metric] = {"max_drop": max_drop, "drop": round(drop, 6), "met": drop <= max_drop}
-    return {"met": all(item.get("met") for item in report.values()) if report else None,
-            "metrics": report}
+    return {
+        "met": all(item.get("met") for item in report.values()) if report else None,
+        "metrics": report,
+    }
 
 
 def _pack(folder: Path, target: Path) -> dict:
     """A deterministic .tar.gz: sorted names, zeroed times and owners (same bytes for same input)."""
-    with open(target, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) \
-            as zipped, tarfile.open(fileobj=zipped, mode="w") as tar:
+    with (
+        open(target, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as zipped,
+        tarfile.open(fileobj=zipped, mode="w") as tar,
+    ):
         for path in sorted(folder.rglob("*")):
             info = tar.gettarinfo(str(path), arcname=f"model/{path.relative_to(folder)}")
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
@@ -405,13 +508,27 @@ def _pack(folder: Path, target: Path) -> dict:
             else:
                 tar.addfile(info)
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
-    return {"path": target, "filename": "model.tar.gz", "kind": "model",
-            "format": "hf-safetensors+tar.gz", "sha256": digest}
+    return {
+        "path": target,
+        "filename": "model.tar.gz",
+        "kind": "model",
+        "format": "hf-safetensors+tar.gz",
+        "sha256": digest,
+    }
 
 
 def _report(metrics: dict, recipe: dict, inputs: dict, target: Path) -> dict:
-    body = json.dumps({"recipe": recipe, "metrics": metrics, "inputs": inputs}, indent=2,
-                      sort_keys=True, default=str).encode()
+    body = json.dumps(
+        {"recipe": recipe, "metrics": metrics, "inputs": inputs},
+        indent=2,
+        sort_keys=True,
+        default=str,
+    ).encode()
     target.write_bytes(body)
-    return {"path": target, "filename": "report.json", "kind": "report", "format": "json",
-            "sha256": hashlib.sha256(body).hexdigest()}
+    return {
+        "path": target,
+        "filename": "report.json",
+        "kind": "report",
+        "format": "json",
+        "sha256": hashlib.sha256(body).hexdigest(),
+    }

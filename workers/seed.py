@@ -20,17 +20,28 @@ log = logging.getLogger("slimformer.seed")
 def seed_builtins() -> None:
     store = get_store()
     with session_scope() as session:
-        models = {row.name: row for row in session.scalars(
-            select(Model).where(Model.project_id.is_(None)))}
+        models = {
+            row.name: row
+            for row in session.scalars(select(Model).where(Model.project_id.is_(None)))
+        }
         for name, builtin in BUILTIN_MODELS.items():
             if name in models:
                 continue
-            session.add(Model(id=new_id("mdl"), project_id=None, name=name, status="ready",
-                              source={"type": "builtin", "name": name,
-                                      "description": builtin.description},
-                              architecture=builtin.architecture, task=builtin.task))
-        datasets = {row.name: row for row in session.scalars(
-            select(Dataset).where(Dataset.project_id.is_(None)))}
+            session.add(
+                Model(
+                    id=new_id("mdl"),
+                    project_id=None,
+                    name=name,
+                    status="ready",
+                    source={"type": "builtin", "name": name, "description": builtin.description},
+                    architecture=builtin.architecture,
+                    task=builtin.task,
+                )
+            )
+        datasets = {
+            row.name: row
+            for row in session.scalars(select(Dataset).where(Dataset.project_id.is_(None)))
+        }
         for name in BUILTIN_DATASETS:
             try:
                 body = builtin_dataset_jsonl(name)
@@ -47,7 +58,17 @@ def seed_builtins() -> None:
                 existing.sha256, existing.size_bytes = stored.sha256, stored.size_bytes
                 existing.num_records, existing.storage_key = counter.finish(), stored.key
                 continue
-            session.add(Dataset(id=new_id("dset"), project_id=None, name=name, status="ready",
-                                format="jsonl", source={"type": "builtin", "name": name},
-                                num_records=counter.finish(), size_bytes=stored.size_bytes,
-                                sha256=stored.sha256, storage_key=stored.key))
+            session.add(
+                Dataset(
+                    id=new_id("dset"),
+                    project_id=None,
+                    name=name,
+                    status="ready",
+                    format="jsonl",
+                    source={"type": "builtin", "name": name},
+                    num_records=counter.finish(),
+                    size_bytes=stored.size_bytes,
+                    sha256=stored.sha256,
+                    storage_key=stored.key,
+                )
+            )

@@ -21,30 +21,47 @@ def list_artifacts(job: JobDep, session: SessionDep) -> ArtifactList:
     return ArtifactList(data=[service.to_out(row) for row in rows], has_more=False)
 
 
-@router.get("/v1/artifacts/{artifact_id}/content",
-            responses={200: {"content": {"application/octet-stream": {}}}, 206: {}, 416: {}})
-def artifact_content(artifact_id: str, caller: CallerDep, session: SessionDep,
-                     range: Annotated[str | None, Header()] = None,
-                     if_none_match: Annotated[str | None, Header()] = None) -> Response:
+@router.get(
+    "/v1/artifacts/{artifact_id}/content",
+    responses={200: {"content": {"application/octet-stream": {}}}, 206: {}, 416: {}},
+)
+def artifact_content(
+    artifact_id: str,
+    caller: CallerDep,
+    session: SessionDep,
+    range: Annotated[str | None, Header()] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
     """The file, streamed; `ETag` is its sha256; `Range: bytes=a-b` answers 206 (bad range 416)."""
-    artifact = service.get_artifact(session=session, project_id=caller.project_id,
-                                    artifact_id=artifact_id)
+    artifact = service.get_artifact(
+        session=session, project_id=caller.project_id, artifact_id=artifact_id
+    )
     store = get_store()
     size = artifact.size_bytes
     etag = f'"{artifact.sha256}"'
-    headers = {"ETag": etag, "Accept-Ranges": "bytes",
-               "Content-Disposition": f'attachment; filename="{artifact.filename}"'}
+    headers = {
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": f'attachment; filename="{artifact.filename}"',
+    }
     if if_none_match and etag in [tag.strip() for tag in if_none_match.split(",")]:
         return Response(status_code=304, headers=headers)
     if range:
         start, end = service.parse_range(range, size)
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         headers["Content-Length"] = str(end - start + 1)
-        return StreamingResponse(_read(store, artifact.storage_key, start, end), status_code=206,
-                                 media_type="application/octet-stream", headers=headers)
+        return StreamingResponse(
+            _read(store, artifact.storage_key, start, end),
+            status_code=206,
+            media_type="application/octet-stream",
+            headers=headers,
+        )
     headers["Content-Length"] = str(size)
-    return StreamingResponse(_read(store, artifact.storage_key, 0, size - 1),
-                             media_type="application/octet-stream", headers=headers)
+    return StreamingResponse(
+        _read(store, artifact.storage_key, 0, size - 1),
+        media_type="application/octet-stream",
+        headers=headers,
+    )
 
 
 def _read(store: Store, key: str, start: int, end: int) -> Iterator[bytes]:

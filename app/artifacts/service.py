@@ -11,23 +11,31 @@ from app.errors import APIError, not_found
 
 
 def get_artifact(*, session: Session, project_id: str, artifact_id: str) -> Artifact:
-    artifact = session.scalar(select(Artifact).where(Artifact.id == artifact_id,
-                                                     Artifact.project_id == project_id))
+    artifact = session.scalar(
+        select(Artifact).where(Artifact.id == artifact_id, Artifact.project_id == project_id)
+    )
     if artifact is None:
         raise not_found("artifact", artifact_id)
     return artifact
 
 
 def list_for_job(*, session: Session, job_id: str) -> list[Artifact]:
-    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id)
-                                .order_by(Artifact.id)))
+    return list(
+        session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.id))
+    )
 
 
 def to_out(artifact: Artifact) -> ArtifactOut:
-    return ArtifactOut(id=artifact.id, job_id=artifact.job_id, kind=artifact.kind,
-                       format=artifact.format, filename=artifact.filename,
-                       size_bytes=artifact.size_bytes, sha256=artifact.sha256,
-                       created_at=artifact.created_at)
+    return ArtifactOut(
+        id=artifact.id,
+        job_id=artifact.job_id,
+        kind=artifact.kind,
+        format=artifact.format,
+        filename=artifact.filename,
+        size_bytes=artifact.size_bytes,
+        sha256=artifact.sha256,
+        created_at=artifact.created_at,
+    )
 
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")

@@ -20,19 +20,40 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 ENDPOINT = "POST /v1/datasets"
 
 
-@router.post("", status_code=201, response_model=DatasetOut,
-             openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {
-                 "type": "object", "required": ["file"], "properties": {
-                     "file": {"type": "string", "format": "binary"},
-                     "name": {"type": "string"},
-                     "format": {"type": "string", "enum": list(service.FORMATS)}}}}}}})
-async def create_dataset(request: Request, caller: CallerDep, session: SessionDep,
-                         idempotency_key: Annotated[str | None, Header()] = None) -> Response:
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "name": {"type": "string"},
+                            "format": {"type": "string", "enum": list(service.FORMATS)},
+                        },
+                    }
+                }
+            }
+        }
+    },
+)
+async def create_dataset(
+    request: Request,
+    caller: CallerDep,
+    session: SessionDep,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> Response:
     """Upload `.txt` (one record per line) or `.jsonl` (`{"text": …, "label"?: …}`) text."""
     dataset_id = new_id("dset")
     store = get_store()
-    upload = await receive_upload(request, key=f"datasets/{dataset_id}/data",
-                                  max_bytes=get_settings().max_upload_bytes)
+    upload = await receive_upload(
+        request, key=f"datasets/{dataset_id}/data", max_bytes=get_settings().max_upload_bytes
+    )
     try:
         fmt = service.format_for(upload.filename, upload.fields.get("format"))
         counter = service.RecordCounter(fmt)
@@ -42,49 +63,80 @@ async def create_dataset(request: Request, caller: CallerDep, session: SessionDe
         num_records = counter.finish()
         name = (upload.fields.get("name") or upload.filename or dataset_id).strip()[:200]
         body_hash = request_hash({"name": name, "format": fmt, "sha256": upload.stored.sha256})
-        existing = replay(session, project_id=caller.project_id, endpoint=ENDPOINT,
-                          key=idempotency_key, body_hash=body_hash)
+        existing = replay(
+            session,
+            project_id=caller.project_id,
+            endpoint=ENDPOINT,
+            key=idempotency_key,
+            body_hash=body_hash,
+        )
     except APIError:
         store.delete(upload.stored.key)
         raise
     if existing:
         store.delete(upload.stored.key)
-        return _created(request, service.get_dataset(session=session, project_id=caller.project_id,
-                                                     dataset_id=existing))
+        return _created(
+            request,
+            service.get_dataset(session=session, project_id=caller.project_id, dataset_id=existing),
+        )
     dataset = service.create_dataset(
-        session=session, project_id=caller.project_id, dataset_id=dataset_id, name=name, fmt=fmt,
-        num_records=num_records, stored=upload.stored,
-        source={"type": "upload", "filename": upload.filename})
-    remember(session, project_id=caller.project_id, endpoint=ENDPOINT, key=idempotency_key,
-             body_hash=body_hash, resource_id=dataset.id)
+        session=session,
+        project_id=caller.project_id,
+        dataset_id=dataset_id,
+        name=name,
+        fmt=fmt,
+        num_records=num_records,
+        stored=upload.stored,
+        source={"type": "upload", "filename": upload.filename},
+    )
+    remember(
+        session,
+        project_id=caller.project_id,
+        endpoint=ENDPOINT,
+        key=idempotency_key,
+        body_hash=body_hash,
+        resource_id=dataset.id,
+    )
     return _created(request, dataset)
 
 
 def _created(request: Request, dataset: Dataset) -> Response:
-    return resource_response(request, service.to_out(dataset), etag=service.etag(dataset),
-                             status_code=201, headers={"Location": f"/v1/datasets/{dataset.id}"})
+    return resource_response(
+        request,
+        service.to_out(dataset),
+        etag=service.etag(dataset),
+        status_code=201,
+        headers={"Location": f"/v1/datasets/{dataset.id}"},
+    )
 
 
 @router.get("", response_model=DatasetList)
-def list_datasets(caller: CallerDep, session: SessionDep,
-                  limit: Annotated[int, Query(ge=1, le=100)] = 20,
-                  after: str | None = None) -> DatasetList:
-    rows, has_more = service.list_datasets(session=session, project_id=caller.project_id,
-                                           limit=limit, after=after)
+def list_datasets(
+    caller: CallerDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
+) -> DatasetList:
+    rows, has_more = service.list_datasets(
+        session=session, project_id=caller.project_id, limit=limit, after=after
+    )
     return DatasetList(data=[service.to_out(row) for row in rows], has_more=has_more)
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut)
-def get_dataset(dataset_id: str, request: Request, caller: CallerDep,
-                session: SessionDep) -> Response:
-    dataset = service.get_dataset(session=session, project_id=caller.project_id,
-                                  dataset_id=dataset_id)
+def get_dataset(
+    dataset_id: str, request: Request, caller: CallerDep, session: SessionDep
+) -> Response:
+    dataset = service.get_dataset(
+        session=session, project_id=caller.project_id, dataset_id=dataset_id
+    )
     return resource_response(request, service.to_out(dataset), etag=service.etag(dataset))
 
 
 @router.delete("/{dataset_id}", status_code=204)
 def delete_dataset(dataset_id: str, caller: CallerDep, session: SessionDep) -> Response:
-    dataset = service.get_dataset(session=session, project_id=caller.project_id,
-                                  dataset_id=dataset_id)
+    dataset = service.get_dataset(
+        session=session, project_id=caller.project_id, dataset_id=dataset_id
+    )
     service.delete_dataset(session=session, dataset=dataset)
     return Response(status_code=204)

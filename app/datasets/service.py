@@ -7,10 +7,10 @@ import json
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from app.datasets.schemas import DatasetOut
 from app.db.session import after_commit
 from app.db.tables import Dataset, Job, utcnow
 from app.errors import APIError, not_found
-from app.datasets.schemas import DatasetOut
 from app.jobs.lifecycle import LIVE
 from app.pagination import page
 from app.storage import StoredObject, get_store
@@ -46,21 +46,26 @@ class RecordCounter:
         try:
             line = raw.decode("utf-8").strip()
         except UnicodeDecodeError:
-            raise APIError("invalid_request", f"Line {self._line_number} is not UTF-8",
-                           param="file") from None
+            raise APIError(
+                "invalid_request", f"Line {self._line_number} is not UTF-8", param="file"
+            ) from None
         if not line:
             return
         if self.format == "jsonl":
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise APIError("invalid_request",
-                               f"Line {self._line_number} is not JSON: {exc.msg}",
-                               param="file") from None
+                raise APIError(
+                    "invalid_request",
+                    f"Line {self._line_number} is not JSON: {exc.msg}",
+                    param="file",
+                ) from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise APIError("invalid_request",
-                               f"Line {self._line_number} needs a string 'text' field",
-                               param="file")
+                raise APIError(
+                    "invalid_request",
+                    f"Line {self._line_number} needs a string 'text' field",
+                    param="file",
+                )
         self.records += 1
 
 
@@ -75,9 +80,13 @@ def format_for(filename: str | None, requested: str | None) -> str:
 
 
 def dataset_visible_to(*, session: Session, project_id: str, dataset_id: str) -> Dataset | None:
-    return session.scalar(select(Dataset).where(
-        Dataset.id == dataset_id, Dataset.deleted_at.is_(None),
-        or_(Dataset.project_id == project_id, Dataset.project_id.is_(None))))
+    return session.scalar(
+        select(Dataset).where(
+            Dataset.id == dataset_id,
+            Dataset.deleted_at.is_(None),
+            or_(Dataset.project_id == project_id, Dataset.project_id.is_(None)),
+        )
+    )
 
 
 def get_dataset(*, session: Session, project_id: str, dataset_id: str) -> Dataset:
@@ -87,19 +96,39 @@ def get_dataset(*, session: Session, project_id: str, dataset_id: str) -> Datase
     return dataset
 
 
-def list_datasets(*, session: Session, project_id: str, limit: int, after: str | None
-                  ) -> tuple[list[Dataset], bool]:
+def list_datasets(
+    *, session: Session, project_id: str, limit: int, after: str | None
+) -> tuple[list[Dataset], bool]:
     statement = select(Dataset).where(
         Dataset.deleted_at.is_(None),
-        or_(Dataset.project_id == project_id, Dataset.project_id.is_(None)))
+        or_(Dataset.project_id == project_id, Dataset.project_id.is_(None)),
+    )
     return page(session, statement, id_column=Dataset.id, limit=limit, after=after)
 
 
-def create_dataset(*, session: Session, project_id: str | None, dataset_id: str, name: str,
-                   fmt: str, num_records: int, stored: StoredObject, source: dict) -> Dataset:
-    dataset = Dataset(id=dataset_id, project_id=project_id, name=name, status="ready", format=fmt,
-                      source=source, num_records=num_records, size_bytes=stored.size_bytes,
-                      sha256=stored.sha256, storage_key=stored.key)
+def create_dataset(
+    *,
+    session: Session,
+    project_id: str | None,
+    dataset_id: str,
+    name: str,
+    fmt: str,
+    num_records: int,
+    stored: StoredObject,
+    source: dict,
+) -> Dataset:
+    dataset = Dataset(
+        id=dataset_id,
+        project_id=project_id,
+        name=name,
+        status="ready",
+        format=fmt,
+        source=source,
+        num_records=num_records,
+        size_bytes=stored.size_bytes,
+        sha256=stored.sha256,
+        storage_key=stored.key,
+    )
     session.add(dataset)
     session.flush()
     return dataset
@@ -108,9 +137,17 @@ def create_dataset(*, session: Session, project_id: str | None, dataset_id: str,
 def delete_dataset(*, session: Session, dataset: Dataset) -> None:
     if dataset.project_id is None:
         raise APIError("conflict", "Built-in datasets cannot be deleted")
-    live = list(session.scalars(select(Job.id).where(Job.status.in_(LIVE), or_(
-        Job.calibration["dataset_id"].as_string() == dataset.id,
-        Job.evaluation["dataset_id"].as_string() == dataset.id))))
+    live = list(
+        session.scalars(
+            select(Job.id).where(
+                Job.status.in_(LIVE),
+                or_(
+                    Job.calibration["dataset_id"].as_string() == dataset.id,
+                    Job.evaluation["dataset_id"].as_string() == dataset.id,
+                ),
+            )
+        )
+    )
     if live:
         raise APIError("conflict", f"Dataset is used by live jobs: {', '.join(live[:5])}")
     dataset.deleted_at = utcnow()
@@ -121,10 +158,17 @@ def delete_dataset(*, session: Session, dataset: Dataset) -> None:
 
 
 def to_out(dataset: Dataset) -> DatasetOut:
-    return DatasetOut(id=dataset.id, name=dataset.name, status=dataset.status,
-                      format=dataset.format, num_records=dataset.num_records,
-                      size_bytes=dataset.size_bytes, sha256=dataset.sha256, source=dataset.source,
-                      created_at=dataset.created_at)
+    return DatasetOut(
+        id=dataset.id,
+        name=dataset.name,
+        status=dataset.status,
+        format=dataset.format,
+        num_records=dataset.num_records,
+        size_bytes=dataset.size_bytes,
+        sha256=dataset.sha256,
+        source=dataset.source,
+        created_at=dataset.created_at,
+    )
 
 
 def etag(dataset: Dataset) -> str:

@@ -35,7 +35,9 @@ def get_engine(url: str | None = None) -> Engine:
         engine = _engines.get(url)
         if engine is None:
             if url.startswith("sqlite"):
-                engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+                engine = create_engine(
+                    url, connect_args={"check_same_thread": False, "timeout": 30}
+                )
                 event.listen(engine, "connect", _configure_sqlite)
             else:
                 engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)

@@ -69,7 +69,9 @@ class ApiKey(Base):
     __tablename__ = "api_keys"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[str] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), index=True
+    )
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the whole key
     prefix: Mapped[str] = mapped_column(String(16))  # shown in listings so a key can be recognised
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -125,7 +127,9 @@ class Job(Base):
     __table_args__ = (Index("ix_jobs_status_lease", "status", "lease_until"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[str] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), index=True
+    )
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
     status: Mapped[str] = mapped_column(String(20))  # written only by app.jobs.lifecycle.transition
     recipe: Mapped[dict[str, Any]]

@@ -82,8 +82,13 @@ def transition(
         return False
     session.execute(
         insert(JobEvent).values(
-            job_id=job_id, seq=seq, type="status", level=level, created_at=now,
-            message=message or f"status: {to}", data={"status": to, **(data or {})},
+            job_id=job_id,
+            seq=seq,
+            type="status",
+            level=level,
+            created_at=now,
+            message=message or f"status: {to}",
+            data={"status": to, **(data or {})},
         )
     )
     _expire(session, job_id)
@@ -114,13 +119,22 @@ def add_event(
         .execution_options(synchronize_session=False)
     )
     if attempt is not None:
-        statement = statement.where(Job.attempt == attempt, Job.status.in_(("running", "cancelling")))
+        statement = statement.where(
+            Job.attempt == attempt, Job.status.in_(("running", "cancelling"))
+        )
     seq = session.execute(statement).scalar_one_or_none()
     if seq is None:
         return None
     session.execute(
-        insert(JobEvent).values(job_id=job_id, seq=seq, type=type, level=level, message=message,
-                                data=data, created_at=now)
+        insert(JobEvent).values(
+            job_id=job_id,
+            seq=seq,
+            type=type,
+            level=level,
+            message=message,
+            data=data,
+            created_at=now,
+        )
     )
     _expire(session, job_id)
     return seq

@@ -31,25 +31,50 @@ JobDep = Annotated[Job, Depends(job_of_project)]
 
 
 @router.post("", status_code=202, response_model=JobOut)
-def create_job(spec: JobCreate, request: Request, caller: CallerDep, session: SessionDep,
-               idempotency_key: Annotated[str | None, Header()] = None) -> Response:
-    job, _created = service.create_job(session=session, project_id=caller.project_id, spec=spec,
-                                       idempotency_key=idempotency_key)
-    return resource_response(request, service.to_out(session, job), etag=service.job_etag(job),
-                             status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+def create_job(
+    spec: JobCreate,
+    request: Request,
+    caller: CallerDep,
+    session: SessionDep,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> Response:
+    job, _created = service.create_job(
+        session=session, project_id=caller.project_id, spec=spec, idempotency_key=idempotency_key
+    )
+    return resource_response(
+        request,
+        service.to_out(session, job),
+        etag=service.job_etag(job),
+        status_code=202,
+        headers={"Location": f"/v1/jobs/{job.id}"},
+    )
 
 
 @router.get("", response_model=JobList)
-def list_jobs(request: Request, caller: CallerDep, session: SessionDep,
-              status: str | None = None, model_id: str | None = None,
-              limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              after: str | None = None) -> JobList:
+def list_jobs(
+    request: Request,
+    caller: CallerDep,
+    session: SessionDep,
+    status: str | None = None,
+    model_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
+) -> JobList:
     """Filters: `status` (comma-separated), `model_id`, and `metadata.<key>=<value>`."""
-    metadata = {key.removeprefix("metadata."): value
-                for key, value in request.query_params.items() if key.startswith("metadata.")}
-    rows, has_more = service.list_jobs(session=session, project_id=caller.project_id,
-                                       status=status, model_id=model_id, metadata=metadata,
-                                       limit=limit, after=after)
+    metadata = {
+        key.removeprefix("metadata."): value
+        for key, value in request.query_params.items()
+        if key.startswith("metadata.")
+    }
+    rows, has_more = service.list_jobs(
+        session=session,
+        project_id=caller.project_id,
+        status=status,
+        model_id=model_id,
+        metadata=metadata,
+        limit=limit,
+        after=after,
+    )
     return JobList(data=[service.to_out(session, row) for row in rows], has_more=has_more)
 
 
@@ -58,12 +83,19 @@ def get_job(job: JobDep, request: Request, session: SessionDep) -> Response:
     return resource_response(request, service.to_out(session, job), etag=service.job_etag(job))
 
 
-@router.get("/{job_id}/events", response_model=JobEventList,
-            responses={200: {"content": {"text/event-stream": {}}}})
-def job_events(job: JobDep, request: Request, session: SessionDep,
-               after: Annotated[int, Query(ge=0)] = 0,
-               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-               last_event_id: Annotated[str | None, Header()] = None) -> Response:
+@router.get(
+    "/{job_id}/events",
+    response_model=JobEventList,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+def job_events(
+    job: JobDep,
+    request: Request,
+    session: SessionDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> Response:
     """The job's events as a JSON list, or as Server-Sent Events with `Accept: text/event-stream`
     (`id:` = seq; reconnect with `Last-Event-ID`; the stream ends after the terminal status)."""
     if "text/event-stream" in request.headers.get("accept", ""):
@@ -75,8 +107,14 @@ def job_events(job: JobDep, request: Request, session: SessionDep,
 
 
 def _event_out(row) -> JobEventOut:  # noqa: ANN001 - a JobEvent row
-    return JobEventOut(seq=row.seq, type=row.type, level=row.level, message=row.message,
-                       data=row.data, created_at=row.created_at)
+    return JobEventOut(
+        seq=row.seq,
+        type=row.type,
+        level=row.level,
+        message=row.message,
+        data=row.data,
+        created_at=row.created_at,
+    )
 
 
 def _poll(job_id: str, after: int) -> tuple[list[JobEventOut], str | None]:
@@ -91,8 +129,9 @@ async def _stream(job_id: str, after: int, request: Request) -> AsyncIterator[Se
         events, status = await run_in_threadpool(_poll, job_id, after)
         for event in events:
             after = event.seq
-            yield ServerSentEvent(data=json.dumps(event.model_dump(mode="json")),
-                                  id=str(event.seq), event=event.type)
+            yield ServerSentEvent(
+                data=json.dumps(event.model_dump(mode="json")), id=str(event.seq), event=event.type
+            )
         # End once the terminal status event has been delivered (no events after it can come).
         if status is None or (status in TERMINAL and not events):
             return
@@ -104,16 +143,21 @@ async def _stream(job_id: str, after: int, request: Request) -> AsyncIterator[Se
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
 def cancel_job(job: JobDep, request: Request, session: SessionDep) -> Response:
     job = service.cancel_job(session=session, job=job)
-    return resource_response(request, service.to_out(session, job), etag=service.job_etag(job),
-                             status_code=202)
+    return resource_response(
+        request, service.to_out(session, job), etag=service.job_etag(job), status_code=202
+    )
 
 
 @router.post("/{job_id}/retry", status_code=202, response_model=JobOut)
 def retry_job(job: JobDep, request: Request, caller: CallerDep, session: SessionDep) -> Response:
     new_job = service.retry_job(session=session, project_id=caller.project_id, job=job)
-    return resource_response(request, service.to_out(session, new_job),
-                             etag=service.job_etag(new_job), status_code=202,
-                             headers={"Location": f"/v1/jobs/{new_job.id}"})
+    return resource_response(
+        request,
+        service.to_out(session, new_job),
+        etag=service.job_etag(new_job),
+        status_code=202,
+        headers={"Location": f"/v1/jobs/{new_job.id}"},
+    )
 
 
 @router.delete("/{job_id}", status_code=204)

@@ -28,8 +28,9 @@ class TargetsSpec(Strict):
 
 
 class ExportSpec(Strict):
-    formats: list[Literal["safetensors"]] = Field(default_factory=lambda: ["safetensors"],
-                                                  min_length=1)
+    formats: list[Literal["safetensors"]] = Field(
+        default_factory=lambda: ["safetensors"], min_length=1
+    )
 
 
 class WebhookSpec(Strict):

@@ -24,13 +24,15 @@ FALLBACK_EVALUATION_DATASET = "lee-sentences"
 ENDPOINT = "POST /v1/jobs"
 
 
-def create_job(*, session: Session, project_id: str, spec: JobCreate,
-               idempotency_key: str | None) -> tuple[Job, bool]:
+def create_job(
+    *, session: Session, project_id: str, spec: JobCreate, idempotency_key: str | None
+) -> tuple[Job, bool]:
     """Returns (job, created). A replayed Idempotency-Key returns the first job, created=False."""
     body = spec.model_dump(mode="json")
     body_hash = request_hash(body)
-    existing = replay(session, project_id=project_id, endpoint=ENDPOINT, key=idempotency_key,
-                      body_hash=body_hash)
+    existing = replay(
+        session, project_id=project_id, endpoint=ENDPOINT, key=idempotency_key, body_hash=body_hash
+    )
     if existing is not None:
         return get_job(session=session, project_id=project_id, job_id=existing), False
 
@@ -38,13 +40,20 @@ def create_job(*, session: Session, project_id: str, spec: JobCreate,
     if model is None:
         raise APIError("not_found", f"No model with id {spec.model_id!r}", param="model_id")
     if model.status == "rejected":
-        raise APIError("conflict", f"Model {model.id} was rejected: "
-                       f"{(model.error or {}).get('message', 'see the model')}", param="model_id")
+        raise APIError(
+            "conflict",
+            f"Model {model.id} was rejected: {(model.error or {}).get('message', 'see the model')}",
+            param="model_id",
+        )
     evaluation = spec.evaluation.model_dump(mode="json")
     if evaluation["dataset_id"] is None and model.task is not None:
-        evaluation["dataset_id"] = _builtin_dataset_id(session, default_evaluation_dataset(model.task))
-    for param, dataset_id in (("calibration.dataset_id", (body["calibration"] or {}).get("dataset_id")),
-                              ("evaluation.dataset_id", evaluation["dataset_id"])):
+        evaluation["dataset_id"] = _builtin_dataset_id(
+            session, default_evaluation_dataset(model.task)
+        )
+    for param, dataset_id in (
+        ("calibration.dataset_id", (body["calibration"] or {}).get("dataset_id")),
+        ("evaluation.dataset_id", evaluation["dataset_id"]),
+    ):
         if dataset_id is None:
             continue
         dataset = dataset_visible_to(session=session, project_id=project_id, dataset_id=dataset_id)
@@ -55,26 +64,44 @@ def create_job(*, session: Session, project_id: str, spec: JobCreate,
 
     settings = get_settings()
     job_id = new_id("job")
-    winner = remember(session, project_id=project_id, endpoint=ENDPOINT, key=idempotency_key,
-                      body_hash=body_hash, resource_id=job_id)
+    winner = remember(
+        session,
+        project_id=project_id,
+        endpoint=ENDPOINT,
+        key=idempotency_key,
+        body_hash=body_hash,
+        resource_id=job_id,
+    )
     if winner != job_id:  # a concurrent request with the same key got there first
         return get_job(session=session, project_id=project_id, job_id=winner), False
 
     now = utcnow()
     job = Job(
-        id=job_id, project_id=project_id, model_id=model.id, status="queued",
-        recipe=body["recipe"], calibration=body["calibration"], evaluation=evaluation,
-        targets=body["targets"], export=body["export"], job_metadata=body["metadata"],
+        id=job_id,
+        project_id=project_id,
+        model_id=model.id,
+        status="queued",
+        recipe=body["recipe"],
+        calibration=body["calibration"],
+        evaluation=evaluation,
+        targets=body["targets"],
+        export=body["export"],
+        job_metadata=body["metadata"],
         priority=spec.priority,
         max_runtime_s=spec.max_runtime_s or settings.default_max_runtime_s,
         max_attempts=spec.max_attempts or settings.default_max_attempts,
-        attempt=0, event_seq=0, progress=Progress(message="waiting for a worker").model_dump(
-            mode="json"), created_at=now, updated_at=now, enqueued_at=now,
+        attempt=0,
+        event_seq=0,
+        progress=Progress(message="waiting for a worker").model_dump(mode="json"),
+        created_at=now,
+        updated_at=now,
+        enqueued_at=now,
     )
     session.add(job)
     session.flush()
-    add_event(session, job_id=job.id, type="status", message="status: queued",
-              data={"status": "queued"})
+    add_event(
+        session, job_id=job.id, type="status", message="status: queued", data={"status": "queued"}
+    )
     # Commit first, then send: a worker must never receive an id the database does not have yet.
     after_commit(session, lambda: broker.send_run_job(job_id))
     return job, True
@@ -85,8 +112,11 @@ def default_evaluation_dataset(task: str) -> str:
 
 
 def _builtin_dataset_id(session: Session, name: str) -> str | None:
-    return session.scalar(select(Dataset.id).where(
-        Dataset.project_id.is_(None), Dataset.name == name, Dataset.status == "ready"))
+    return session.scalar(
+        select(Dataset.id).where(
+            Dataset.project_id.is_(None), Dataset.name == name, Dataset.status == "ready"
+        )
+    )
 
 
 def get_job(*, session: Session, project_id: str, job_id: str) -> Job:
@@ -96,8 +126,16 @@ def get_job(*, session: Session, project_id: str, job_id: str) -> Job:
     return job
 
 
-def list_jobs(*, session: Session, project_id: str, status: str | None, model_id: str | None,
-              metadata: dict[str, str], limit: int, after: str | None) -> tuple[list[Job], bool]:
+def list_jobs(
+    *,
+    session: Session,
+    project_id: str,
+    status: str | None,
+    model_id: str | None,
+    metadata: dict[str, str],
+    limit: int,
+    after: str | None,
+) -> tuple[list[Job], bool]:
     statement = select(Job).where(Job.project_id == project_id)
     if status:
         statement = statement.where(Job.status.in_(status.split(",")))
@@ -108,11 +146,17 @@ def list_jobs(*, session: Session, project_id: str, status: str | None, model_id
     return page(session, statement, id_column=Job.id, limit=limit, after=after)
 
 
-def list_events(*, session: Session, job_id: str, after: int, limit: int
-                ) -> tuple[list[JobEvent], bool]:
-    rows = list(session.scalars(
-        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after)
-        .order_by(JobEvent.seq).limit(limit + 1)))
+def list_events(
+    *, session: Session, job_id: str, after: int, limit: int
+) -> tuple[list[JobEvent], bool]:
+    rows = list(
+        session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.seq > after)
+            .order_by(JobEvent.seq)
+            .limit(limit + 1)
+        )
+    )
     return rows[:limit], len(rows) > limit
 
 
@@ -123,12 +167,23 @@ def cancel_job(*, session: Session, job: Job) -> Job:
         raise APIError("conflict", f"Job {job.id} already {job.status}; nothing to cancel")
     # A queued job has no worker to notice: it goes straight through cancelling to cancelled.
     # A running one is told, and its worker stops at the next step and cleans up.
-    if transition(session, job_id=job.id, to="cancelling", from_=("queued",),
-                  message="cancel requested"):
-        transition(session, job_id=job.id, to="cancelled", from_=("cancelling",),
-                   message="cancelled before it started")
-    elif not transition(session, job_id=job.id, to="cancelling", from_=("running",),
-                        message="cancel requested; the worker stops at the next step"):
+    if transition(
+        session, job_id=job.id, to="cancelling", from_=("queued",), message="cancel requested"
+    ):
+        transition(
+            session,
+            job_id=job.id,
+            to="cancelled",
+            from_=("cancelling",),
+            message="cancelled before it started",
+        )
+    elif not transition(
+        session,
+        job_id=job.id,
+        to="cancelling",
+        from_=("running",),
+        message="cancel requested; the worker stops at the next step",
+    ):
         session.refresh(job)
         return cancel_job(session=session, job=job)  # it moved under us: decide again
     session.refresh(job)
@@ -137,16 +192,31 @@ def cancel_job(*, session: Session, job: Job) -> Job:
 
 def retry_job(*, session: Session, project_id: str, job: Job) -> Job:
     if job.status not in TERMINAL:
-        raise APIError("conflict", f"Job {job.id} is {job.status}; only finished jobs can be retried")
-    spec = JobCreate.model_validate({
-        "model_id": job.model_id, "recipe": job.recipe, "calibration": job.calibration,
-        "evaluation": job.evaluation, "targets": job.targets, "export": job.export,
-        "priority": job.priority, "max_runtime_s": job.max_runtime_s,
-        "max_attempts": job.max_attempts, "metadata": {**job.job_metadata},
-    })
+        raise APIError(
+            "conflict", f"Job {job.id} is {job.status}; only finished jobs can be retried"
+        )
+    spec = JobCreate.model_validate(
+        {
+            "model_id": job.model_id,
+            "recipe": job.recipe,
+            "calibration": job.calibration,
+            "evaluation": job.evaluation,
+            "targets": job.targets,
+            "export": job.export,
+            "priority": job.priority,
+            "max_runtime_s": job.max_runtime_s,
+            "max_attempts": job.max_attempts,
+            "metadata": {**job.job_metadata},
+        }
+    )
     new_job, _ = create_job(session=session, project_id=project_id, spec=spec, idempotency_key=None)
-    add_event(session, job_id=new_job.id, type="log", message=f"retry of {job.id}",
-              data={"retry_of": job.id})
+    add_event(
+        session,
+        job_id=new_job.id,
+        type="log",
+        message=f"retry of {job.id}",
+        data={"retry_of": job.id},
+    )
     return new_job
 
 
@@ -167,19 +237,34 @@ def delete_job(*, session: Session, job: Job) -> None:
 
 
 def artifact_ids(session: Session, job_id: str) -> list[str]:
-    return list(session.scalars(
-        select(Artifact.id).where(Artifact.job_id == job_id).order_by(Artifact.id)))
+    return list(
+        session.scalars(select(Artifact.id).where(Artifact.job_id == job_id).order_by(Artifact.id))
+    )
 
 
 def to_out(session: Session, job: Job) -> JobOut:
     return JobOut(
-        id=job.id, status=job.status, model_id=job.model_id, recipe=job.recipe,
-        calibration=job.calibration, evaluation=job.evaluation, targets=job.targets,
-        export=job.export, priority=job.priority, max_runtime_s=job.max_runtime_s,
-        metadata=job.job_metadata, progress=Progress.model_validate(job.progress or {}),
-        metrics=job.metrics, error=job.error, attempt=job.attempt, max_attempts=job.max_attempts,
-        artifact_ids=artifact_ids(session, job.id), created_at=job.created_at,
-        started_at=job.started_at, finished_at=job.finished_at, updated_at=job.updated_at,
+        id=job.id,
+        status=job.status,
+        model_id=job.model_id,
+        recipe=job.recipe,
+        calibration=job.calibration,
+        evaluation=job.evaluation,
+        targets=job.targets,
+        export=job.export,
+        priority=job.priority,
+        max_runtime_s=job.max_runtime_s,
+        metadata=job.job_metadata,
+        progress=Progress.model_validate(job.progress or {}),
+        metrics=job.metrics,
+        error=job.error,
+        attempt=job.attempt,
+        max_attempts=job.max_attempts,
+        artifact_ids=artifact_ids(session, job.id),
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        updated_at=job.updated_at,
     )
 
 
@@ -189,5 +274,6 @@ def job_etag(job: Job) -> str:
 
 
 def jobs_using_model(session: Session, model_id: str) -> list[str]:
-    return list(session.scalars(select(Job.id).where(Job.model_id == model_id,
-                                                     Job.status.in_(LIVE))))
+    return list(
+        session.scalars(select(Job.id).where(Job.model_id == model_id, Job.status.in_(LIVE)))
+    )

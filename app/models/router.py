@@ -21,17 +21,34 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 ENDPOINT = "POST /v1/models"
 
 
-@router.post("", status_code=201, response_model=ModelOut,
-             openapi_extra={"requestBody": {"content": {
-                 "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                                    "properties": {
-                                                        "file": {"type": "string",
-                                                                 "format": "binary"},
-                                                        "name": {"type": "string"}}}},
-                 "application/json": {"schema": {"$ref": "#/components/schemas/ModelRegister"}},
-             }}})
-async def create_model(request: Request, caller: CallerDep, session: SessionDep,
-                       idempotency_key: Annotated[str | None, Header()] = None) -> Response:
+@router.post(
+    "",
+    status_code=201,
+    response_model=ModelOut,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "name": {"type": "string"},
+                        },
+                    }
+                },
+                "application/json": {"schema": {"$ref": "#/components/schemas/ModelRegister"}},
+            }
+        }
+    },
+)
+async def create_model(
+    request: Request,
+    caller: CallerDep,
+    session: SessionDep,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> Response:
     """Upload a model archive (multipart `file` + `name`) or register one by path or hub repo."""
     model_id = new_id("mdl")
     if request.headers.get("content-type", "").startswith("application/json"):
@@ -40,37 +57,67 @@ async def create_model(request: Request, caller: CallerDep, session: SessionDep,
         except ValueError as exc:
             raise _validation_error(exc) from exc
         body_hash = request_hash(spec.model_dump(mode="json"))
-        existing = replay(session, project_id=caller.project_id, endpoint=ENDPOINT,
-                          key=idempotency_key, body_hash=body_hash)
+        existing = replay(
+            session,
+            project_id=caller.project_id,
+            endpoint=ENDPOINT,
+            key=idempotency_key,
+            body_hash=body_hash,
+        )
         if existing:
-            return _created(request, service.get_model(session=session,
-                                                       project_id=caller.project_id,
-                                                       model_id=existing))
-        model = service.register(session=session, project_id=caller.project_id,
-                                 model_id=model_id, spec=spec)
+            return _created(
+                request,
+                service.get_model(session=session, project_id=caller.project_id, model_id=existing),
+            )
+        model = service.register(
+            session=session, project_id=caller.project_id, model_id=model_id, spec=spec
+        )
     else:
-        upload = await receive_upload(request, key=f"models/{model_id}/upload",
-                                      max_bytes=get_settings().max_upload_bytes)
+        upload = await receive_upload(
+            request, key=f"models/{model_id}/upload", max_bytes=get_settings().max_upload_bytes
+        )
         name = (upload.fields.get("name") or upload.filename or model_id).strip()[:200]
         body_hash = request_hash({"name": name, "sha256": upload.stored.sha256})
-        existing = replay(session, project_id=caller.project_id, endpoint=ENDPOINT,
-                          key=idempotency_key, body_hash=body_hash)
+        existing = replay(
+            session,
+            project_id=caller.project_id,
+            endpoint=ENDPOINT,
+            key=idempotency_key,
+            body_hash=body_hash,
+        )
         if existing:
             get_store().delete(upload.stored.key)
-            return _created(request, service.get_model(session=session,
-                                                       project_id=caller.project_id,
-                                                       model_id=existing))
-        model = service.create_uploaded(session=session, project_id=caller.project_id,
-                                        model_id=model_id, name=name, filename=upload.filename,
-                                        stored=upload.stored)
-    remember(session, project_id=caller.project_id, endpoint=ENDPOINT, key=idempotency_key,
-             body_hash=body_hash, resource_id=model.id)
+            return _created(
+                request,
+                service.get_model(session=session, project_id=caller.project_id, model_id=existing),
+            )
+        model = service.create_uploaded(
+            session=session,
+            project_id=caller.project_id,
+            model_id=model_id,
+            name=name,
+            filename=upload.filename,
+            stored=upload.stored,
+        )
+    remember(
+        session,
+        project_id=caller.project_id,
+        endpoint=ENDPOINT,
+        key=idempotency_key,
+        body_hash=body_hash,
+        resource_id=model.id,
+    )
     return _created(request, model)
 
 
 def _created(request: Request, model: Model) -> Response:
-    return resource_response(request, service.to_out(model), etag=service.etag(model),
-                             status_code=201, headers={"Location": f"/v1/models/{model.id}"})
+    return resource_response(
+        request,
+        service.to_out(model),
+        etag=service.etag(model),
+        status_code=201,
+        headers={"Location": f"/v1/models/{model.id}"},
+    )
 
 
 def _validation_error(exc: ValueError) -> APIError:
@@ -81,11 +128,15 @@ def _validation_error(exc: ValueError) -> APIError:
 
 
 @router.get("", response_model=ModelList)
-def list_models(caller: CallerDep, session: SessionDep,
-                limit: Annotated[int, Query(ge=1, le=100)] = 20,
-                after: str | None = None) -> ModelList:
-    rows, has_more = service.list_models(session=session, project_id=caller.project_id,
-                                         limit=limit, after=after)
+def list_models(
+    caller: CallerDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
+) -> ModelList:
+    rows, has_more = service.list_models(
+        session=session, project_id=caller.project_id, limit=limit, after=after
+    )
     return ModelList(data=[service.to_out(row) for row in rows], has_more=has_more)
 
 

@@ -18,9 +18,13 @@ from app.storage import StoredObject, get_store
 
 
 def model_visible_to(*, session: Session, project_id: str, model_id: str) -> Model | None:
-    return session.scalar(select(Model).where(
-        Model.id == model_id, Model.deleted_at.is_(None),
-        or_(Model.project_id == project_id, Model.project_id.is_(None))))
+    return session.scalar(
+        select(Model).where(
+            Model.id == model_id,
+            Model.deleted_at.is_(None),
+            or_(Model.project_id == project_id, Model.project_id.is_(None)),
+        )
+    )
 
 
 def get_model(*, session: Session, project_id: str, model_id: str) -> Model:
@@ -30,18 +34,34 @@ def get_model(*, session: Session, project_id: str, model_id: str) -> Model:
     return model
 
 
-def list_models(*, session: Session, project_id: str, limit: int, after: str | None
-                ) -> tuple[list[Model], bool]:
+def list_models(
+    *, session: Session, project_id: str, limit: int, after: str | None
+) -> tuple[list[Model], bool]:
     statement = select(Model).where(
-        Model.deleted_at.is_(None), or_(Model.project_id == project_id, Model.project_id.is_(None)))
+        Model.deleted_at.is_(None), or_(Model.project_id == project_id, Model.project_id.is_(None))
+    )
     return page(session, statement, id_column=Model.id, limit=limit, after=after)
 
 
-def create_uploaded(*, session: Session, project_id: str, model_id: str, name: str,
-                    filename: str | None, stored: StoredObject) -> Model:
-    model = Model(id=model_id, project_id=project_id, name=name, status="validating",
-                  source={"type": "upload", "filename": filename}, size_bytes=stored.size_bytes,
-                  sha256=stored.sha256, storage_key=stored.key)
+def create_uploaded(
+    *,
+    session: Session,
+    project_id: str,
+    model_id: str,
+    name: str,
+    filename: str | None,
+    stored: StoredObject,
+) -> Model:
+    model = Model(
+        id=model_id,
+        project_id=project_id,
+        name=name,
+        status="validating",
+        source={"type": "upload", "filename": filename},
+        size_bytes=stored.size_bytes,
+        sha256=stored.sha256,
+        storage_key=stored.key,
+    )
     session.add(model)
     session.flush()
     after_commit(session, lambda: broker.send_validate_model(model_id))
@@ -52,8 +72,9 @@ def register(*, session: Session, project_id: str, model_id: str, spec: ModelReg
     source = spec.source.model_dump()
     if spec.source.type == "path":
         source["path"] = str(_allowed_path(spec.source.path))
-    model = Model(id=model_id, project_id=project_id, name=spec.name, status="validating",
-                  source=source)
+    model = Model(
+        id=model_id, project_id=project_id, name=spec.name, status="validating", source=source
+    )
     session.add(model)
     session.flush()
     after_commit(session, lambda: broker.send_validate_model(model_id))
@@ -64,9 +85,11 @@ def _allowed_path(raw: str) -> Path:
     roots = [root.resolve() for root in get_settings().model_path_roots]
     path = Path(raw).resolve()
     if not any(path.is_relative_to(root) for root in roots):
-        raise APIError("invalid_request",
-                       "Path is not under an allowed root (SLIMFORMER_MODEL_PATH_ROOTS)",
-                       param="source.path")
+        raise APIError(
+            "invalid_request",
+            "Path is not under an allowed root (SLIMFORMER_MODEL_PATH_ROOTS)",
+            param="source.path",
+        )
     if not path.is_dir():
         raise APIError("invalid_request", f"No model folder at {raw!r}", param="source.path")
     return path
@@ -88,10 +111,19 @@ def delete_model(*, session: Session, model: Model) -> None:
 
 
 def to_out(model: Model) -> ModelOut:
-    return ModelOut(id=model.id, name=model.name, status=model.status,
-                    architecture=model.architecture, task=model.task, parameters=model.parameters,
-                    size_bytes=model.size_bytes, sha256=model.sha256, source=model.source,
-                    created_at=model.created_at, error=model.error)
+    return ModelOut(
+        id=model.id,
+        name=model.name,
+        status=model.status,
+        architecture=model.architecture,
+        task=model.task,
+        parameters=model.parameters,
+        size_bytes=model.size_bytes,
+        sha256=model.sha256,
+        source=model.source,
+        created_at=model.created_at,
+        error=model.error,
+    )
 
 
 def etag(model: Model) -> str:

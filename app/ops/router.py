@@ -20,8 +20,12 @@ from app.storage import get_store
 router = APIRouter(tags=["operations"])
 
 REGISTRY = CollectorRegistry()
-HTTP_LATENCY = Histogram("slimformer_http_request_duration_seconds", "HTTP request latency",
-                         ["method", "route", "status"], registry=REGISTRY)
+HTTP_LATENCY = Histogram(
+    "slimformer_http_request_duration_seconds",
+    "HTTP request latency",
+    ["method", "route", "status"],
+    registry=REGISTRY,
+)
 DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
 
@@ -31,22 +35,29 @@ class JobCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
         with session_scope() as session:
-            by_status = dict(session.execute(
-                select(Job.status, func.count()).group_by(Job.status)).all())
-            finished = session.execute(select(Job.status, Job.started_at, Job.finished_at).where(
-                Job.finished_at.is_not(None), Job.started_at.is_not(None))).all()
+            by_status = dict(
+                session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+            )
+            finished = session.execute(
+                select(Job.status, Job.started_at, Job.finished_at).where(
+                    Job.finished_at.is_not(None), Job.started_at.is_not(None)
+                )
+            ).all()
         jobs = GaugeMetricFamily("slimformer_jobs", "Jobs by status", labels=["status"])
         for status in ("queued", "running", "cancelling", "succeeded", "failed", "cancelled"):
             jobs.add_metric([status], by_status.get(status, 0))
         yield jobs
-        yield GaugeMetricFamily("slimformer_queue_depth", "Jobs waiting for a worker",
-                                value=by_status.get("queued", 0))
-        durations = HistogramMetricFamily("slimformer_job_duration_seconds",
-                                          "Wall time of finished jobs", labels=["status"])
+        yield GaugeMetricFamily(
+            "slimformer_queue_depth", "Jobs waiting for a worker", value=by_status.get("queued", 0)
+        )
+        durations = HistogramMetricFamily(
+            "slimformer_job_duration_seconds", "Wall time of finished jobs", labels=["status"]
+        )
         for status in ("succeeded", "failed", "cancelled"):
             seconds = [(end - start).total_seconds() for s, start, end in finished if s == status]
-            cumulative = [(str(bound), sum(1 for v in seconds if v <= bound))
-                          for bound in DURATION_BUCKETS] + [("+Inf", len(seconds))]
+            cumulative = [
+                (str(bound), sum(1 for v in seconds if v <= bound)) for bound in DURATION_BUCKETS
+            ] + [("+Inf", len(seconds))]
             durations.add_metric([status], cumulative, sum_value=sum(seconds))
         yield durations
 
@@ -62,8 +73,11 @@ def healthz() -> dict:
 @router.get("/readyz")
 def readyz() -> Response:
     checks: dict[str, str] = {}
-    for name, probe in (("database", _database), ("broker", broker.ping),
-                        ("storage", lambda: get_store().ping())):
+    for name, probe in (
+        ("database", _database),
+        ("broker", broker.ping),
+        ("storage", lambda: get_store().ping()),
+    ):
         started = time.monotonic()
         try:
             probe()
@@ -71,8 +85,10 @@ def readyz() -> Response:
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             checks[name] = f"error: {type(exc).__name__}: {exc}"
     ready = all(value.startswith("ok") for value in checks.values())
-    return JSONResponse({"status": "ready" if ready else "unavailable", "checks": checks},
-                        status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ready" if ready else "unavailable", "checks": checks},
+        status_code=200 if ready else 503,
+    )
 
 
 def _database() -> None:

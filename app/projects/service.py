@@ -32,8 +32,9 @@ def get_or_create_project(*, session: Session, name: str) -> Project:
 def create_api_key(*, session: Session, project_name: str) -> str:
     project = get_or_create_project(session=session, name=project_name)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiKey(id=new_id("key"), project_id=project.id, key_hash=hash_key(key),
-                       prefix=key[:10]))
+    session.add(
+        ApiKey(id=new_id("key"), project_id=project.id, key_hash=hash_key(key), prefix=key[:10])
+    )
     session.flush()
     return key
 

@@ -7,7 +7,12 @@ import torch
 from torch import nn
 
 from workers.compression import compress
-from workers.compression.methods.dynamic_int8 import DynamicInt8Linear, quantize_weight
+from workers.compression.methods.dynamic_int8 import (
+    DynamicInt8Linear,
+    int8_linear,
+    int8_weight_and_scale,
+    quantize_weight,
+)
 from workers.compression.progress import ProgressUpdate
 from workers.compression.recipe import DynamicInt8Config, Recipe
 
@@ -33,6 +38,20 @@ def test_quantize_weight_is_symmetric_per_channel():
 
     q, scale = quantize_weight(weight, per_channel=False)
     assert scale.shape == (1,) and q.abs().max() == 127
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_int8_linear_holds_exactly_the_given_values(per_channel):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(24, 40) * 0.05, torch.randn(24)
+    q, scale = quantize_weight(weight, per_channel=per_channel)
+    layer = int8_linear(q, scale, bias)
+    stored_q, stored_scale = int8_weight_and_scale(layer)
+    assert torch.equal(stored_q, q) and torch.equal(stored_scale, scale)
+    assert torch.equal(layer.bias(), bias)
+    x = torch.randn(3, 40)
+    expected = x @ (q.float() * scale).T + bias
+    assert ((layer(x) - expected).norm() / expected.norm()).item() < 0.02  # activation rounding
 
 
 def test_default_quantizes_the_linears_inside_the_decoder_blocks(llama):

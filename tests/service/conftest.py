@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                   "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 
 
 def minilm_folder() -> Path:
@@ -30,16 +34,23 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
     BertModel(config).save_pretrained(folder, safe_serialization=True)
     for name in TOKENIZER_FILES:
         shutil.copy(minilm_folder() / name, folder / name)
     return folder
 
 
-def tar_gz(folder: Path, *, prefix: str = "tiny-bert", extra: dict[str, bytes] | None = None
-           ) -> bytes:
+def tar_gz(
+    folder: Path, *, prefix: str = "tiny-bert", extra: dict[str, bytes] | None = None
+) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for path in sorted(folder.iterdir()):

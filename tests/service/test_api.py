@@ -13,14 +13,20 @@ from tests.service.conftest import tar_gz
 
 pytestmark = pytest.mark.service
 
-FAST_EVAL = {"metrics": ["embedding_cosine", "size", "latency"], "max_samples": 16, "seq_len": 32,
-             "latency": {"batch_size": 1, "seq_len": 16, "runs": 3, "warmup": 1}}
+FAST_EVAL = {
+    "metrics": ["embedding_cosine", "size", "latency"],
+    "max_samples": 16,
+    "seq_len": 32,
+    "latency": {"batch_size": 1, "seq_len": 16, "runs": 3, "warmup": 1},
+}
 
 
-def upload_model(client: httpx.Client, data: bytes, name: str = "tiny", **headers: str
-                 ) -> httpx.Response:
-    return client.post("/v1/models", files={"file": ("model.tar.gz", data)},
-                       data={"name": name}, headers=headers)
+def upload_model(
+    client: httpx.Client, data: bytes, name: str = "tiny", **headers: str
+) -> httpx.Response:
+    return client.post(
+        "/v1/models", files={"file": ("model.tar.gz", data)}, data={"name": name}, headers=headers
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +55,16 @@ def test_health_ready_metrics_and_openapi(service: Service) -> None:
     assert "slimformer_jobs{" in metrics and "slimformer_queue_depth" in metrics
     assert "slimformer_http_request_duration_seconds" in metrics
     paths = httpx.get(f"{service.base_url}/openapi.json").json()["paths"]
-    for path in ("/v1/models", "/v1/datasets", "/v1/jobs", "/v1/jobs/{job_id}/events",
-                 "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/retry",
-                 "/v1/jobs/{job_id}/artifacts", "/v1/artifacts/{artifact_id}/content"):
+    for path in (
+        "/v1/models",
+        "/v1/datasets",
+        "/v1/jobs",
+        "/v1/jobs/{job_id}/events",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/jobs/{job_id}/retry",
+        "/v1/jobs/{job_id}/artifacts",
+        "/v1/artifacts/{artifact_id}/content",
+    ):
         assert path in paths
     assert httpx.get(f"{service.base_url}/").status_code == 200
 
@@ -69,7 +82,8 @@ def test_builtins_are_listed(service: Service) -> None:
         assert names["SmolLM2-135M-Instruct"]["task"] == "causal-lm"
         datasets = {d["name"]: d for d in client.get("/v1/datasets?limit=100").json()["data"]}
         assert {"enwiki-calibration", "enwiki-evaluation", "lee-sentences", "polarity"} <= set(
-            datasets)
+            datasets
+        )
         assert datasets["polarity"]["num_records"] == 200
 
 
@@ -77,10 +91,17 @@ def test_model_etag_and_unknown_ids(service: Service, tiny_model_id: str) -> Non
     with service.client() as client:
         first = client.get(f"/v1/models/{tiny_model_id}")
         etag = first.headers["etag"]
-        assert client.get(f"/v1/models/{tiny_model_id}",
-                          headers={"If-None-Match": etag}).status_code == 304
-        for path in ("/v1/models/mdl_nope", "/v1/datasets/dset_nope", "/v1/jobs/job_nope",
-                     "/v1/jobs/job_nope/events", "/v1/artifacts/art_nope/content"):
+        assert (
+            client.get(f"/v1/models/{tiny_model_id}", headers={"If-None-Match": etag}).status_code
+            == 304
+        )
+        for path in (
+            "/v1/models/mdl_nope",
+            "/v1/datasets/dset_nope",
+            "/v1/jobs/job_nope",
+            "/v1/jobs/job_nope/events",
+            "/v1/artifacts/art_nope/content",
+        ):
             response = client.get(path)
             assert response.status_code == 404, path
             assert response.json()["error"]["code"] == "not_found"
@@ -89,29 +110,40 @@ def test_model_etag_and_unknown_ids(service: Service, tiny_model_id: str) -> Non
 def test_dataset_upload_and_errors(service: Service) -> None:
     with service.client() as client:
         lines = "\n".join(json.dumps({"text": f"sentence {i}", "label": i % 2}) for i in range(7))
-        created = client.post("/v1/datasets", files={"file": ("d.jsonl", lines.encode())},
-                              data={"name": "mine"})
+        created = client.post(
+            "/v1/datasets", files={"file": ("d.jsonl", lines.encode())}, data={"name": "mine"}
+        )
         assert created.status_code == 201, created.text
         dataset = created.json()
-        assert (dataset["format"], dataset["num_records"], dataset["status"]) == ("jsonl", 7,
-                                                                                  "ready")
-        bad = client.post("/v1/datasets", files={"file": ("d.jsonl", b'{"text": "ok"}\nnot json\n')})
+        assert (dataset["format"], dataset["num_records"], dataset["status"]) == (
+            "jsonl",
+            7,
+            "ready",
+        )
+        bad = client.post(
+            "/v1/datasets", files={"file": ("d.jsonl", b'{"text": "ok"}\nnot json\n')}
+        )
         assert bad.status_code == 422 and "Line 2" in bad.json()["error"]["message"]
         assert client.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
         assert client.get(f"/v1/datasets/{dataset['id']}").status_code == 404
 
 
-@pytest.mark.parametrize(("stage", "param"), [
-    ({"method": "no_such_method"}, "recipe.stages[0].method"),
-    ({"method": "dynamic_int8", "bits": 4}, "recipe.stages[0].bits"),
-    ({"method": "dynamic_int8", "per_channel": "sometimes"}, "recipe.stages[0].per_channel"),
-])
-def test_invalid_recipes_are_422_with_param(service: Service, tiny_model_id: str, stage: dict,
-                                            param: str) -> None:
+@pytest.mark.parametrize(
+    ("stage", "param"),
+    [
+        ({"method": "no_such_method"}, "recipe.stages[0].method"),
+        ({"method": "dynamic_int8", "bits": 4}, "recipe.stages[0].bits"),
+        ({"method": "dynamic_int8", "per_channel": "sometimes"}, "recipe.stages[0].per_channel"),
+    ],
+)
+def test_invalid_recipes_are_422_with_param(
+    service: Service, tiny_model_id: str, stage: dict, param: str
+) -> None:
     with service.client() as client:
         before = client.get("/v1/jobs?limit=100").json()["data"]
-        response = client.post("/v1/jobs", json={"model_id": tiny_model_id,
-                                                 "recipe": {"stages": [stage]}})
+        response = client.post(
+            "/v1/jobs", json={"model_id": tiny_model_id, "recipe": {"stages": [stage]}}
+        )
         assert response.status_code == 422, response.text
         error = response.json()["error"]
         assert error["code"] == "invalid_request" and error["param"] == param
@@ -120,26 +152,38 @@ def test_invalid_recipes_are_422_with_param(service: Service, tiny_model_id: str
 
 def test_out_of_range_field_and_unknown_model(service: Service, tiny_model_id: str) -> None:
     with service.client() as client:
-        response = client.post("/v1/jobs", json={
-            "model_id": tiny_model_id, "recipe": {"stages": [{"method": "dynamic_int8"}]},
-            "evaluation": {"latency": {"runs": 0}}})
+        response = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": tiny_model_id,
+                "recipe": {"stages": [{"method": "dynamic_int8"}]},
+                "evaluation": {"latency": {"runs": 0}},
+            },
+        )
         assert response.status_code == 422
         assert response.json()["error"]["param"] == "evaluation.latency.runs"
-        missing = client.post("/v1/jobs", json={"model_id": "mdl_missing",
-                                                "recipe": {"stages": [{"method": "dynamic_int8"}]}})
+        missing = client.post(
+            "/v1/jobs",
+            json={"model_id": "mdl_missing", "recipe": {"stages": [{"method": "dynamic_int8"}]}},
+        )
         assert missing.status_code == 404 and missing.json()["error"]["param"] == "model_id"
 
 
 def test_idempotency(service: Service, tiny_model_id: str) -> None:
     with service.client() as client:
-        body = {"model_id": tiny_model_id, "recipe": {"stages": [{"method": "dynamic_int8"}]},
-                "evaluation": FAST_EVAL, "metadata": {"team": "idem"}}
+        body = {
+            "model_id": tiny_model_id,
+            "recipe": {"stages": [{"method": "dynamic_int8"}]},
+            "evaluation": FAST_EVAL,
+            "metadata": {"team": "idem"},
+        }
         first = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k-1"})
         again = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k-1"})
         assert first.status_code == again.status_code == 202
         assert first.json()["id"] == again.json()["id"]
-        other = client.post("/v1/jobs", json={**body, "priority": 5},
-                            headers={"Idempotency-Key": "k-1"})
+        other = client.post(
+            "/v1/jobs", json={**body, "priority": 5}, headers={"Idempotency-Key": "k-1"}
+        )
         assert other.status_code == 409
         assert other.json()["error"]["code"] == "idempotency_mismatch"
         jobs = client.get("/v1/jobs", params={"metadata.team": "idem"}).json()["data"]
@@ -149,14 +193,25 @@ def test_idempotency(service: Service, tiny_model_id: str) -> None:
 
 def test_job_lifecycle_events_artifacts(service: Service, tiny_model_id: str) -> None:
     with service.client() as client:
-        response = client.post("/v1/jobs", json={
-            "model_id": tiny_model_id, "recipe": {"stages": [{"method": "dynamic_int8"}]},
-            "evaluation": FAST_EVAL, "metadata": {"team": "search"}})
+        response = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": tiny_model_id,
+                "recipe": {"stages": [{"method": "dynamic_int8"}]},
+                "evaluation": FAST_EVAL,
+                "metadata": {"team": "search"},
+            },
+        )
         assert response.status_code == 202, response.text
         assert response.headers["location"] == f"/v1/jobs/{response.json()['id']}"
         job = response.json()
-        assert job["recipe"]["stages"][0] == {"method": "dynamic_int8", "version": 1,
-                                              "ignore": [], "modules": None, "per_channel": True}
+        assert job["recipe"]["stages"][0] == {
+            "method": "dynamic_int8",
+            "version": 1,
+            "ignore": [],
+            "modules": None,
+            "per_channel": True,
+        }
         job = wait_for(client, job["id"], {"succeeded", "failed"})
         assert job["status"] == "succeeded", (job["error"], service.logs())
         assert job["attempt"] == 1 and job["progress"]["fraction"] == 1.0
@@ -166,8 +221,9 @@ def test_job_lifecycle_events_artifacts(service: Service, tiny_model_id: str) ->
         assert metrics["compressed"]["size_bytes"] < metrics["baseline"]["size_bytes"]
 
         etag = client.get(f"/v1/jobs/{job['id']}").headers["etag"]
-        assert client.get(f"/v1/jobs/{job['id']}",
-                          headers={"If-None-Match": etag}).status_code == 304
+        assert (
+            client.get(f"/v1/jobs/{job['id']}", headers={"If-None-Match": etag}).status_code == 304
+        )
 
         events = client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
         seqs = [event["seq"] for event in events]
@@ -209,17 +265,26 @@ def test_job_lifecycle_events_artifacts(service: Service, tiny_model_id: str) ->
 
 def test_sse_stream_resumes_from_last_event_id(service: Service, tiny_model_id: str) -> None:
     with service.client() as client:
-        job = client.post("/v1/jobs", json={
-            "model_id": tiny_model_id, "recipe": {"stages": [{"method": "dynamic_int8"}]},
-            "evaluation": FAST_EVAL}).json()
+        job = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": tiny_model_id,
+                "recipe": {"stages": [{"method": "dynamic_int8"}]},
+                "evaluation": FAST_EVAL,
+            },
+        ).json()
         wait_for(client, job["id"], {"succeeded", "failed"})
-        all_events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}
-                                ).json()["data"]
+        all_events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()[
+            "data"
+        ]
 
         def stream(**headers: str) -> list[dict]:
             received = []
-            with client.stream("GET", f"/v1/jobs/{job['id']}/events",
-                               headers={"Accept": "text/event-stream", **headers}) as response:
+            with client.stream(
+                "GET",
+                f"/v1/jobs/{job['id']}/events",
+                headers={"Accept": "text/event-stream", **headers},
+            ) as response:
                 assert response.headers["content-type"].startswith("text/event-stream")
                 current: dict = {}
                 for line in response.iter_lines():
@@ -244,9 +309,17 @@ def test_list_pagination_and_filters(service: Service) -> None:
         model_id = builtin_id(client, "models", "all-MiniLM-L6-v2")
         ids = []
         for index in range(5):
-            ids.append(client.post("/v1/jobs", json={
-                "model_id": model_id, "recipe": {"stages": [{"method": "dynamic_int8"}]},
-                "evaluation": FAST_EVAL, "metadata": {"batch": "p", "i": str(index)}}).json()["id"])
+            ids.append(
+                client.post(
+                    "/v1/jobs",
+                    json={
+                        "model_id": model_id,
+                        "recipe": {"stages": [{"method": "dynamic_int8"}]},
+                        "evaluation": FAST_EVAL,
+                        "metadata": {"batch": "p", "i": str(index)},
+                    },
+                ).json()["id"]
+            )
             client.post(f"/v1/jobs/{ids[-1]}/cancel")
         seen, after = [], None
         while True:
@@ -272,9 +345,14 @@ def test_list_pagination_and_filters(service: Service) -> None:
 def test_cancel_queued_job_is_immediate(service: Service) -> None:
     with service.client() as client:
         model_id = builtin_id(client, "models", "all-MiniLM-L6-v2")
-        job = client.post("/v1/jobs", json={
-            "model_id": model_id, "recipe": {"stages": [{"method": "dynamic_int8"}]},
-            "evaluation": FAST_EVAL}).json()
+        job = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": model_id,
+                "recipe": {"stages": [{"method": "dynamic_int8"}]},
+                "evaluation": FAST_EVAL,
+            },
+        ).json()
         cancelled = client.post(f"/v1/jobs/{job['id']}/cancel")
         assert cancelled.status_code == 202
         assert cancelled.json()["status"] in {"cancelling", "cancelled"}

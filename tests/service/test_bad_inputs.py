@@ -94,8 +94,10 @@ def test_truncated_archive(service: Service, tiny_bert: Path) -> None:
 def test_jobs_on_rejected_models_are_refused(service: Service, tiny_bert: Path) -> None:
     with service.client() as client:
         model = rejected(client, b"definitely not an archive", "junk.bin")
-        response = client.post("/v1/jobs", json={
-            "model_id": model["id"], "recipe": {"stages": [{"method": "dynamic_int8"}]}})
+        response = client.post(
+            "/v1/jobs",
+            json={"model_id": model["id"], "recipe": {"stages": [{"method": "dynamic_int8"}]}},
+        )
         assert response.status_code == 409 and response.json()["error"]["param"] == "model_id"
 
 
@@ -106,14 +108,18 @@ def test_oversized_upload_is_413_and_leaves_nothing(service: Service) -> None:
         stored_before = sorted(p for p in (service.data_dir / "storage").rglob("*") if p.is_file())
 
         def body():  # streamed without Content-Length: the server must stop at the limit itself
-            yield (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.tar.gz\""
-                   b"\r\n\r\n")
+            yield (
+                b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.tar.gz"\r\n\r\n'
+            )
             for _ in range(limit // (1024 * 1024) + 2):
                 yield b"\0" * (1024 * 1024)
             yield b"\r\n--b--\r\n"
 
-        response = client.post("/v1/models", content=body(),
-                               headers={"Content-Type": "multipart/form-data; boundary=b"})
+        response = client.post(
+            "/v1/models",
+            content=body(),
+            headers={"Content-Type": "multipart/form-data; boundary=b"},
+        )
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "payload_too_large"
         declared = client.post("/v1/models", files={"file": ("x", b"\0" * (limit + 200_000))})
@@ -125,12 +131,21 @@ def test_oversized_upload_is_413_and_leaves_nothing(service: Service) -> None:
 
 def test_malformed_requests(service: Service) -> None:
     with service.client() as client:
-        assert client.post("/v1/models", content=b"{", headers={
-            "Content-Type": "application/json"}).status_code == 422
+        assert (
+            client.post(
+                "/v1/models", content=b"{", headers={"Content-Type": "application/json"}
+            ).status_code
+            == 422
+        )
         no_file = client.post("/v1/models", data={"name": "x"}, files={"other": ("a", b"b")})
         assert no_file.status_code == 422 and no_file.json()["error"]["param"] == "file"
-        outside = client.post("/v1/models", json={"name": "p", "source": {"type": "path",
-                                                                          "path": "/etc"}})
+        outside = client.post(
+            "/v1/models", json={"name": "p", "source": {"type": "path", "path": "/etc"}}
+        )
         assert outside.status_code == 422 and outside.json()["error"]["param"] == "source.path"
-        assert client.post("/v1/jobs", content=b"not json", headers={
-            "Content-Type": "application/json"}).status_code == 422
+        assert (
+            client.post(
+                "/v1/jobs", content=b"not json", headers={"Content-Type": "application/json"}
+            ).status_code
+            == 422
+        )

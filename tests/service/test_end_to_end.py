@@ -29,10 +29,19 @@ def test_minilm_dynamic_int8_over_http(service: Service, tmp_path: Path) -> None
     with service.client() as client:
         model_id = builtin_id(client, "models", "all-MiniLM-L6-v2")
         sentences_id = builtin_id(client, "datasets", "lee-sentences")
-        response = client.post("/v1/jobs", json={
-            "model_id": model_id, "recipe": {"stages": [{"method": "dynamic_int8"}]},
-            "evaluation": {"dataset_id": sentences_id, "max_samples": 64, "seq_len": 128,
-                           "latency": {"runs": 5, "warmup": 1}}})
+        response = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": model_id,
+                "recipe": {"stages": [{"method": "dynamic_int8"}]},
+                "evaluation": {
+                    "dataset_id": sentences_id,
+                    "max_samples": 64,
+                    "seq_len": 128,
+                    "latency": {"runs": 5, "warmup": 1},
+                },
+            },
+        )
         assert response.status_code == 202, response.text
         job = wait_for(client, response.json()["id"], {"succeeded", "failed"}, timeout=600)
         assert job["status"] == "succeeded", (job, service.logs())
@@ -44,19 +53,23 @@ def test_minilm_dynamic_int8_over_http(service: Service, tmp_path: Path) -> None
         assert metrics["compressed"]["size_bytes"] < 0.7 * metrics["baseline"]["size_bytes"]
         assert metrics["settings"]["dataset_sha256"]
 
-        artifact = next(a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
-                        if a["kind"] == "model")
+        artifact = next(
+            a
+            for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+            if a["kind"] == "model"
+        )
         archive = tmp_path / artifact["filename"]
-        with client.stream("GET", f"/v1/artifacts/{artifact['id']}/content") as download:
-            with archive.open("wb") as handle:
-                for chunk in download.iter_bytes():
-                    handle.write(chunk)
+        url = f"/v1/artifacts/{artifact['id']}/content"
+        with client.stream("GET", url) as download, archive.open("wb") as handle:
+            for chunk in download.iter_bytes():
+                handle.write(chunk)
     assert hashlib.sha256(archive.read_bytes()).hexdigest() == artifact["sha256"]
     with tarfile.open(archive) as tar:
         tar.extractall(tmp_path / "out", filter="data")
     folder = tmp_path / "out" / "model"
     assert {"config.json", "README.md", "slimformer.json", "tokenizer.json"} <= {
-        p.name for p in folder.iterdir()}
+        p.name for p in folder.iterdir()
+    }
     card = json.loads((folder / "slimformer.json").read_text())
     assert card["recipe"]["stages"][0]["method"] == "dynamic_int8"
 
@@ -67,8 +80,12 @@ def test_minilm_dynamic_int8_over_http(service: Service, tmp_path: Path) -> None
     loaded = load_artifact(folder)
     original = AutoModel.from_pretrained(minilm_folder(), use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    texts = ["The cat sat on the mat.", "Stock markets fell sharply on Monday.",
-             "A new vaccine was approved by regulators.", "He plays the violin every evening."]
+    texts = [
+        "The cat sat on the mat.",
+        "Stock markets fell sharply on Monday.",
+        "A new vaccine was approved by regulators.",
+        "He plays the violin every evening.",
+    ]
     ours = mean_pooled(loaded.model, tokenizer, texts)
     reference = mean_pooled(original, tokenizer, texts)
     measured = (ours * reference).sum(-1)

@@ -17,8 +17,12 @@ from tests.service.conftest import tar_gz
 pytestmark = [pytest.mark.service, pytest.mark.faults]
 
 # Slow enough to be caught in the middle: thousands of latency runs on the tiny model.
-SLOW_EVAL = {"metrics": ["embedding_cosine", "size", "latency"], "max_samples": 16, "seq_len": 32,
-             "latency": {"batch_size": 32, "seq_len": 256, "runs": 1000, "warmup": 1}}
+SLOW_EVAL = {
+    "metrics": ["embedding_cosine", "size", "latency"],
+    "max_samples": 16,
+    "seq_len": 32,
+    "latency": {"batch_size": 32, "seq_len": 256, "runs": 1000, "warmup": 1},
+}
 
 
 def start_service(tmp_path: Path, **overrides: str) -> tuple[Service, callable]:
@@ -40,8 +44,9 @@ def fault_service(tmp_path: Path) -> Iterator[Service]:
 
 
 def upload_ready(client: httpx.Client, folder: Path) -> str:
-    model = client.post("/v1/models", files={"file": ("m.tar.gz", tar_gz(folder))},
-                        data={"name": "tiny"}).json()
+    model = client.post(
+        "/v1/models", files={"file": ("m.tar.gz", tar_gz(folder))}, data={"name": "tiny"}
+    ).json()
     deadline = time.monotonic() + 120
     while model["status"] == "validating" and time.monotonic() < deadline:
         time.sleep(0.3)
@@ -67,14 +72,20 @@ def stored_under(service: Service, prefix: str) -> list[Path]:
 
 
 def test_sigkill_worker_mid_job_then_new_worker_finishes_it_once(
-        fault_service: Service, tiny_bert: Path) -> None:
+    fault_service: Service, tiny_bert: Path
+) -> None:
     svc = fault_service
     worker = svc.start_worker("first")
     with svc.client() as client:
         model_id = upload_ready(client, tiny_bert)
-        job = client.post("/v1/jobs", json={"model_id": model_id, "evaluation": SLOW_EVAL,
-                                            "recipe": {"stages": [{"method": "dynamic_int8"}]}}
-                          ).json()
+        job = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": model_id,
+                "evaluation": SLOW_EVAL,
+                "recipe": {"stages": [{"method": "dynamic_int8"}]},
+            },
+        ).json()
         wait_for_stage(client, job["id"], "baseline")
         svc.kill_worker(worker)
         assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
@@ -98,9 +109,14 @@ def test_cancel_running_job_keeps_nothing(fault_service: Service, tiny_bert: Pat
     svc.start_worker()
     with svc.client() as client:
         model_id = upload_ready(client, tiny_bert)
-        job = client.post("/v1/jobs", json={"model_id": model_id, "evaluation": SLOW_EVAL,
-                                            "recipe": {"stages": [{"method": "dynamic_int8"}]}}
-                          ).json()
+        job = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": model_id,
+                "evaluation": SLOW_EVAL,
+                "recipe": {"stages": [{"method": "dynamic_int8"}]},
+            },
+        ).json()
         wait_for_stage(client, job["id"], "baseline")
         response = client.post(f"/v1/jobs/{job['id']}/cancel")
         assert response.status_code == 202 and response.json()["status"] == "cancelling"
@@ -108,9 +124,13 @@ def test_cancel_running_job_keeps_nothing(fault_service: Service, tiny_bert: Pat
         assert final["status"] == "cancelled", final
         assert final["artifact_ids"] == []
         assert stored_under(svc, f"jobs/{job['id']}") == []
-        statuses = [e["data"]["status"] for e in client.get(
-            f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
-            if e["type"] == "status"]
+        statuses = [
+            e["data"]["status"]
+            for e in client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()[
+                "data"
+            ]
+            if e["type"] == "status"
+        ]
         assert statuses == ["queued", "running", "cancelling", "cancelled"]
 
 
@@ -125,8 +145,19 @@ def test_lost_broker_messages_are_resent(tmp_path: Path, tiny_bert: Path) -> Non
         port = free_port()
         redis_dir = tmp_path / "redis"
         redis_dir.mkdir()
-        command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                   "--appendonly", "no", "--dir", str(redis_dir)]
+        command = [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(redis_dir),
+        ]
         redis_process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         time.sleep(0.5)
         overrides["SLIMFORMER_BROKER_URL"] = f"redis://127.0.0.1:{port}/0"
@@ -137,10 +168,17 @@ def test_lost_broker_messages_are_resent(tmp_path: Path, tiny_bert: Path) -> Non
             model_id = upload_ready(client, tiny_bert)
             svc.kill_worker(svc.workers[-1])
             fast = {**SLOW_EVAL, "latency": {"runs": 3, "warmup": 1, "seq_len": 16}}
-            ids = [client.post("/v1/jobs", json={
-                "model_id": model_id, "evaluation": fast,
-                "recipe": {"stages": [{"method": "dynamic_int8"}]}}).json()["id"]
-                for _ in range(3)]
+            ids = [
+                client.post(
+                    "/v1/jobs",
+                    json={
+                        "model_id": model_id,
+                        "evaluation": fast,
+                        "recipe": {"stages": [{"method": "dynamic_int8"}]},
+                    },
+                ).json()["id"]
+                for _ in range(3)
+            ]
             if redis_process is not None:
                 redis_process.terminate()
                 redis_process.wait()
@@ -153,8 +191,7 @@ def test_lost_broker_messages_are_resent(tmp_path: Path, tiny_bert: Path) -> Non
             assert all(client.get(f"/v1/jobs/{i}").json()["status"] == "queued" for i in ids)
             svc.start_worker("after-restart")
             for job_id in ids:
-                final = wait_for(client, job_id, {"succeeded", "failed", "cancelled"},
-                                 timeout=240)
+                final = wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=240)
                 assert final["status"] == "succeeded", (final, svc.logs())
                 assert final["attempt"] == 1
     finally:

@@ -24,8 +24,11 @@ def session(tmp_path: Path) -> Iterator[Session]:
     engine = create_engine(url)
     with Session(engine) as session:
         session.add(Project(id="prj_1", name="p"))
-        session.add(Model(id="mdl_1", project_id="prj_1", name="m", status="ready",
-                          source={"type": "upload"}))
+        session.add(
+            Model(
+                id="mdl_1", project_id="prj_1", name="m", status="ready", source={"type": "upload"}
+            )
+        )
         session.flush()
         yield session
     engine.dispose()
@@ -33,8 +36,19 @@ def session(tmp_path: Path) -> Iterator[Session]:
 
 def new_job(session: Session, status: str = "queued") -> str:
     job_id = new_id("job")
-    session.add(Job(id=job_id, project_id="prj_1", model_id="mdl_1", status=status,
-                    recipe={}, export={}, job_metadata={}, max_runtime_s=60, max_attempts=3))
+    session.add(
+        Job(
+            id=job_id,
+            project_id="prj_1",
+            model_id="mdl_1",
+            status=status,
+            recipe={},
+            export={},
+            job_metadata={},
+            max_runtime_s=60,
+            max_attempts=3,
+        )
+    )
     session.flush()
     return job_id
 
@@ -52,8 +66,9 @@ def test_legal_path_writes_one_event_per_move(session: Session) -> None:
     assert transition(session, job_id=job_id, to="running", values={"attempt": 1})
     assert not transition(session, job_id=job_id, to="running")  # a second claimer loses
     assert transition(session, job_id=job_id, to="succeeded", attempt=1)
-    events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
-                             .order_by(JobEvent.seq)).all()
+    events = session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)
+    ).all()
     assert [(e.seq, e.data["status"]) for e in events] == [(1, "running"), (2, "succeeded")]
     job = session.get(Job, job_id)
     assert job.finished_at is not None and job.lease_until is None
@@ -73,12 +88,20 @@ def test_illegal_transitions_are_refused(session: Session) -> None:
         transition(session, job_id=job_id, to="succeeded", from_=("queued",))
     with pytest.raises(IllegalTransition):
         add_event(session, job_id=job_id, type="log", message="x", values={"status": "running"})
-    assert not transition(session, job_id=job_id, to="cancelled")  # queued -> cancelled skips a step
+    assert not transition(
+        session, job_id=job_id, to="cancelled"
+    )  # queued -> cancelled skips a step
 
 
-@pytest.mark.parametrize(("header", "expected"), [
-    ("bytes=0-9", (0, 9)), ("bytes=5-", (5, 99)), ("bytes=-10", (90, 99)), ("bytes=90-500", (90, 99)),
-])
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("bytes=0-9", (0, 9)),
+        ("bytes=5-", (5, 99)),
+        ("bytes=-10", (90, 99)),
+        ("bytes=90-500", (90, 99)),
+    ],
+)
 def test_parse_range(header: str, expected: tuple[int, int]) -> None:
     assert parse_range(header, 100) == expected
 

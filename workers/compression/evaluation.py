@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import platform
 import resource
 import sys
 import time
@@ -42,8 +43,7 @@ class Evaluator:
         self.settings = settings
         self.device = torch.device(device)
         self.metrics = list(settings.metrics or default_metrics(task))
-        if "accuracy" in self.metrics:
-            raise ValueError("the accuracy metric is not implemented yet")
+        self._probe_split(records)
         if "perplexity" in self.metrics and task != "causal-lm":
             raise ValueError("perplexity needs a causal language model")
         self.texts = [record["text"] for record in records if record["text"].strip()]
@@ -52,7 +52,10 @@ class Evaluator:
 
         stream = token_stream(self.texts, tokenizer)
         self.windows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.stride: int | None = None
         if "perplexity" in self.metrics:
+            if len(stream) < 2:
+                raise ValueError("perplexity needs at least two tokens of evaluation text")
             self.windows, self.stride = self._perplexity_windows(stream)
         self.embedding_texts = self.texts[: settings.max_samples]
         self.embedding_len = min(settings.seq_len, tokenizer.model_max_length)
@@ -89,6 +92,9 @@ class Evaluator:
             "metrics": self.metrics,
             "num_texts": len(self.texts),
             "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
+            else platform.processor() or platform.machine(),
             "torch_version": torch.__version__,
             "transformers_version": transformers.__version__,
             "num_threads": torch.get_num_threads(),
@@ -111,6 +117,15 @@ class Evaluator:
             }
             if "embedding_cosine" in self.metrics
             else None,
+            "accuracy": {
+                "probe": "logistic regression on the baseline's embeddings, L2 1e-3, L-BFGS",
+                "train_examples": len(self.probe_train[0]),
+                "test_examples": len(self.probe_test[0]),
+                "split": "every fifth labelled record held out",
+                "classes": self.probe_classes,
+            }
+            if "accuracy" in self.metrics
+            else None,
             "latency": {
                 **latency.model_dump(),
                 "peak_memory": "weight bytes + peak extra memory of one forward pass "
@@ -124,8 +139,10 @@ class Evaluator:
     def measure(self, model: nn.Module, *, folder: Path | None) -> dict:
         """Run every metric on `model`; `folder` holds its weight files, for `size`."""
         model_device = next(model.parameters()).device
-        if model_device != self.device and not (
-            model_device.type == self.device.type == "cuda" and self.device.index is None
+        # A device without an index ("cuda") means the current one, where "cuda:0" models live.
+        if model_device.type != self.device.type or self.device.index not in (
+            None,
+            model_device.index,
         ):
             raise ValueError(
                 f"the model is on {model_device} but this evaluator measures on {self.device}; "
@@ -136,6 +153,8 @@ class Evaluator:
             results["perplexity"] = self._perplexity(model)
         if "embedding_cosine" in self.metrics:
             results.update(self._embedding_cosine(model))
+        if "accuracy" in self.metrics:
+            results.update(self._accuracy(model))
         if "latency" in self.metrics:
             results.update(self._latency(model))
         if "size" in self.metrics:
@@ -177,12 +196,43 @@ class Evaluator:
             total_tokens += int((targets != -100).sum())
         return math.exp(total_nll / total_tokens)
 
-    def _embeddings(self, model: nn.Module) -> torch.Tensor:
+    def _probe_split(self, records: list[dict]) -> None:
+        """`accuracy` is a linear probe: fitted once on the baseline's embeddings of 80% of the
+        labelled texts, then applied to every model's embeddings of the other 20%. The split is
+        fixed (every fifth record is held out), so the baseline and the result see the same texts."""
+        self._probe: nn.Linear | None = None
+        if "accuracy" not in self.metrics:
+            return
+        labelled = [(r["text"], str(r["label"])) for r in records
+                    if r.get("label") is not None and r["text"].strip()]
+        classes = sorted({label for _, label in labelled})
+        if len(labelled) < 10 or len(classes) < 2:
+            raise ValueError("accuracy needs a labelled dataset (JSONL records with a 'label'), "
+                             "at least 10 records and 2 classes")
+        index = {label: i for i, label in enumerate(classes)}
+        held_out = [pair for i, pair in enumerate(labelled) if i % 5 == 4]
+        training = [pair for i, pair in enumerate(labelled) if i % 5 != 4]
+        self.probe_classes = classes
+        self.probe_train = ([t for t, _ in training], torch.tensor([index[y] for _, y in training]))
+        self.probe_test = ([t for t, _ in held_out], torch.tensor([index[y] for _, y in held_out]))
+
+    def _accuracy(self, model: nn.Module) -> dict:
+        test_texts, test_labels = self.probe_test
+        if self._probe is None:
+            train_texts, train_labels = self.probe_train
+            self._probe = _fit_probe(self._embeddings(model, train_texts), train_labels,
+                                     len(self.probe_classes))
+        logits = self._probe(self._embeddings(model, test_texts).clone())
+        correct = (logits.argmax(-1) == test_labels).float()
+        return {"accuracy": correct.mean().item(), "accuracy_examples": len(test_texts)}
+
+    def _embeddings(self, model: nn.Module, texts: list[str] | None = None) -> torch.Tensor:
         encoder = model.base_model  # the hidden states, without an LM head on top
+        texts = self.embedding_texts if texts is None else texts
         embeddings = []
-        for start in range(0, len(self.embedding_texts), EMBEDDING_BATCH_SIZE):
+        for start in range(0, len(texts), EMBEDDING_BATCH_SIZE):
             batch = self.tokenizer(
-                self.embedding_texts[start : start + EMBEDDING_BATCH_SIZE],
+                texts[start : start + EMBEDDING_BATCH_SIZE],
                 padding=True,
                 truncation=True,
                 max_length=self.embedding_len,
@@ -250,6 +300,28 @@ class Evaluator:
             "parameters": parameters,
             "bits_per_weight": 8 * size / parameters,
         }
+
+
+def _fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> nn.Linear:
+    """Multinomial logistic regression, L2-regularised, by L-BFGS from zero weights: deterministic,
+    and with a convex loss the same optimum whatever the start."""
+    with torch.inference_mode(False), torch.enable_grad():
+        features = features.clone().float()
+        probe = nn.Linear(features.shape[1], num_classes)
+        nn.init.zeros_(probe.weight)
+        nn.init.zeros_(probe.bias)
+        optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=200,
+                                      line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(probe(features), labels) + 1e-3 * probe.weight.square().sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    probe.requires_grad_(False)
+    return probe
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -136,7 +136,7 @@ def _weight_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
         bias = module.bias()
         if bias is not None:
             tensors[f"{name}.bias"] = bias
-        int8_layers[name] = scale.numel() > 1
+        int8_layers[name] = scale.dim() == 2  # [out, 1] per channel, [1] per tensor
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, int8_layers
 
 

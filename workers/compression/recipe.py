@@ -8,7 +8,7 @@ Adding a method = one config class here (listed in STAGE_CONFIGS) + one register
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,6 +17,10 @@ class StageConfig(BaseModel):
     """Fields every quantizing or pruning stage takes."""
 
     model_config = ConfigDict(extra="forbid")
+
+    # Where the result can run: "cpu" when its kernels exist only there (then the whole job, baseline
+    # included, is measured on the CPU so the two numbers compare), None for any device.
+    runs_on: ClassVar[str | None] = None
 
     method: str
     version: Literal[1] = 1
@@ -32,6 +36,8 @@ class StageConfig(BaseModel):
 
 class DynamicInt8Config(StageConfig):
     """INT8 weights (per output channel by default), activations quantized at run time (CPU)."""
+
+    runs_on: ClassVar[str | None] = "cpu"  # torch's dynamic int8 kernels are CPU kernels
 
     method: Literal["dynamic_int8"] = "dynamic_int8"
     per_channel: bool = True
@@ -50,6 +56,11 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stages: list[Stage] = Field(min_length=1, max_length=16)  # type: ignore[valid-type]
+
+    @property
+    def required_device(self) -> str | None:
+        """The device every stage's output can run on (None: any)."""
+        return next((stage.runs_on for stage in self.stages if stage.runs_on), None)
 
 
 class LatencySettings(BaseModel):

@@ -57,7 +57,7 @@ def int8_linear(
     """A dynamic-quantized Linear holding exactly these int8 weights and scales."""
     out_features, in_features = q.shape
     dequantized = q.float() * scale  # exact: round(dequantized / scale) gives q back
-    if scale.numel() == 1:
+    if scale.dim() == 1:  # [1]: one scale for the tensor
         qweight = torch.quantize_per_tensor(dequantized, scale.item(), 0, torch.qint8)
     else:
         qweight = torch.quantize_per_channel(

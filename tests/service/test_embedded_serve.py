@@ -1,0 +1,81 @@
+"""`slimformer serve` alone: migrations, API and a real worker on SQLite + the filesystem broker, no
+configuration; auth off and saying so; Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import BACKEND, ROOT, builtin_id, free_port, wait_for
+
+pytestmark = [
+    pytest.mark.service,
+    pytest.mark.skipif(BACKEND != "embedded", reason="the embedded default is its own backend"),
+]
+
+
+def processes_using(data_dir: Path) -> list[int]:
+    marker = f"SLIMFORMER_DATA_DIR={data_dir}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_serve_runs_a_real_job_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SLIMFORMER_")}
+    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    log = (tmp_path / "serve.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir",
+         str(tmp_path / "data")],
+        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.3)
+        output = (tmp_path / "serve.log").read_text()
+        assert "authentication is OFF" in output
+        assert (tmp_path / "data" / "slimformer.db").is_file()
+
+        with httpx.Client(base_url=base, timeout=30) as client:  # no API key needed
+            model_id = builtin_id(client, "models", "all-MiniLM-L6-v2")
+            job = client.post("/v1/jobs", json={
+                "model_id": model_id, "recipe": {"stages": [{"method": "dynamic_int8"}]},
+                "evaluation": {"max_samples": 16, "seq_len": 64, "metrics": ["embedding_cosine"],
+                               "latency": {"runs": 2, "warmup": 0}}}).json()
+            final = wait_for(client, job["id"], {"succeeded", "failed"}, timeout=300)
+            assert final["status"] == "succeeded", (tmp_path / "serve.log").read_text()[-3000:]
+            assert final["metrics"]["compressed"]["embedding_cosine"] > 0.98
+
+        assert len(processes_using(tmp_path / "data")) >= 2  # the worker and its pool child
+        process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        process.wait(timeout=60)
+        time.sleep(0.5)
+        assert processes_using(tmp_path / "data") == []  # the worker and its pool are gone too
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{base}/healthz", timeout=2)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
