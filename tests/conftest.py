@@ -7,6 +7,7 @@ or `postgres` (a fresh PostgreSQL database and a private Redis queue prefix, bot
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -143,6 +144,7 @@ def service_env(data_dir: Path, **overrides: str) -> tuple[dict[str, str], calla
             "SLIMFORMER_REAPER_INTERVAL_S": "1",
             "SLIMFORMER_REQUEUE_AFTER_S": "6",
             "SLIMFORMER_MAX_UPLOAD_BYTES": str(8 * 1024 * 1024),
+            "SLIMFORMER_MODEL_PATH_ROOTS": json.dumps([str(data_dir / "registered")]),
             "SLIMFORMER_PROGRESS_MIN_INTERVAL_S": "0.2",
             "SLIMFORMER_BROKER_POLLING_INTERVAL_S": "0.1",
             "HF_HUB_OFFLINE": "1",

@@ -389,7 +389,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
         device=device,
     )
     context.progress(1, 0, 1, "measuring the original model", force=True)
-    baseline = evaluator.measure(loaded.model, folder=folder)
+    baseline = evaluator.measure(loaded.model, folder=folder, on_step=context.check)
     context.log("baseline measured", {"baseline": baseline}, type="metric")
 
     def on_progress(update: Any) -> None:
@@ -415,7 +415,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     context.progress(export_index, 1, 2, "export load-tested", force=True)
 
     context.progress(export_index + 1, 0, 1, "measuring the compressed model", force=True)
-    compressed = evaluator.measure(result.model, folder=model_folder)
+    compressed = evaluator.measure(result.model, folder=model_folder, on_step=context.check)
     metrics = {
         "baseline": baseline,
         "compressed": compressed,

@@ -360,3 +360,50 @@ def test_cancel_queued_job_is_immediate(service: Service) -> None:
         assert final["status"] == "cancelled"
         assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202  # idempotent
         assert client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"] == []
+
+
+def test_register_model_by_allowed_path(service: Service, tiny_bert) -> None:  # noqa: ANN001
+    import shutil
+
+    root = service.data_dir / "registered"
+    shutil.copytree(tiny_bert, root / "tiny-by-path", dirs_exist_ok=True)
+    with service.client() as client:
+        response = client.post(
+            "/v1/models",
+            json={
+                "name": "by-path",
+                "source": {"type": "path", "path": str(root / "tiny-by-path")},
+            },
+        )
+        assert response.status_code == 201, response.text
+        model = response.json()
+        deadline = time.monotonic() + 120
+        while model["status"] == "validating" and time.monotonic() < deadline:
+            time.sleep(0.3)
+            model = client.get(f"/v1/models/{model['id']}").json()
+        assert model["status"] == "ready" and model["source"]["type"] == "path"
+        escape = client.post(
+            "/v1/models",
+            json={
+                "name": "escape",
+                "source": {"type": "path", "path": str(root / ".." / "storage")},
+            },
+        )
+        assert escape.status_code == 422 and escape.json()["error"]["param"] == "source.path"
+
+
+def test_max_runtime_is_enforced(service: Service, tiny_model_id: str) -> None:
+    slow = {**FAST_EVAL, "latency": {"batch_size": 32, "seq_len": 256, "runs": 1000}}
+    with service.client() as client:
+        job = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": tiny_model_id,
+                "recipe": {"stages": [{"method": "dynamic_int8"}]},
+                "evaluation": slow,
+                "max_runtime_s": 10,
+            },
+        ).json()
+        final = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=180)
+        assert final["status"] == "failed", final
+        assert final["error"]["code"] == "timeout" and final["artifact_ids"] == []

@@ -40,9 +40,21 @@ def test_serve_runs_a_real_job_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     log = (tmp_path / "serve.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir",
-         str(tmp_path / "data")],
-        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -61,10 +73,19 @@ def test_serve_runs_a_real_job_and_stops_on_ctrl_c(tmp_path: Path) -> None:
 
         with httpx.Client(base_url=base, timeout=30) as client:  # no API key needed
             model_id = builtin_id(client, "models", "all-MiniLM-L6-v2")
-            job = client.post("/v1/jobs", json={
-                "model_id": model_id, "recipe": {"stages": [{"method": "dynamic_int8"}]},
-                "evaluation": {"max_samples": 16, "seq_len": 64, "metrics": ["embedding_cosine"],
-                               "latency": {"runs": 2, "warmup": 0}}}).json()
+            job = client.post(
+                "/v1/jobs",
+                json={
+                    "model_id": model_id,
+                    "recipe": {"stages": [{"method": "dynamic_int8"}]},
+                    "evaluation": {
+                        "max_samples": 16,
+                        "seq_len": 64,
+                        "metrics": ["embedding_cosine"],
+                        "latency": {"runs": 2, "warmup": 0},
+                    },
+                },
+            ).json()
             final = wait_for(client, job["id"], {"succeeded", "failed"}, timeout=300)
             assert final["status"] == "succeeded", (tmp_path / "serve.log").read_text()[-3000:]
             assert final["metrics"]["compressed"]["embedding_cosine"] > 0.98

@@ -52,7 +52,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server naming
         self.server.requests.append(  # type: ignore[attr-defined]
-            {"method": self.command, "path": self.path, "headers": dict(self.headers)})
+            {"method": self.command, "path": self.path, "headers": dict(self.headers)}
+        )
         type(self).route(self)
 
     do_POST = do_GET
@@ -93,9 +94,22 @@ def serve(route: Callable[[Handler], None]) -> Iterator[tuple[str, list[dict[str
 
 def test_sse_joins_multi_line_data_and_reads_every_field():
     decoder = SSEDecoder()
-    lines = [": keep-alive", "id: 1", "event: progress", 'data: {"a":', "data:  1}", "",
-             "id: 2", "data", "", "retry: 2500", "data:no-space", "",
-             "event: ignored-without-data", ""]
+    lines = [
+        ": keep-alive",
+        "id: 1",
+        "event: progress",
+        'data: {"a":',
+        "data:  1}",
+        "",
+        "id: 2",
+        "data",
+        "",
+        "retry: 2500",
+        "data:no-space",
+        "",
+        "event: ignored-without-data",
+        "",
+    ]
     events = list(decoder.feed_all(lines))
     assert events == [
         SSEEvent(data='{"a":\n 1}', event="progress", id="1"),  # one leading space is eaten
@@ -108,8 +122,7 @@ def test_sse_joins_multi_line_data_and_reads_every_field():
 
 def test_last_event_id_moves_only_when_an_event_is_complete():
     decoder = SSEDecoder(last_event_id="4")
-    assert list(decoder.feed_all(["id: 5", "data: whole", ""])) == [
-        SSEEvent(data="whole", id="5")]
+    assert list(decoder.feed_all(["id: 5", "data: whole", ""])) == [SSEEvent(data="whole", id="5")]
     assert list(decoder.feed_all(["id: 6", "data: half of it"])) == []  # the connection dies here
     assert decoder.last_event_id == "5"
     decoder.reset_partial()
@@ -122,8 +135,14 @@ def test_last_event_id_moves_only_when_an_event_is_complete():
 
 
 def test_job_event_reads_the_event_object_or_wraps_bare_data():
-    whole = {"seq": 3, "type": "progress", "level": "info", "message": "block 2/6",
-             "data": {"fraction": 0.3}, "created_at": "2025-01-01T00:00:00Z"}
+    whole = {
+        "seq": 3,
+        "type": "progress",
+        "level": "info",
+        "message": "block 2/6",
+        "data": {"fraction": 0.3},
+        "created_at": "2025-01-01T00:00:00Z",
+    }
     assert job_event(SSEEvent(data=json.dumps(whole), event="progress", id="3")) == whole
     bare = job_event(SSEEvent(data='{"status": "running"}', event="status", id="4"))
     assert (bare["type"], bare["data"], bare["seq"]) == ("status", {"status": "running"}, "4")
@@ -132,15 +151,25 @@ def test_job_event_reads_the_event_object_or_wraps_bare_data():
 
 
 def sse(seq: int, kind: str, data: dict[str, Any]) -> bytes:
-    event = {"seq": seq, "type": kind, "level": "info", "message": f"{kind} {seq}",
-             "data": data, "created_at": "2025-01-01T00:00:00Z"}
+    event = {
+        "seq": seq,
+        "type": kind,
+        "level": "info",
+        "message": f"{kind} {seq}",
+        "data": data,
+        "created_at": "2025-01-01T00:00:00Z",
+    }
     return f"id: {seq}\nevent: {kind}\ndata: {json.dumps(event)}\n\n".encode()
 
 
 @pytest.mark.parametrize("drop", ["clean_end", "broken_body", "last_event_missing"])
 def test_follow_job_resumes_after_the_last_complete_event(drop):
-    events = [(1, "status", {"status": "running"}), (2, "progress", {"fraction": 0.5}),
-              (3, "progress", {"fraction": 0.9}), (4, "status", {"status": "succeeded"})]
+    events = [
+        (1, "status", {"status": "running"}),
+        (2, "progress", {"fraction": 0.5}),
+        (3, "progress", {"fraction": 0.9}),
+        (4, "status", {"status": "succeeded"}),
+    ]
     stream = [sse(*event) for event in events]
     state = {"status": "running"}
 
@@ -151,8 +180,16 @@ def test_follow_job_resumes_after_the_last_complete_event(drop):
             return
         if handler.headers["Accept"] != "text/event-stream":
             after = int(query["after"])
-            handler.send_json(200, {"object": "list", "has_more": False, "data": [
-                json.loads(sse(*event).split(b"data: ")[1]) for event in events[after:]]})
+            handler.send_json(
+                200,
+                {
+                    "object": "list",
+                    "has_more": False,
+                    "data": [
+                        json.loads(sse(*event).split(b"data: ")[1]) for event in events[after:]
+                    ],
+                },
+            )
             return
         after = int(handler.headers.get("Last-Event-ID", "0"))
         handler.send_response(200)
@@ -166,8 +203,9 @@ def test_follow_job_resumes_after_the_last_complete_event(drop):
             return
         handler.end_headers()
         # the stream breaks off before the terminal event, which the job then has anyway
-        handler.wfile.write(b"".join(stream[after:-1] if drop == "last_event_missing"
-                                     else stream[after:]))
+        handler.wfile.write(
+            b"".join(stream[after:-1] if drop == "last_event_missing" else stream[after:])
+        )
         state["status"] = "succeeded"
 
     seen: list[dict[str, Any]] = []
@@ -178,11 +216,15 @@ def test_follow_job_resumes_after_the_last_complete_event(drop):
     assert final["status"] == "succeeded"
     assert [event["seq"] for event in seen] == [1, 2, 3, 4]
     assert seen[2]["data"] == {"fraction": 0.9}
-    resumed_from = [r["headers"].get("Last-Event-ID") for r in requests
-                    if r["headers"].get("Accept") == "text/event-stream"]
+    resumed_from = [
+        r["headers"].get("Last-Event-ID")
+        for r in requests
+        if r["headers"].get("Accept") == "text/event-stream"
+    ]
     assert resumed_from == [None, "2"]
-    drained_after = [r["path"].split("after=")[1].split("&")[0] for r in requests
-                     if "/events?" in r["path"]]
+    drained_after = [
+        r["path"].split("after=")[1].split("&")[0] for r in requests if "/events?" in r["path"]
+    ]
     assert drained_after == ["3" if drop == "last_event_missing" else "4"]
 
 
@@ -190,14 +232,28 @@ def test_progress_view_reports_stages_and_status_changes(capsys):
     view = ProgressView()
     view({"type": "status", "message": "status: running on gpu-1", "data": {"status": "running"}})
     for fraction in (0.1, 0.6):
-        view({"type": "progress", "message": "block", "data": {
-            "stage": "rtn", "stage_index": 1, "num_stages": 2, "fraction": fraction, "eta_s": 75}})
+        view(
+            {
+                "type": "progress",
+                "message": "block",
+                "data": {
+                    "stage": "rtn",
+                    "stage_index": 1,
+                    "num_stages": 2,
+                    "fraction": fraction,
+                    "eta_s": 75,
+                },
+            }
+        )
     view({"type": "log", "level": "warning", "message": "lm_head left in float"})
     view({"type": "log", "level": "info", "message": "chatter"})
     view.close()
     lines = [line.split(" ", 1)[1] for line in capsys.readouterr().err.splitlines()]
-    assert lines == ["status: running on gpu-1", "stage rtn [2/2]",
-                     "warning: lm_head left in float"]
+    assert lines == [
+        "status: running on gpu-1",
+        "stage rtn [2/2]",
+        "warning: lm_head left in float",
+    ]
     assert view.bar.n == 600
 
 
@@ -213,8 +269,9 @@ def model_listing(models: list[dict[str, Any]]) -> Callable[[Handler], None]:
         assert path == "/v1/models"
         limit = int(query.get("limit", 20))
         rest = [m for m in ordered if "after" not in query or m["id"] < query["after"]]
-        handler.send_json(200, {"object": "list", "data": rest[:limit],
-                                "has_more": len(rest) > limit})
+        handler.send_json(
+            200, {"object": "list", "data": rest[:limit], "has_more": len(rest) > limit}
+        )
 
     return route
 
@@ -232,10 +289,12 @@ def test_resolve_id_pages_until_it_finds_the_name():
 
 
 def test_resolve_id_prefers_the_one_ready_match_and_refuses_to_guess():
-    models = [{"id": "mdl_1", "name": "bert", "status": "rejected"},
-              {"id": "mdl_2", "name": "bert", "status": "ready"},
-              {"id": "mdl_3", "name": "gpt", "status": "ready"},
-              {"id": "mdl_4", "name": "gpt", "status": "ready"}]
+    models = [
+        {"id": "mdl_1", "name": "bert", "status": "rejected"},
+        {"id": "mdl_2", "name": "bert", "status": "ready"},
+        {"id": "mdl_3", "name": "gpt", "status": "ready"},
+        {"id": "mdl_4", "name": "gpt", "status": "ready"},
+    ]
     with serve(model_listing(models)) as (url, _):
         api = Api(url)
         assert resolve_id(api, "models", "bert") == "mdl_2"
@@ -299,8 +358,9 @@ def test_a_corrupt_partial_file_is_caught_by_the_hash_and_downloaded_again(tmp_p
     (tmp_path / ".art_1.part").write_bytes(b"\0" * 1_000_000)
     with serve(artifact_route()) as (url, requests):
         api = Api(url)
-        path = download_artifact(api, "art_1", tmp_path, show_progress=False,
-                                 expected_sha256=CONTENT_SHA)
+        path = download_artifact(
+            api, "art_1", tmp_path, show_progress=False, expected_sha256=CONTENT_SHA
+        )
         api.close()
     assert path.read_bytes() == CONTENT
     assert ranges(requests) == ["bytes=1000000-", None]
@@ -322,8 +382,9 @@ def test_bytes_that_do_not_match_the_sha256_never_get_the_final_name(tmp_path):
         with pytest.raises(CommandError) as mismatch:
             download_artifact(api, "art_1", tmp_path, show_progress=False)
         with pytest.raises(CommandError) as disagree:
-            download_artifact(api, "art_1", tmp_path, show_progress=False,
-                              expected_sha256=CONTENT_SHA)
+            download_artifact(
+                api, "art_1", tmp_path, show_progress=False, expected_sha256=CONTENT_SHA
+            )
         api.close()
     assert mismatch.value.code == disagree.value.code == "checksum_mismatch"
     assert list(tmp_path.iterdir()) == []
@@ -351,8 +412,9 @@ def tar_with(tmp_path: Path, *members: tarfile.TarInfo) -> Path:
     return archive
 
 
-def member(name: str, kind: bytes = tarfile.REGTYPE, size: int = 1,
-           target: str = "") -> tarfile.TarInfo:
+def member(
+    name: str, kind: bytes = tarfile.REGTYPE, size: int = 1, target: str = ""
+) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.size = size if kind == tarfile.REGTYPE else 0
@@ -361,21 +423,29 @@ def member(name: str, kind: bytes = tarfile.REGTYPE, size: int = 1,
 
 
 def test_safe_extract_unpacks_a_model_folder(tmp_path):
-    archive = tar_with(tmp_path, member("model", tarfile.DIRTYPE), member("model/config.json"),
-                       member("model/model.safetensors", size=10))
+    archive = tar_with(
+        tmp_path,
+        member("model", tarfile.DIRTYPE),
+        member("model/config.json"),
+        member("model/model.safetensors", size=10),
+    )
     folder = safe_extract(archive, extraction_folder(archive))
     assert folder == tmp_path / "model"
     assert (folder / "model" / "model.safetensors").stat().st_size == 10
 
 
-@pytest.mark.parametrize("bad", [
-    member("../escape.txt"),
-    member("model/../../escape.txt"),
-    member("/tmp/escape.txt"),
-    member("model/link", tarfile.SYMTYPE, target="/etc/passwd"),
-    member("model/hard", tarfile.LNKTYPE, target="model/config.json"),
-    member("model/fifo", tarfile.FIFOTYPE),
-], ids=["dotdot", "nested-dotdot", "absolute", "symlink", "hardlink", "fifo"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        member("../escape.txt"),
+        member("model/../../escape.txt"),
+        member("/tmp/escape.txt"),
+        member("model/link", tarfile.SYMTYPE, target="/etc/passwd"),
+        member("model/hard", tarfile.LNKTYPE, target="model/config.json"),
+        member("model/fifo", tarfile.FIFOTYPE),
+    ],
+    ids=["dotdot", "nested-dotdot", "absolute", "symlink", "hardlink", "fifo"],
+)
 def test_safe_extract_refuses_unsafe_members_before_writing_anything(tmp_path, bad):
     archive = tar_with(tmp_path, member("model/config.json"), bad)
     with pytest.raises(UnsafeArchive):
@@ -414,7 +484,12 @@ def test_safe_extract_will_not_overwrite_a_folder(tmp_path):
 def test_stages_and_metadata_from_the_command_line():
     assert parse_stage("dynamic_int8") == {"method": "dynamic_int8"}
     assert parse_stage("rtn:bits=4,group_size=-1,symmetric=false,note=x") == {
-        "method": "rtn", "bits": 4, "group_size": -1, "symmetric": False, "note": "x"}
+        "method": "rtn",
+        "bits": 4,
+        "group_size": -1,
+        "symmetric": False,
+        "note": "x",
+    }
     with pytest.raises(click.BadParameter):
         parse_stage("rtn:bits")
     assert parse_metadata(["team=search", "note=a=b"]) == {"team": "search", "note": "a=b"}
@@ -423,14 +498,23 @@ def test_stages_and_metadata_from_the_command_line():
 
 
 def test_command_line_options_override_the_recipe_file():
-    template = {"recipe": {"stages": [{"method": "dynamic_int8"}]},
-                "calibration": {"dataset_id": "dset_old", "num_samples": 64},
-                "evaluation": {"metrics": ["size"], "seq_len": 256}, "metadata": {"a": "1"}}
-    body = build_job_body(model_id="mdl_1", template=template, calibration_id="dset_new",
-                          evaluation_id="dset_eval", metrics=["perplexity"],
-                          metadata={"b": "2"})
+    template = {
+        "recipe": {"stages": [{"method": "dynamic_int8"}]},
+        "calibration": {"dataset_id": "dset_old", "num_samples": 64},
+        "evaluation": {"metrics": ["size"], "seq_len": 256},
+        "metadata": {"a": "1"},
+    }
+    body = build_job_body(
+        model_id="mdl_1",
+        template=template,
+        calibration_id="dset_new",
+        evaluation_id="dset_eval",
+        metrics=["perplexity"],
+        metadata={"b": "2"},
+    )
     assert body == {
-        "model_id": "mdl_1", "recipe": {"stages": [{"method": "dynamic_int8"}]},
+        "model_id": "mdl_1",
+        "recipe": {"stages": [{"method": "dynamic_int8"}]},
         "calibration": {"dataset_id": "dset_new", "num_samples": 64},
         "evaluation": {"dataset_id": "dset_eval", "metrics": ["perplexity"], "seq_len": 256},
         "metadata": {"a": "1", "b": "2"},
@@ -439,14 +523,18 @@ def test_command_line_options_override_the_recipe_file():
     with pytest.raises(click.UsageError):
         build_job_body(model_id="mdl_1", template=template, stages=[{"method": "rtn"}])
     assert build_job_body(model_id="mdl_1", stages=[{"method": "rtn"}]) == {
-        "model_id": "mdl_1", "recipe": {"stages": [{"method": "rtn"}]}}
+        "model_id": "mdl_1",
+        "recipe": {"stages": [{"method": "rtn"}]},
+    }
 
 
 def test_metrics_table_compares_numbers_only():
-    table = metrics_table({"baseline": {"size_bytes": 4 * 1024**2, "perplexity": 10.0,
-                                        "device": "cpu"},
-                           "compressed": {"size_bytes": 1024**2, "perplexity": 10.5,
-                                          "device": "cpu"}})
+    table = metrics_table(
+        {
+            "baseline": {"size_bytes": 4 * 1024**2, "perplexity": 10.0, "device": "cpu"},
+            "compressed": {"size_bytes": 1024**2, "perplexity": 10.5, "device": "cpu"},
+        }
+    )
     lines = table.splitlines()
     assert lines[0].split() == ["metric", "baseline", "compressed", "change"]
     assert lines[1].split() == ["size_bytes", "4.0", "MiB", "1.0", "MiB", "-75.0%"]
@@ -473,12 +561,21 @@ def test_a_service_that_is_not_running_is_named(slimformer):
 
 def test_api_errors_print_code_and_message_and_exit_2(slimformer):
     def route(handler: Handler) -> None:
-        handler.send_json(409, {"error": {"code": "conflict", "param": None,
-                                          "message": "job job_1 already succeeded"}})
+        handler.send_json(
+            409,
+            {
+                "error": {
+                    "code": "conflict",
+                    "param": None,
+                    "message": "job job_1 already succeeded",
+                }
+            },
+        )
 
     with serve(route) as (url, requests):
-        result = CliRunner().invoke(slimformer, ["cancel", "job_1", "--url", url,
-                                                 "--api-key", "sk_test"])
+        result = CliRunner().invoke(
+            slimformer, ["cancel", "job_1", "--url", url, "--api-key", "sk_test"]
+        )
     assert result.exit_code == 2
     assert result.stderr.strip() == "conflict: job job_1 already succeeded"
     assert requests[0]["method"] == "POST" and requests[0]["path"] == "/v1/jobs/job_1/cancel"

@@ -61,8 +61,9 @@ def parse(group: click.Group, args: list[str]) -> click.Context:
 
 
 def slimformer_services(services: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
-    return {name: argv(spec)[1:] for name, spec in services.items()
-            if argv(spec)[:1] == ["slimformer"]}
+    return {
+        name: argv(spec)[1:] for name, spec in services.items() if argv(spec)[:1] == ["slimformer"]
+    }
 
 
 def test_the_application_services_run_slimformer(services):
@@ -104,8 +105,10 @@ def test_redis_never_evicts_and_persists(services):
 
 def test_the_gpu_worker_reserves_an_nvidia_gpu_and_the_cpu_worker_none(services):
     devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
-    assert any(device["driver"] == "nvidia" and device["count"] == 1
-               and "gpu" in device["capabilities"] for device in devices)
+    assert any(
+        device["driver"] == "nvidia" and device["count"] == 1 and "gpu" in device["capabilities"]
+        for device in devices
+    )
     assert "deploy" not in services["worker-cpu"]
 
 
@@ -113,11 +116,14 @@ def test_long_running_services_are_healthchecked_or_wait_for_healthy_ones(servic
     one_shot = {name for name, spec in services.items() if spec.get("restart") == "no"}
     assert one_shot == {"migrate"}
     for name, spec in services.items():
-        conditions = {dependency: (rule or {}).get("condition")
-                      for dependency, rule in (spec.get("depends_on") or {}).items()}
+        conditions = {
+            dependency: (rule or {}).get("condition")
+            for dependency, rule in (spec.get("depends_on") or {}).items()
+        }
         for dependency, condition in conditions.items():
-            expected = ("service_completed_successfully" if dependency in one_shot
-                        else "service_healthy")
+            expected = (
+                "service_completed_successfully" if dependency in one_shot else "service_healthy"
+            )
             assert condition == expected, f"{name} -> {dependency}: {condition}"
             assert dependency in one_shot or "healthcheck" in services[dependency]
         if name not in one_shot:

@@ -14,6 +14,7 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -64,6 +65,7 @@ class Evaluator:
         repeated = (stream * (needed // len(stream) + 1))[:needed]  # short datasets are cycled
         self.latency_input = torch.tensor(repeated).reshape(latency.batch_size, latency.seq_len)
         self._baseline_embeddings: torch.Tensor | None = None
+        self._on_step: Callable[[], None] | None = None
 
     def _perplexity_windows(self, stream: list[int]) -> tuple[list, int]:
         """Fixed windows over the token stream, as in the transformers perplexity guide: each window
@@ -136,8 +138,12 @@ class Evaluator:
         }
 
     @torch.inference_mode()
-    def measure(self, model: nn.Module, *, folder: Path | None) -> dict:
-        """Run every metric on `model`; `folder` holds its weight files, for `size`."""
+    def measure(
+        self, model: nn.Module, *, folder: Path | None, on_step: Callable[[], None] | None = None
+    ) -> dict:
+        """Run every metric on `model`; `folder` holds its weight files, for `size`. `on_step` is
+        called between forward passes: it may raise to stop the measurement (cancellation)."""
+        self._on_step = on_step
         model_device = next(model.parameters()).device
         # A device without an index ("cuda") means the current one, where "cuda:0" models live.
         if model_device.type != self.device.type or self.device.index not in (
@@ -186,6 +192,7 @@ class Evaluator:
         self._check_length(model, self.settings.seq_len, "perplexity")
         total_nll, total_tokens = 0.0, 0
         for ids, labels in self.windows:
+            self._step()
             logits = model(input_ids=ids.to(self.device), use_cache=False).logits
             # Position t predicts token t+1; the sum (not the mean) weights windows by tokens.
             targets = labels[0, 1:].to(self.device)
@@ -203,12 +210,17 @@ class Evaluator:
         self._probe: nn.Linear | None = None
         if "accuracy" not in self.metrics:
             return
-        labelled = [(r["text"], str(r["label"])) for r in records
-                    if r.get("label") is not None and r["text"].strip()]
+        labelled = [
+            (r["text"], str(r["label"]))
+            for r in records
+            if r.get("label") is not None and r["text"].strip()
+        ]
         classes = sorted({label for _, label in labelled})
         if len(labelled) < 10 or len(classes) < 2:
-            raise ValueError("accuracy needs a labelled dataset (JSONL records with a 'label'), "
-                             "at least 10 records and 2 classes")
+            raise ValueError(
+                "accuracy needs a labelled dataset (JSONL records with a 'label'), "
+                "at least 10 records and 2 classes"
+            )
         index = {label: i for i, label in enumerate(classes)}
         held_out = [pair for i, pair in enumerate(labelled) if i % 5 == 4]
         training = [pair for i, pair in enumerate(labelled) if i % 5 != 4]
@@ -220,8 +232,9 @@ class Evaluator:
         test_texts, test_labels = self.probe_test
         if self._probe is None:
             train_texts, train_labels = self.probe_train
-            self._probe = _fit_probe(self._embeddings(model, train_texts), train_labels,
-                                     len(self.probe_classes))
+            self._probe = _fit_probe(
+                self._embeddings(model, train_texts), train_labels, len(self.probe_classes)
+            )
         logits = self._probe(self._embeddings(model, test_texts).clone())
         correct = (logits.argmax(-1) == test_labels).float()
         return {"accuracy": correct.mean().item(), "accuracy_examples": len(test_texts)}
@@ -231,6 +244,7 @@ class Evaluator:
         texts = self.embedding_texts if texts is None else texts
         embeddings = []
         for start in range(0, len(texts), EMBEDDING_BATCH_SIZE):
+            self._step()
             batch = self.tokenizer(
                 texts[start : start + EMBEDDING_BATCH_SIZE],
                 padding=True,
@@ -263,9 +277,11 @@ class Evaluator:
         ids = self.latency_input.to(self.device)
         kwargs = {"use_cache": False} if self.task == "causal-lm" else {}
         for _ in range(latency.warmup):
+            self._step()
             model(input_ids=ids, **kwargs)
         timings = []
         for _ in range(latency.runs):
+            self._step()
             self._synchronize()
             started = time.perf_counter()
             model(input_ids=ids, **kwargs)
@@ -281,6 +297,10 @@ class Evaluator:
             # Weights plus working memory: what a process serving this model needs at least.
             "peak_memory_bytes": tensor_bytes(model) + extra,
         }
+
+    def _step(self) -> None:
+        if self._on_step is not None:
+            self._on_step()
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -310,8 +330,9 @@ def _fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -
         probe = nn.Linear(features.shape[1], num_classes)
         nn.init.zeros_(probe.weight)
         nn.init.zeros_(probe.bias)
-        optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=200,
-                                      line_search_fn="strong_wolfe")
+        optimizer = torch.optim.LBFGS(
+            probe.parameters(), lr=1.0, max_iter=200, line_search_fn="strong_wolfe"
+        )
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
