@@ -35,7 +35,17 @@ def run_backend(backend: str, repeats: int) -> dict:
 
     importlib.reload(harness)  # BACKEND is read at import
     data_dir = Path(tempfile.mkdtemp(prefix=f"slimformer-bench-{backend}-"))
-    env, cleanup = harness.service_env(data_dir)
+    # The tests' fast timings (short leases, 0.1 s broker polling, one thread) would flatter or
+    # hobble the numbers: measure the shipped defaults.
+    env, cleanup = harness.service_env(
+        data_dir,
+        SLIMFORMER_LEASE_S="60",
+        SLIMFORMER_REAPER_INTERVAL_S="15",
+        SLIMFORMER_REQUEUE_AFTER_S="300",
+        SLIMFORMER_PROGRESS_MIN_INTERVAL_S="0.5",
+        SLIMFORMER_BROKER_POLLING_INTERVAL_S="0.2",
+        OMP_NUM_THREADS=str(os.cpu_count()),
+    )
     service = harness.Service(
         env=env, data_dir=data_dir, base_url=f"http://127.0.0.1:{harness.free_port()}"
     )
