@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from workers.compression.recipe import METHOD_NAMES  # validation specs only (DESIGN.md)
+
 # The documented, stable codes. Clients switch on these; never rename one.
 ERROR_CODES = {
     "invalid_request": 422,
@@ -69,8 +71,6 @@ def param_path(loc: tuple[Any, ...] | list[Any]) -> str | None:
 
 
 def _looks_like_tag(part: str) -> bool:
-    from workers.compression.recipe import METHOD_NAMES
-
     return part in METHOD_NAMES
 
 
@@ -84,6 +84,10 @@ def install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0]
         param = param_path(first.get("loc", ()))
         message = first.get("msg", "Invalid request")
+        if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+            # An unknown or missing `method`: name the discriminator field, not the stage.
+            param = f"{param}.method" if param else "method"
+            message = f"Unknown method; expected one of: {', '.join(sorted(METHOD_NAMES))}"
         if first.get("type") == "extra_forbidden":
             message = f"Unknown field {param!r}"
         return JSONResponse(error_body("invalid_request", message, param), status_code=422)

@@ -26,6 +26,7 @@ from workers.compression.inspect import (
     inspect_model_folder,
     is_pickled_weight,
 )
+from workers.compression.shapes import describe_folder
 
 log = logging.getLogger("slimformer.models")
 
@@ -135,6 +136,8 @@ def validate_model(model_id: str) -> None:
             materialize(model) if model.source.get("type") != "path" else Path(model.source["path"])
         )
         info = inspect_model_folder(folder)
+        if info.weight_format == "gguf":  # llama.cpp tensor names: take the shapes from the config
+            info.linear_shapes, _ = describe_folder(folder, info.architecture)
     except Exception as exc:  # noqa: BLE001 - the files are data: any failure reading them rejects
         if not isinstance(exc, ArchiveError | ModelRejected | ModelUnavailable):
             log.exception("validating %s failed unexpectedly", model_id)

@@ -20,6 +20,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from app.jobs.lifecycle import add_event, lease_deadline, transition
 from app.jobs.service import default_evaluation_dataset
 from app.settings import get_settings
 from app.storage import get_store
+from workers.checkpoints import StorageBlockCheckpoint, fingerprint
+from workers.compression.preflight import estimate_memory
 from workers.model_files import ModelUnavailable, materialize, validate_model
 
 log = logging.getLogger("slimformer.runner")
@@ -65,6 +68,7 @@ class JobContext:
     stage_names: list[str] = field(default_factory=list)
     interrupt: str | None = None
     started: float = field(default_factory=time.monotonic)
+    clear_checkpoints: Callable[[], object] = lambda: None
     _last_progress: float = 0.0
 
     def check(self) -> None:
@@ -216,13 +220,17 @@ def run_job(job_id: str) -> None:
     except (Interrupted, SoftTimeLimitExceeded) as exc:
         reason = exc.reason if isinstance(exc, Interrupted) else "timeout"
         get_store().delete_prefix(prefix)
+        if reason != "lease_lost":  # the attempt that owns the job now resumes from them
+            context.clear_checkpoints()
         _interrupted(context, reason)
     except JobFailure as exc:
         get_store().delete_prefix(prefix)
+        context.clear_checkpoints()
         _fail(context, exc.code, exc.message, retryable=exc.retryable)
     except Exception as exc:  # noqa: BLE001 - any other error fails the job with its message
         log.exception("job %s failed", job_id)
         get_store().delete_prefix(prefix)
+        context.clear_checkpoints()
         _fail(context, "engine_error", f"{type(exc).__name__}: {exc}", retryable=False)
     finally:
         heartbeat.stop()
@@ -329,7 +337,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     from workers.compression.data import calibration_batches, read_records
     from workers.compression.device import select_device
     from workers.compression.evaluation import Evaluator
-    from workers.compression.export import save_model, verify_export
+    from workers.compression.export import load_artifact, save_model, verify_export
     from workers.compression.loading import load_model
     from workers.compression.recipe import EvaluationSettings, Recipe
 
@@ -360,6 +368,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
         raise JobFailure(exc.code, exc.message) from exc
     context.check()
     device = torch.device(recipe.required_device) if recipe.required_device else select_device()
+    _preflight(model_row, job, device)
     torch.manual_seed(0)
     loaded = load_model(folder, device=device)
     context.progress(0, 1, 3, f"loaded {loaded.architecture} on {device}", force=True)
@@ -395,7 +404,12 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     def on_progress(update: Any) -> None:
         context.progress(2 + update.stage_index, update.step, update.total_steps, update.message)
 
-    result = compress(loaded.model, recipe, calibration, progress=on_progress)
+    checkpoints = _checkpoints(model_row, job, calibration_sha)
+    context.clear_checkpoints = lambda: [checkpoints(i).clear() for i in range(len(methods))]
+    result = compress(
+        loaded.model, recipe, calibration, progress=on_progress, checkpoints=checkpoints
+    )
+    context.clear_checkpoints()  # they exist to resume this stage; it is done
     context.check()
 
     export_index = 2 + len(methods)
@@ -415,7 +429,11 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     context.progress(export_index, 1, 2, "export load-tested", force=True)
 
     context.progress(export_index + 1, 0, 1, "measuring the compressed model", force=True)
-    compressed = evaluator.measure(result.model, folder=model_folder, on_step=context.check)
+    # Measure what users will run: the exported folder loaded the documented way (real low-bit
+    # kernels where the device has them), not the in-memory model the methods left behind.
+    deployed = load_artifact(model_folder, device=device)
+    compressed = evaluator.measure(deployed.model, folder=model_folder, on_step=context.check)
+    compressed["runtime"] = getattr(deployed.model, "slimformer_runtime", None)
     metrics = {
         "baseline": baseline,
         "compressed": compressed,
@@ -441,6 +459,47 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
         _report(metrics, job.recipe, inputs, scratch / "report.json"),
     ]
     return metrics, files
+
+
+def _checkpoints(model_row: Model, job: Job, calibration_sha: str | None):  # noqa: ANN202
+    """Per-stage block checkpoints in storage, keyed by what the computation depends on."""
+    import torch
+    import transformers
+
+    store = get_store()
+
+    def for_stage(index: int) -> StorageBlockCheckpoint:
+        key = fingerprint(
+            model={"id": model_row.id, "sha256": model_row.sha256, "source": model_row.source},
+            calibration={**(job.calibration or {}), "sha256": calibration_sha},
+            stages=job.recipe["stages"][: index + 1],
+            versions={"torch": torch.__version__, "transformers": transformers.__version__},
+        )
+        return StorageBlockCheckpoint(store, f"checkpoints/{key}")
+
+    return for_stage
+
+
+def _preflight(model_row: Model, job: Job, device: Any) -> None:
+    """Refuse a job that cannot fit, before loading it (when the model's size is known)."""
+    if not model_row.parameters:
+        return
+    calibration = job.calibration or {}
+    estimate = estimate_memory(
+        parameters=model_row.parameters,
+        linear_shapes=(model_row.details or {}).get("linear_shapes") or {},
+        calibration_samples=calibration.get("num_samples", 0),
+        calibration_seq_len=calibration.get("seq_len", 0),
+        evaluation_seq_len=(job.evaluation or {}).get("seq_len", 512),
+        device=str(device),
+    )
+    if not estimate.fits:
+        raise JobFailure(
+            "insufficient_memory",
+            f"this job needs about {estimate.peak_bytes / 1e9:.1f} GB on {device} but "
+            f"{estimate.available_bytes / 1e9:.1f} GB is free ({estimate.breakdown}); use fewer "
+            "calibration samples or a shorter seq_len, or a worker with more memory",
+        )
 
 
 def _default_dataset(task: str) -> str:

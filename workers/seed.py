@@ -12,7 +12,13 @@ from app.db.session import session_scope
 from app.db.tables import Dataset, Model
 from app.ids import new_id
 from app.storage import get_store
-from workers.compression.builtins import BUILTIN_DATASETS, BUILTIN_MODELS, builtin_dataset_jsonl
+from workers.compression.builtins import (
+    BUILTIN_DATASETS,
+    BUILTIN_MODELS,
+    BuiltinModel,
+    builtin_dataset_jsonl,
+)
+from workers.compression.shapes import describe_folder
 
 log = logging.getLogger("slimformer.seed")
 
@@ -25,19 +31,24 @@ def seed_builtins() -> None:
             for row in session.scalars(select(Model).where(Model.project_id.is_(None)))
         }
         for name, builtin in BUILTIN_MODELS.items():
-            if name in models:
+            if not builtin.available:
+                log.warning("built-in model %s unavailable: install the examples extra", name)
                 continue
-            session.add(
-                Model(
-                    id=new_id("mdl"),
-                    project_id=None,
-                    name=name,
-                    status="ready",
-                    source={"type": "builtin", "name": name, "description": builtin.description},
-                    architecture=builtin.architecture,
-                    task=builtin.task,
-                )
+            if name in models:
+                if models[name].details is None:
+                    _describe(models[name], builtin)
+                continue
+            models[name] = Model(
+                id=new_id("mdl"),
+                project_id=None,
+                name=name,
+                status="ready",
+                source={"type": "builtin", "name": name, "description": builtin.description},
+                architecture=builtin.architecture,
+                task=builtin.task,
             )
+            _describe(models[name], builtin)
+            session.add(models[name])
         datasets = {
             row.name: row
             for row in session.scalars(select(Dataset).where(Dataset.project_id.is_(None)))
@@ -72,3 +83,10 @@ def seed_builtins() -> None:
                     storage_key=stored.key,
                 )
             )
+
+
+def _describe(model: Model, builtin: BuiltinModel) -> None:
+    """Layer shapes and parameter count from the config, so recipes are checked at submission."""
+    linear_shapes, parameters = describe_folder(builtin.shipped_folder(), builtin.architecture)
+    model.parameters = parameters
+    model.details = {"linear_shapes": linear_shapes}

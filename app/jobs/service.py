@@ -13,13 +13,15 @@ from app.errors import APIError, not_found
 from app.idempotency import remember, replay, request_hash
 from app.ids import new_id
 from app.jobs.lifecycle import LIVE, TERMINAL, add_event, transition
-from app.jobs.schemas import JobCreate, JobOut, Progress
+from app.jobs.schemas import CalibrationSpec, JobCreate, JobOut, Progress
 from app.models.service import model_visible_to
 from app.pagination import page
 from app.settings import get_settings
 from app.storage import get_store
+from workers.compression.recipe import group_size_conflicts  # validation specs only
 
 DEFAULT_EVALUATION_DATASET = {"causal-lm": "enwiki-evaluation"}
+DEFAULT_CALIBRATION_DATASET = {"causal-lm": "enwiki-calibration"}
 FALLBACK_EVALUATION_DATASET = "lee-sentences"
 ENDPOINT = "POST /v1/jobs"
 
@@ -45,13 +47,25 @@ def create_job(
             f"Model {model.id} was rejected: {(model.error or {}).get('message', 'see the model')}",
             param="model_id",
         )
+    _check_recipe_against_shapes(spec, (model.details or {}).get("linear_shapes"))
     evaluation = spec.evaluation.model_dump(mode="json")
     if evaluation["dataset_id"] is None and model.task is not None:
         evaluation["dataset_id"] = _builtin_dataset_id(
             session, default_evaluation_dataset(model.task)
         )
+    calibration = body["calibration"]
+    if calibration is None and spec.recipe.needs_calibration:
+        if model.task is None:
+            raise APIError(
+                "invalid_request",
+                "This recipe needs calibration data: give calibration.dataset_id",
+                param="calibration",
+            )
+        calibration = CalibrationSpec(
+            dataset_id=_builtin_dataset_id(session, default_calibration_dataset(model.task)) or ""
+        ).model_dump(mode="json")
     for param, dataset_id in (
-        ("calibration.dataset_id", (body["calibration"] or {}).get("dataset_id")),
+        ("calibration.dataset_id", (calibration or {}).get("dataset_id")),
         ("evaluation.dataset_id", evaluation["dataset_id"]),
     ):
         if dataset_id is None:
@@ -82,7 +96,7 @@ def create_job(
         model_id=model.id,
         status="queued",
         recipe=body["recipe"],
-        calibration=body["calibration"],
+        calibration=calibration,
         evaluation=evaluation,
         targets=body["targets"],
         export=body["export"],
@@ -105,6 +119,30 @@ def create_job(
     # Commit first, then send: a worker must never receive an id the database does not have yet.
     after_commit(session, lambda: broker.send_run_job(job_id))
     return job, True
+
+
+def _check_recipe_against_shapes(spec: JobCreate, linear_shapes: dict | None) -> None:
+    """The model's shapes are known at submission: refuse a recipe that cannot apply to them."""
+    if not linear_shapes:
+        return
+    for index, stage in enumerate(spec.recipe.stages):
+        conflicts = group_size_conflicts(stage, linear_shapes)
+        if conflicts:
+            widths = sorted({linear_shapes[name][1] for name in conflicts})
+            shown = ", ".join(conflicts[:4]) + (
+                f" and {len(conflicts) - 4} more" if len(conflicts) > 4 else ""
+            )
+            raise APIError(
+                "invalid_request",
+                f"group_size {stage.group_size} does not divide the input width "
+                f"({', '.join(map(str, widths))}) of {shown}; choose a divisor, -1 for per "
+                "channel, or leave those layers out with `ignore`",
+                param=f"recipe.stages[{index}].group_size",
+            )
+
+
+def default_calibration_dataset(task: str) -> str:
+    return DEFAULT_CALIBRATION_DATASET.get(task, FALLBACK_EVALUATION_DATASET)
 
 
 def default_evaluation_dataset(task: str) -> str:

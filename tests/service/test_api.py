@@ -407,3 +407,55 @@ def test_max_runtime_is_enforced(service: Service, tiny_model_id: str) -> None:
         final = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=180)
         assert final["status"] == "failed", final
         assert final["error"]["code"] == "timeout" and final["artifact_ids"] == []
+
+
+def test_group_size_that_does_not_divide_a_layer_is_refused(service: Service) -> None:
+    with service.client() as client:
+        smollm2 = builtin_id(client, "models", "SmolLM2-135M-Instruct")
+        model = client.get(f"/v1/models/{smollm2}").json()
+        assert model["parameters"] > 130_000_000  # described from its config at registration
+        response = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": smollm2,
+                "recipe": {"stages": [{"method": "gptq", "group_size": 128}]},
+            },
+        )
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["param"] == "recipe.stages[0].group_size"
+        assert "576" in error["message"] and "q_proj" in error["message"]
+        # Only the 1536-wide down_proj layers: the same group size is acceptable.
+        ok = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": smollm2,
+                "recipe": {
+                    "stages": [{"method": "rtn", "group_size": 128, "modules": ["down_proj"]}]
+                },
+            },
+        )
+        assert ok.status_code == 202, ok.text
+        client.post(f"/v1/jobs/{ok.json()['id']}/cancel")
+
+
+def test_calibrated_recipe_gets_the_builtin_calibration_set(service: Service) -> None:
+    with service.client() as client:
+        smollm2 = builtin_id(client, "models", "SmolLM2-135M-Instruct")
+        calibration_id = builtin_id(client, "datasets", "enwiki-calibration")
+        response = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": smollm2,
+                "recipe": {"stages": [{"method": "gptq", "group_size": 64}]},
+            },
+        )
+        assert response.status_code == 202, response.text
+        job = response.json()
+        assert job["calibration"] == {
+            "dataset_id": calibration_id,
+            "num_samples": 128,
+            "seq_len": 512,
+            "seed": 0,
+        }
+        client.post(f"/v1/jobs/{job['id']}/cancel")

@@ -91,3 +91,59 @@ def test_minilm_dynamic_int8_over_http(service: Service, tmp_path: Path) -> None
     measured = (ours * reference).sum(-1)
     assert measured.min().item() >= 0.98
     assert abs(measured.mean().item() - cosine) < 0.01  # what the job reported is what we get
+
+
+def test_smollm2_gptq_over_http_loads_in_plain_transformers(
+    service: Service, tmp_path: Path
+) -> None:
+    with service.client() as client:
+        model_id = builtin_id(client, "models", "SmolLM2-135M-Instruct")
+        response = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": model_id,
+                "recipe": {"stages": [{"method": "gptq", "bits": 4, "group_size": 64}]},
+                "calibration": {
+                    "dataset_id": builtin_id(client, "datasets", "enwiki-calibration"),
+                    "num_samples": 16,
+                    "seq_len": 128,
+                },
+                "evaluation": {"metrics": ["perplexity", "size"], "seq_len": 256, "max_windows": 4},
+            },
+        )
+        assert response.status_code == 202, response.text
+        job = wait_for(client, response.json()["id"], {"succeeded", "failed"}, timeout=900)
+        assert job["status"] == "succeeded", (job["error"], service.logs())
+        metrics = job["metrics"]
+        assert metrics["compressed"]["perplexity"] < 1.5 * metrics["baseline"]["perplexity"]
+        assert metrics["compressed"]["size_bytes"] < 0.4 * metrics["baseline"]["size_bytes"]
+        events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()
+        blocks = [
+            e
+            for e in events["data"]
+            if e["type"] == "progress"
+            and e["data"]["stage"] == "gptq"
+            and "calibrated" in e["message"]
+        ]
+        assert blocks, "GPTQ reports progress per block"
+        artifact = next(
+            a
+            for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+            if a["kind"] == "model"
+        )
+        archive = tmp_path / "model.tar.gz"
+        archive.write_bytes(client.get(f"/v1/artifacts/{artifact['id']}/content").content)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "out", filter="data")
+    folder = tmp_path / "out" / "model"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()  # compressed-tensors decompresses
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(["The history of the city begins in the"], return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**batch).logits
+    assert torch.isfinite(logits).all()

@@ -200,3 +200,23 @@ def test_lost_broker_messages_are_resent(tmp_path: Path, tiny_bert: Path) -> Non
         if redis_process is not None:
             redis_process.terminate()
             redis_process.wait()
+
+
+def test_preflight_refuses_a_job_that_cannot_fit(tmp_path: Path) -> None:
+    svc, cleanup = start_service(tmp_path, SLIMFORMER_MEMORY_LIMIT_BYTES=str(300 * 1024**2))
+    try:
+        svc.start_worker()
+        with svc.client() as client:
+            models = client.get("/v1/models", params={"limit": 100}).json()["data"]
+            minilm = next(m for m in models if m["name"] == "all-MiniLM-L6-v2")
+            job = client.post(
+                "/v1/jobs",
+                json={"model_id": minilm["id"], "recipe": {"stages": [{"method": "dynamic_int8"}]}},
+            ).json()
+            final = wait_for(client, job["id"], {"succeeded", "failed"}, timeout=120)
+            assert final["status"] == "failed"
+            assert final["error"]["code"] == "insufficient_memory"
+            assert "GB" in final["error"]["message"] and final["artifact_ids"] == []
+    finally:
+        svc.stop()
+        cleanup()

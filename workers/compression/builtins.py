@@ -36,6 +36,11 @@ class BuiltinModel:
     def available(self) -> bool:
         return _package_file(self.package, self.path) is not None
 
+    def shipped_folder(self) -> Path:
+        """The folder the package ships (for a GGUF, the folder holding it), as installed."""
+        location = _require_file(self.package, self.path)
+        return location if location.is_dir() else location.parent
+
 
 @dataclass(frozen=True)
 class BuiltinDataset:

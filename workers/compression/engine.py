@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 import workers.compression.methods  # noqa: F401  (registers every method)
+from workers.compression.calibration import BlockCheckpoint
 from workers.compression.progress import ProgressFn
 from workers.compression.recipe import Recipe
 from workers.compression.registry import StageContext, method_for
@@ -26,12 +28,15 @@ def compress(
     calibration: list[torch.Tensor] | None = None,
     *,
     progress: ProgressFn | None = None,
+    checkpoints: Callable[[int], BlockCheckpoint] | None = None,
 ) -> Result:
     """Run the recipe's stages in order on `model`, in place.
 
     `calibration` is a list of [1, seq_len] input_ids tensors for the methods that need them.
     `progress` is called between steps; an exception it raises stops the run and propagates (that
     is how a job is cancelled), leaving the model part-way through the current stage.
+    `checkpoints(stage_index)` gives layer-by-layer stages a place to record finished blocks, so a
+    rerun after a crash resumes from the last one instead of starting over.
     """
     summaries = []
     for index, stage in enumerate(recipe.stages):
@@ -41,6 +46,7 @@ def compress(
             stage_index=index,
             num_stages=len(recipe.stages),
             progress=progress,
+            checkpoint=checkpoints(index) if checkpoints is not None else None,
         )
         started = time.perf_counter()
         summary = method_for(stage)(model, stage, context)

@@ -1,11 +1,23 @@
 """Writing compressed models as folders people can load, and proving that they load.
 
-A dense model is a standard Hugging Face folder. A dynamic-int8 model uses the compressed-tensors
-`int-quantized` layout, the format transformers (with the compressed-tensors package) and vLLM
-read: for each quantized Linear `<name>.weight` holds the int8 values and `<name>.weight_scale` the
-float32 scales ([out, 1] per channel, [1] per tensor); zero points are omitted because the
-quantization is symmetric; and config.json carries a `quantization_config` describing the scheme.
-`load_artifact` reads that same folder back into a runnable CPU model without compressed-tensors.
+A dense model is a standard Hugging Face folder. Quantized models use the compressed-tensors
+layouts that transformers (with the compressed-tensors package) and vLLM read, with a
+`quantization_config` in config.json describing the scheme:
+
+- dynamic int8 (`int-quantized`): `<name>.weight` holds the int8 values and `<name>.weight_scale`
+  the float32 scales ([out, 1] per channel, [1] per tensor); no zero points (symmetric);
+  activations are quantized per token at run time.
+- weight-only 2-8 bit (`pack-quantized`, what compressed-tensors infers for W4A16 and W8A16):
+  `<name>.weight_packed` int32 [out, ceil(in * bits / 32)] holds the codes as unsigned values
+  (signed code + 2^(bits-1)) in one dense little-endian bit stream per row: code j occupies bits
+  j*bits .. j*bits+bits-1, so with 3, 5, 6 or 7 bits a code may straddle two words;
+  `<name>.weight_scale` float32 [out, groups]; `<name>.weight_shape` int64 [2] = [out, in]; and,
+  when asymmetric, `<name>.weight_zero_point` int32 [ceil(out * bits / 32), groups], the zero
+  points packed the same way down each column. w = (code - zero_point) * scale per group.
+
+`load_artifact` reads these folders back into a runnable model without compressed-tensors: torch's
+dynamic int8 Linear for the first, the CPU int4/int8 kernels of `runtime.py` for the second.
+One artifact holds one format; a model mixing dynamic int8 and weight-only layers is refused.
 
 Bytes are deterministic: tensors, config and metadata depend only on the model and the arguments
 (no timestamps, JSON keys sorted), and the folder appears by one rename once every file is written.
@@ -16,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
+import math
 import platform
 import shutil
 import tempfile
@@ -25,6 +39,7 @@ import safetensors
 import safetensors.torch
 import torch
 import transformers
+from safetensors import safe_open
 from torch import nn
 from torch.ao.nn.quantized import dynamic as nnqd
 from torch.nn import functional as F
@@ -40,13 +55,31 @@ from workers.compression.loading import (
     task_of,
 )
 from workers.compression.methods.dynamic_int8 import int8_linear, int8_weight_and_scale
+from workers.compression.quant import ATTRIBUTE, QuantizedWeight, dequantize
+from workers.compression.runtime import dequantized_linear, runtime_linear
 
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "slimformer.json"
+INT8_FORMAT = "int-quantized"
+PACKED_FORMAT = "pack-quantized"
+# verify_export's bound on |artifact - in-memory| relative to max(1, max |in-memory output|) when
+# the artifact runs the weight-only kernels; float and int8-dynamic runs must agree to 1e-4. The
+# kernels round activations, scales and zeros to bfloat16 (8 significant bits) at every Linear:
+# that moved a tiny random Llama's logits by 0.15% of the largest and SmolLM2-135M's (30 blocks,
+# 128 tokens) by 1.7% (int4, g64), 1.4% (int4 asymmetric) and 2.3% (int8 per channel). 5% leaves
+# room for deeper models; a kernel fed a wrong layout is off by tens of percent, and the stored
+# weights themselves are checked bit for bit, so the bound need not catch a wrong code or scale.
+BF16_KERNEL_TOLERANCE = 5e-2
+
+log = logging.getLogger(__name__)
 
 
 class ExportVerificationError(RuntimeError):
     """The written artifact does not reproduce the model it was written from."""
+
+
+class UnsupportedExportError(ValueError):
+    """The model holds layers that no single compressed-tensors format can store."""
 
 
 def save_model(
@@ -63,16 +96,24 @@ def save_model(
     empty. Returns the files written, sorted."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tensors, int8_layers = _weight_tensors(model)
+    tensors, storage_format, schemes = _weight_tensors(model)
     config = json.loads(model.config.to_json_string())  # what save_pretrained writes
     config.pop("quantization_config", None)
     config["architectures"] = [loaded.architecture]  # as save_pretrained records it
-    if int8_layers:
-        float_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        config["quantization_config"] = compressed_tensors_config(int8_layers, float_linears)
+    if schemes:
+        float_linears = [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name not in schemes
+        ]
+        config["quantization_config"] = compressed_tensors_config(
+            storage_format, schemes, float_linears
+        )
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if isinstance(output, nnqd.Linear):
-            # The int8 head can no longer share the float embedding's tensor.
+        if output is not None and (
+            isinstance(output, nnqd.Linear) or _weight_quant(output) is not None
+        ):
+            # The quantized head can no longer share the float embedding's tensor.
             config["tie_word_embeddings"] = False
 
     temporary = Path(
@@ -97,7 +138,7 @@ def save_model(
         _write_json(
             temporary / METADATA_FILE,
             {
-                "format": "int-quantized" if int8_layers else "dense",
+                "format": storage_format,
                 "architecture": loaded.architecture,
                 "task": loaded.task,
                 "recipe": recipe,
@@ -114,21 +155,40 @@ def save_model(
     return sorted(path for path in folder.rglob("*") if path.is_file())
 
 
-def _weight_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
-    """(tensors to write, {int8 layer name: per_channel}). Tied weights are written once, under
-    the name transformers expects (the embedding), as `save_pretrained` does."""
+def _weight_quant(module: nn.Module):
+    """The weight-only quantization a stage attached to this Linear, or None."""
+    return getattr(module, ATTRIBUTE, None) if isinstance(module, nn.Linear) else None
+
+
+def _weight_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], str, dict[str, dict]]:
+    """(tensors to write, storage format, {quantized layer name: its weights scheme}). Tied
+    weights are written once, under the name transformers expects (the embedding), as
+    `save_pretrained` does."""
     int8_modules = {n: m for n, m in model.named_modules() if isinstance(m, nnqd.Linear)}
+    weight_only = {
+        name: quant
+        for name, module in model.named_modules()
+        if (quant := _weight_quant(module)) is not None
+    }
+    if int8_modules and weight_only:
+        raise UnsupportedExportError(
+            "the model mixes dynamic int8 layers (e.g. "
+            f"{sorted(int8_modules)[0]}) and weight-only layers (e.g. {sorted(weight_only)[0]}): "
+            "one artifact holds one compressed-tensors format; quantize with one of them"
+        )
     tensors = {}
     for key, value in model.state_dict().items():
         owner = key.rsplit(".", 1)[0]
         if any(owner == name or owner.startswith(name + ".") for name in int8_modules):
             continue  # packed int8 params; written below in the compressed-tensors layout
+        if key.endswith(".weight") and owner in weight_only:
+            continue  # the dequantized copy; the codes are written below
         tensors[key] = value
     for target, source in getattr(model, "all_tied_weights_keys", {}).items():
         tied = target in tensors and source in tensors
         if tied and tensors[target].data_ptr() == tensors[source].data_ptr():
             del tensors[target]
-    int8_layers = {}
+    schemes = {}
     for name, module in int8_modules.items():
         q, scale = int8_weight_and_scale(module)
         tensors[f"{name}.weight"] = q
@@ -136,56 +196,156 @@ def _weight_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
         bias = module.bias()
         if bias is not None:
             tensors[f"{name}.bias"] = bias
-        int8_layers[name] = scale.dim() == 2  # [out, 1] per channel, [1] per tensor
-    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, int8_layers
+        strategy = "channel" if scale.dim() == 2 else "tensor"  # [out, 1] or [1]
+        schemes[name] = _weights_args(
+            bits=8, symmetric=True, strategy=strategy, group_size=None, observer="minmax"
+        )
+    for name, quant in weight_only.items():
+        tensors.update(packed_weight_tensors(name, quant, model.get_submodule(name).weight.shape))
+        per_channel = quant.scale.shape[1] == 1
+        schemes[name] = _weights_args(
+            bits=quant.bits,
+            symmetric=quant.symmetric,
+            strategy="channel" if per_channel else "group",
+            group_size=None if per_channel else quant.group_size,
+            observer=None,
+        )
+    storage_format = INT8_FORMAT if int8_modules else PACKED_FORMAT if weight_only else "dense"
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return tensors, storage_format, schemes
 
 
-def compressed_tensors_config(int8_layers: dict[str, bool], float_linears: list[str]) -> dict:
-    """The `quantization_config` for int8 weights (symmetric, per channel or per tensor) with int8
-    activations quantized dynamically per token, in compressed-tensors' schema."""
+def packed_weight_tensors(
+    name: str, quant: QuantizedWeight, shape: torch.Size
+) -> dict[str, torch.Tensor]:
+    """The `pack-quantized` tensors of one weight-only layer (see the module docstring), after
+    checking that its codes, scales and zero points are what their bit width and shape promise:
+    a wrong range would be packed silently into neighbouring codes."""
+    codes, scale, bits = quant.codes.cpu(), quant.scale.cpu(), quant.bits
+    zero_point = None if quant.zero_point is None else quant.zero_point.cpu()
+    out_features, in_features = shape
+    groups = scale.shape[1] if scale.dim() == 2 else 0
+    problems = []
+    if not 1 <= bits <= 8:
+        problems.append(f"{bits} bits (pack-quantized holds 1 to 8)")
+    if tuple(codes.shape) != (out_features, in_features):
+        problems.append(f"codes {tuple(codes.shape)} for a weight {tuple(shape)}")
+    if groups == 0 or tuple(scale.shape) != (out_features, groups) or in_features % groups:
+        problems.append(f"scale {tuple(scale.shape)} does not split {in_features} inputs evenly")
+    elif quant.group_size != in_features // groups:
+        problems.append(f"group_size {quant.group_size} with {groups} groups of {in_features}")
+    if (zero_point is None) != bool(quant.symmetric):
+        problems.append("a zero point must be given exactly when asymmetric")
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if quant.symmetric else (0, 2**bits - 1)
+    if codes.numel() and not (low <= codes.min().item() and codes.max().item() <= high):
+        problems.append(f"codes outside [{low}, {high}]")
+    if zero_point is not None and (
+        zero_point.shape != scale.shape
+        or zero_point.min().item() < 0
+        or zero_point.max().item() > 2**bits - 1
+    ):
+        problems.append(f"zero points not in [0, {2**bits - 1}] with the scale's shape")
+    if problems:
+        raise UnsupportedExportError(f"{name}: cannot pack its weights: {'; '.join(problems)}")
 
-    def scheme(strategy: str) -> dict:
-        return {
-            "input_activations": {
-                "actorder": None,
-                "block_structure": None,
-                "dynamic": True,
-                "group_size": None,
-                "num_bits": 8,
-                "observer": None,
-                "observer_kwargs": {},
-                "strategy": "token",
-                "symmetric": True,
-                "type": "int",
-            },
-            "output_activations": None,
-            "weights": {
-                "actorder": None,
-                "block_structure": None,
-                "dynamic": False,
-                "group_size": None,
-                "num_bits": 8,
-                "observer": "minmax",
-                "observer_kwargs": {},
-                "strategy": strategy,
-                "symmetric": True,
-                "type": "int",
-            },
-        }
-
-    strategies = {
-        "channel": sorted(name for name, per_channel in int8_layers.items() if per_channel),
-        "tensor": sorted(name for name, per_channel in int8_layers.items() if not per_channel),
+    # Codes are stored unsigned: compressed-tensors' signed code plus 2^(bits-1). Its asymmetric
+    # codes and zero points are ours minus 2^(bits-1), so ours are stored as they are.
+    unsigned = codes.long() + (1 << (bits - 1)) if zero_point is None else codes.long()
+    tensors = {
+        f"{name}.weight_packed": pack_int32(unsigned, bits),
+        f"{name}.weight_scale": scale.float(),
+        f"{name}.weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
     }
-    used = {strategy: names for strategy, names in strategies.items() if names}
+    if zero_point is not None:
+        # Packed down the output dimension: [ceil(out * bits / 32), groups].
+        tensors[f"{name}.weight_zero_point"] = pack_int32(zero_point.long().T, bits).T
+    return tensors
+
+
+def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned `bits`-bit values [rows, cols] into int32 [rows, ceil(cols * bits / 32)] as
+    compressed-tensors does: value j of a row occupies bits j*bits .. j*bits+bits-1 of the row's
+    little-endian bit stream (word j*bits // 32, from bit j*bits % 32 up)."""
+    rows, cols = values.shape
+    words = math.ceil(cols * bits / 32)
+    start = torch.arange(cols) * bits
+    # Shifted values land in their word; bits past 32 are carried to the next word below. The
+    # values' bit ranges are disjoint, so adding them is OR-ing them.
+    stream = torch.zeros(rows, words + 1, dtype=torch.int64)
+    stream.index_add_(1, start // 32, values.long() << (start % 32))
+    carried = stream & 0xFFFFFFFF
+    carried[:, 1:] += stream[:, :-1] >> 32
+    packed = carried[:, :words]
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """The inverse of `pack_int32`: unsigned int64 values [rows, cols]."""
+    words = torch.nn.functional.pad(packed.long() & 0xFFFFFFFF, (0, 1))
+    start = torch.arange(cols) * bits
+    word, offset = start // 32, start % 32
+    low = words[:, word] >> offset
+    high = words[:, word + 1] << (32 - offset)  # the part of a value that straddles into word + 1
+    return (low | high) & ((1 << bits) - 1)
+
+
+def _weights_args(
+    *, bits: int, symmetric: bool, strategy: str, group_size: int | None, observer: str | None
+) -> dict:
+    """A weights `QuantizationArgs` of compressed-tensors' schema, every field spelled out."""
+    return {
+        "actorder": None,
+        "block_structure": None,
+        "dynamic": False,
+        "group_size": group_size,
+        "num_bits": bits,
+        "observer": observer,
+        "observer_kwargs": {},
+        "strategy": strategy,
+        "symmetric": symmetric,
+        "type": "int",
+    }
+
+
+# Dynamic int8: activations quantized to int8 per token on the fly (vLLM; Slimformer's CPU
+# runtime uses torch's per-tensor dynamic kernels).
+_DYNAMIC_INT8_ACTIVATIONS = {
+    "actorder": None,
+    "block_structure": None,
+    "dynamic": True,
+    "group_size": None,
+    "num_bits": 8,
+    "observer": None,
+    "observer_kwargs": {},
+    "strategy": "token",
+    "symmetric": True,
+    "type": "int",
+}
+
+
+def compressed_tensors_config(
+    storage_format: str, schemes: dict[str, dict], float_linears: list[str]
+) -> dict:
+    """The `quantization_config` for quantized layers {name: weights args} stored in
+    `storage_format`: int8 weights with dynamic int8 activations (`int-quantized`) or weight-only
+    (`pack-quantized`, activations stay float)."""
+    activations = _DYNAMIC_INT8_ACTIVATIONS if storage_format == INT8_FORMAT else None
+    by_scheme: dict[str, list[str]] = {}
+    for name, weights in schemes.items():
+        by_scheme.setdefault(json.dumps(weights, sort_keys=True), []).append(name)
     groups = {}
-    for index, (strategy, names) in enumerate(used.items()):
+    for index, key in enumerate(sorted(by_scheme)):
         # One scheme covers every Linear not ignored; mixed schemes name their layers exactly.
-        targets = ["Linear"] if len(used) == 1 else names
-        groups[f"group_{index}"] = {**scheme(strategy), "targets": targets}
+        targets = ["Linear"] if len(by_scheme) == 1 else sorted(by_scheme[key])
+        groups[f"group_{index}"] = {
+            "input_activations": activations,
+            "output_activations": None,
+            "targets": targets,
+            "weights": json.loads(key),
+        }
     return {
         "config_groups": groups,
-        "format": "int-quantized",
+        "format": storage_format,
         "global_compression_ratio": None,
         "ignore": sorted(float_linears),
         "kv_cache_scheme": None,
@@ -195,50 +355,81 @@ def compressed_tensors_config(int8_layers: dict[str, bool], float_linears: list[
 
 
 def load_artifact(folder: Path, *, device: torch.device | str | None = None) -> LoadedModel:
-    """Load any folder `save_model` writes: dense ones as transformers does, int8 ones by building
-    the architecture from config.json and putting torch's dynamic int8 Linear in place of every
-    quantized layer. Safetensors only; int8 models run on CPU."""
+    """Load any folder `save_model` writes. Dense ones load as transformers loads them (on
+    `device`, default `select_device()`). Quantized ones are built as the float architecture from
+    config.json with a runtime module in place of every quantized layer (default device: CPU):
+    torch's dynamic int8 Linear for `int-quantized` (CPU only); for `pack-quantized`, the CPU int4
+    or int8 weight-only kernels of `runtime.py`, or, on another device or where no kernel fits a
+    layer, an nn.Linear holding the exactly dequantized weight. `model.slimformer_runtime` says
+    what runs: {"kernels": {kind: layer count}, "fallbacks": {layer: why it runs in float}}.
+    Safetensors only."""
     folder = Path(folder)
     config_data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     quantization = config_data.get("quantization_config")
     if quantization is None:
         return load_model(folder, device=device)
-    _check_int8_scheme(quantization)
-    if device is not None and torch.device(device).type != "cpu":
+    storage_format = _check_scheme(quantization)
+    device = torch.device(device if device is not None else "cpu")
+    if storage_format == INT8_FORMAT and device.type != "cpu":
         raise ValueError("dynamic int8 models run on CPU only")
 
     architecture = read_architecture(folder)
     task = task_of(architecture)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    del config.quantization_config  # build the plain float architecture; int8 goes in below
+    # Build the plain float architecture; the quantized layers go in below.
+    del config.quantization_config
     model_class = AutoModelForCausalLM if task == "causal-lm" else AutoModel
     model = model_class.from_config(config, dtype=torch.float32)
 
     state = safetensors.torch.load_file(folder / WEIGHTS_FILE)
-    names = sorted(
-        key.removesuffix(".weight_scale") for key in state if key.endswith(".weight_scale")
-    )
-    int8 = {
-        name: (state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale")) for name in names
-    }
+    if storage_format == INT8_FORMAT:
+        names = sorted(
+            key.removesuffix(".weight_scale") for key in state if key.endswith(".weight_scale")
+        )
+        layers = {
+            name: (state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale")) for name in names
+        }
+    else:
+        layers = read_packed_layers(state, quantization)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = getattr(model, "all_tied_weights_keys", {})
     absent = [
         key
         for key in missing
-        if key.removesuffix(".weight") not in int8 and not (key in tied and tied[key] in state)
+        if key.removesuffix(".weight") not in layers and not (key in tied and tied[key] in state)
     ]
     if unexpected or absent:
         raise UnsupportedModelError(
             f"weights do not match {architecture}: "
             f"unexpected {unexpected[:5]}, missing {absent[:5]}"
         )
-    for name, (q, scale) in int8.items():
+    runtime: dict = {"kernels": {}, "fallbacks": {}}
+    for name, stored in layers.items():
         linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != tuple(q.shape):
-            raise UnsupportedModelError(f"{name} is not a Linear of shape {tuple(q.shape)}")
-        model.set_submodule(name, int8_linear(q, scale, linear.bias))
-    model.eval()
+        shape = tuple(stored[0].shape if storage_format == INT8_FORMAT else stored.codes.shape)
+        if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != shape:
+            raise UnsupportedModelError(f"{name} is not a Linear of shape {shape}")
+        if storage_format == INT8_FORMAT:
+            module, kernel = int8_linear(*stored, linear.bias), "dynamic-int8"
+        elif device.type == "cpu":
+            module, kernel = runtime_linear(stored, linear.bias)
+        else:
+            module = dequantized_linear(stored, linear.bias)
+            kernel = f"float: the weight-only kernels here are CPU ones, not {device.type}"
+        if kernel.startswith("float: "):
+            runtime["fallbacks"][name] = kernel.removeprefix("float: ")
+            kernel = "float"
+        runtime["kernels"][kernel] = runtime["kernels"].get(kernel, 0) + 1
+        model.set_submodule(name, module)
+    if runtime["fallbacks"]:
+        log.warning(
+            "%d of %d quantized layers run dequantized in float: %s",
+            len(runtime["fallbacks"]),
+            len(layers),
+            runtime["fallbacks"],
+        )
+    model.to(device).eval()
+    model.slimformer_runtime = runtime
     return LoadedModel(
         model=model,
         tokenizer=load_tokenizer(folder, task),
@@ -248,32 +439,125 @@ def load_artifact(folder: Path, *, device: torch.device | str | None = None) -> 
     )
 
 
-def _check_int8_scheme(quantization: dict) -> None:
-    if (
-        quantization.get("quant_method") != "compressed-tensors"
-        or quantization.get("format") != "int-quantized"
+def read_packed_layers(
+    state: dict[str, torch.Tensor], quantization: dict
+) -> dict[str, QuantizedWeight]:
+    """Take every `pack-quantized` layer's tensors out of `state` and unpack them to codes in the
+    engine's convention (symmetric: signed; asymmetric: unsigned, with unsigned zero points)."""
+    names = sorted(
+        key.removesuffix(".weight_packed") for key in state if key.endswith(".weight_packed")
+    )
+    layers = {}
+    for name in names:
+        weights = _scheme_of(quantization, name)
+        bits, symmetric = weights["num_bits"], weights["symmetric"]
+        out_features, in_features = state.pop(f"{name}.weight_shape").tolist()
+        packed = state.pop(f"{name}.weight_packed")
+        scale = state.pop(f"{name}.weight_scale").float()
+        groups = 1 if weights["strategy"] == "channel" else in_features // weights["group_size"]
+        expected = {
+            "weight_packed": (out_features, math.ceil(in_features * bits / 32)),
+            "weight_scale": (out_features, groups),
+        }
+        zero_point = None
+        if not symmetric:
+            zero_point = state.pop(f"{name}.weight_zero_point", None)
+            expected["weight_zero_point"] = (math.ceil(out_features * bits / 32), groups)
+        found = {
+            "weight_packed": packed,
+            "weight_scale": scale,
+            "weight_zero_point": zero_point,
+        }
+        wrong = [
+            f"{key} {None if found[key] is None else tuple(found[key].shape)}, expected {shape}"
+            for key, shape in expected.items()
+            if found[key] is None or tuple(found[key].shape) != shape
+        ]
+        if wrong or packed.dtype != torch.int32 or in_features % groups:
+            raise UnsupportedModelError(f"{name}: not a {bits}-bit packed layer: {wrong}")
+        unsigned = unpack_int32(packed, bits, in_features)
+        if symmetric:
+            codes = (unsigned - (1 << (bits - 1))).to(torch.int8)
+        else:
+            codes = unsigned.to(torch.uint8)
+            zero_point = unpack_int32(zero_point.T, bits, out_features).T.to(torch.uint8)
+        layers[name] = QuantizedWeight(
+            codes=codes,
+            scale=scale,
+            zero_point=zero_point,
+            bits=bits,
+            group_size=in_features // groups,
+            symmetric=symmetric,
+        )
+    return layers
+
+
+def _scheme_of(quantization: dict, name: str) -> dict:
+    """The weights scheme of the config group that targets layer `name`."""
+    schemes = [
+        group["weights"]
+        for group in quantization["config_groups"].values()
+        if name in group["targets"] or "Linear" in group["targets"]
+    ]
+    if name in quantization.get("ignore", []) or len(schemes) != 1:
+        raise UnsupportedModelError(f"{name} has packed weights but no single scheme targets it")
+    return schemes[0]
+
+
+def _check_scheme(quantization: dict) -> str:
+    """The storage format of a `quantization_config` this module can load, or a refusal."""
+    storage_format = quantization.get("format")
+    if quantization.get("quant_method") != "compressed-tensors" or storage_format not in (
+        INT8_FORMAT,
+        PACKED_FORMAT,
     ):
         raise UnsupportedModelError(
-            f"unsupported quantization_config: {quantization.get('quant_method')} "
-            f"{quantization.get('format')}"
+            f"unsupported quantization_config: {quantization.get('quant_method')} {storage_format}"
         )
     for group in quantization.get("config_groups", {}).values():
         weights = group.get("weights") or {}
-        if (weights.get("num_bits"), weights.get("type"), weights.get("symmetric")) != (
-            8,
-            "int",
-            True,
-        ) or weights.get("strategy") not in ("channel", "tensor"):
-            raise UnsupportedModelError(f"unsupported int8 weight scheme: {weights}")
+        if not all(
+            isinstance(t, str) and not t.startswith("re:") for t in group.get("targets", [])
+        ):
+            raise UnsupportedModelError(f"unsupported targets: {group.get('targets')}")
+        if storage_format == INT8_FORMAT:
+            supported = (
+                weights.get("num_bits") == 8
+                and weights.get("type") == "int"
+                and weights.get("symmetric") is True
+                and weights.get("strategy") in ("channel", "tensor")
+            )
+        else:
+            group_size = weights.get("group_size")
+            supported = (
+                weights.get("type") == "int"
+                and weights.get("num_bits") in range(1, 9)
+                and isinstance(weights.get("symmetric"), bool)
+                and not weights.get("dynamic")
+                and group.get("input_activations") is None
+                and (
+                    (weights.get("strategy") == "channel" and group_size in (None, -1))
+                    or (
+                        weights.get("strategy") == "group"
+                        and isinstance(group_size, int)
+                        and group_size > 0
+                    )
+                )
+            )
+        if not supported:
+            raise UnsupportedModelError(f"unsupported {storage_format} weight scheme: {weights}")
+    return storage_format
 
 
 def verify_export(
     folder: Path, model_in_memory: nn.Module, loaded_task: str, sample_input_ids: torch.Tensor
 ) -> dict:
-    """Load the artifact the documented way and check it computes what the model in memory does.
+    """Load the artifact the documented way and check it computes what the model in memory does,
+    and that every weight-only layer's stored codes dequantize to exactly its in-memory weight.
     Raises ExportVerificationError if not; returns the comparison otherwise."""
     device = next(model_in_memory.parameters()).device
     artifact = load_artifact(folder, device=device)
+    exact_layers = _check_stored_weights(folder, model_in_memory)
     ids = sample_input_ids.to(device)
     with torch.inference_mode():
         expected = _outputs(model_in_memory, loaded_task, ids)
@@ -282,17 +566,65 @@ def verify_export(
     cosine = F.cosine_similarity(
         expected.double().flatten(), actual.double().flatten(), dim=0
     ).item()
-    # Same weights and kernels give the same numbers; allow float noise from op ordering only.
-    tolerance = 1e-4 * max(1.0, expected.abs().max().item())
+    runtime = getattr(artifact.model, "slimformer_runtime", None)
+    kernels = (runtime or {}).get("kernels", {})
+    # Same weights and float kernels give the same numbers up to op ordering; the weight-only
+    # kernels compute with bfloat16 activations (see BF16_KERNEL_TOLERANCE).
+    relative = BF16_KERNEL_TOLERANCE if kernels.get("int4") or kernels.get("int8") else 1e-4
+    tolerance = relative * max(1.0, expected.abs().max().item())
     report = {
         "max_abs_diff": max_abs_diff,
         "cosine": cosine,
         "tolerance": tolerance,
         "loaded_as": type(artifact.model).__name__,
     }
+    if runtime is not None:
+        report["runtime"] = runtime
+    if exact_layers:
+        report["weights_exact_layers"] = exact_layers
     if not max_abs_diff <= tolerance:  # also catches NaN
         raise ExportVerificationError(f"exported model disagrees with the original: {report}")
     return report
+
+
+def _check_stored_weights(folder: Path, model: nn.Module) -> int:
+    """How many weight-only layers the artifact stores, after checking that they are exactly the
+    model's weight-only layers and dequantize to exactly its weights."""
+    in_memory = {
+        name: module.weight
+        for name, module in model.named_modules()
+        if _weight_quant(module) is not None
+    }
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    quantization = config.get("quantization_config") or {}
+    if quantization.get("format") != PACKED_FORMAT:
+        if in_memory:
+            raise ExportVerificationError(f"{len(in_memory)} weight-only layers were not packed")
+        return 0
+    with safe_open(folder / WEIGHTS_FILE, "pt") as weights:
+        state = {
+            key: weights.get_tensor(key)
+            for key in weights.keys()  # noqa: SIM118 (safe_open is not a mapping)
+            if key.rsplit(".", 1)[-1]
+            in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+        }
+    stored = read_packed_layers(state, quantization)
+    if set(stored) != set(in_memory):
+        raise ExportVerificationError(
+            f"packed layers {sorted(set(stored) ^ set(in_memory))[:5]} differ from the model's"
+        )
+    differing = [
+        name
+        for name, layer in stored.items()
+        if not torch.equal(
+            dequantize(layer).to(in_memory[name].dtype), in_memory[name].detach().cpu()
+        )
+    ]
+    if differing:
+        raise ExportVerificationError(
+            f"stored codes do not dequantize to the model's weights in {differing[:5]}"
+        )
+    return len(stored)
 
 
 def _outputs(model: nn.Module, task: str, ids: torch.Tensor) -> torch.Tensor:
@@ -319,29 +651,80 @@ def model_card(
     loaded: LoadedModel, config: dict, *, recipe: dict, metrics: dict, inputs: dict
 ) -> str:
     quantization = config.get("quantization_config")
-    if quantization:
+    model_class = "AutoModelForCausalLM" if loaded.task == "causal-lm" else "AutoModel"
+    float_layers = (
+        "Layers left in float32: "
+        + (", ".join(f"`{name}`" for name in (quantization or {}).get("ignore", [])) or "none")
+        + "."
+    )
+    slimformer_load = (
+        "```python\nfrom workers.compression.export import load_artifact\n\n"
+        'loaded = load_artifact("path/to/this/folder")\n'
+        'outputs = loaded.model(**loaded.tokenizer("Hello", return_tensors="pt"))\n```'
+    )
+    if quantization and quantization["format"] == PACKED_FORMAT:
+        schemes = [group["weights"] for group in quantization["config_groups"].values()]
+        described = sorted(
+            {
+                f"{weights['num_bits']}-bit {'' if weights['symmetric'] else 'a'}symmetric, "
+                + (
+                    "one scale per output channel"
+                    if weights["strategy"] == "channel"
+                    else f"one scale per {weights['group_size']} input channels"
+                )
+                for weights in schemes
+            }
+        )
+        symmetric = all(weights["symmetric"] for weights in schemes)
+        layout = (
+            f"compressed-tensors `pack-quantized`: weight-only integers ({'; '.join(described)}) "
+            "packed into int32 `weight_packed`, with float32 `weight_scale`"
+            + ("" if symmetric else " and packed `weight_zero_point`")
+            + "; activations stay in float. "
+            + float_layers
+        )
+        if symmetric:
+            transformers_load = (
+                f"```python\nfrom transformers import {model_class}\n\n"
+                f'model = {model_class}.from_pretrained("path/to/this/folder")\n```'
+            )
+        else:
+            # transformers 5.24 + compressed-tensors 0.20.1 mis-shape packed zero points when
+            # loading compressed; dequantizing at load time reads them correctly.
+            transformers_load = (
+                f"```python\nfrom transformers import {model_class}, CompressedTensorsConfig\n\n"
+                f"model = {model_class}.from_pretrained(\n"
+                '    "path/to/this/folder",\n'
+                "    quantization_config=CompressedTensorsConfig(dequantize=True),\n"
+                ")\n```"
+            )
+        how = (
+            "transformers (with the `compressed-tensors` package installed) dequantizes the "
+            "weights to float:\n\n"
+            + transformers_load
+            + "\n\nvLLM's compressed-tensors support reads the same layout (W4A16 / W8A16). "
+            "With Slimformer on CPU the weights stay in int4 / int8 and run PyTorch's weight-only "
+            "kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`, bfloat16 "
+            "activations):\n\n" + slimformer_load
+        )
+    elif quantization:
         strategies = sorted(
             {group["weights"]["strategy"] for group in quantization["config_groups"].values()}
         )
         layout = (
             "compressed-tensors `int-quantized`: int8 weights (symmetric, per "
             f"{' / per '.join(strategies)}) with float32 scales; activations are quantized to int8 "
-            "at run time. Layers left in float32: "
-            + (", ".join(f"`{name}`" for name in quantization["ignore"]) or "none")
-            + "."
+            "at run time. " + float_layers
         )
         how = (
             "With Slimformer (CPU, torch's dynamic int8 kernels; activations are quantized per "
             "tensor there, per token in vLLM):\n\n"
-            "```python\nfrom workers.compression.export import load_artifact\n\n"
-            'loaded = load_artifact("path/to/this/folder")\n'
-            'outputs = loaded.model(**loaded.tokenizer("Hello", return_tensors="pt"))\n```\n\n'
-            "transformers (with the `compressed-tensors` package installed) and vLLM read the "
-            "`quantization_config` in config.json directly."
+            + slimformer_load
+            + "\n\ntransformers (with the `compressed-tensors` package installed) and vLLM read "
+            "the `quantization_config` in config.json directly."
         )
     else:
         layout = "a dense float32 safetensors model."
-        model_class = "AutoModelForCausalLM" if loaded.task == "causal-lm" else "AutoModel"
         how = (
             f"```python\nfrom transformers import {model_class}, AutoTokenizer\n\n"
             f'model = {model_class}.from_pretrained("path/to/this/folder")\n'

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from workers.compression.calibration import BlockCheckpoint
+
 
 @dataclass
 class StageContext:
@@ -31,6 +33,8 @@ class StageContext:
     stage_index: int
     num_stages: int
     progress: ProgressFn | None
+    # Where a layer-by-layer stage records finished blocks so a killed run resumes (None: nowhere).
+    checkpoint: BlockCheckpoint | None = None
 
     def report(self, step: int, total_steps: int, message: str) -> None:
         # The callback may raise to cancel the job; that must reach the caller, so no try here.

@@ -1,0 +1,71 @@
+"""GPTQ against round-to-nearest on the real SmolLM2-135M: 4-bit weights in groups of 64.
+
+SmolLM2's hidden size is 576, which 128 does not divide, so 64 is its natural group size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from workers.compression import compress
+from workers.compression.builtins import builtin_dataset_jsonl, builtin_model_folder
+from workers.compression.data import calibration_batches
+from workers.compression.evaluation import Evaluator, _peak_resident_bytes
+from workers.compression.loading import load_model
+from workers.compression.recipe import EvaluationSettings, GptqConfig, Recipe, RtnConfig
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Where SmolLM2 is converted; set SLIMFORMER_TEST_CACHE to keep it between runs."""
+    configured = os.environ.get("SLIMFORMER_TEST_CACHE")
+    return Path(configured) if configured else tmp_path_factory.mktemp("cache")
+
+
+def texts(name: str) -> list[str]:
+    return [json.loads(line)["text"] for line in builtin_dataset_jsonl(name).splitlines()]
+
+
+def test_smollm2_gptq_4bit_g64_beats_round_to_nearest(cache_dir):
+    folder = builtin_model_folder("SmolLM2-135M-Instruct", cache_dir)
+    loaded = load_model(folder, device="cpu")
+    harness = Evaluator(
+        task=loaded.task,
+        tokenizer=loaded.tokenizer,
+        settings=EvaluationSettings(metrics=["perplexity"], seq_len=256, max_windows=8),
+        records=[{"text": text} for text in texts("enwiki-evaluation")],
+        device="cpu",
+    )
+    calibration = calibration_batches(
+        texts("enwiki-calibration"), loaded.tokenizer, num_samples=32, seq_len=256, seed=0
+    )
+    baseline = harness.measure(loaded.model, folder=None)["perplexity"]
+
+    compress(loaded.model, Recipe(stages=[RtnConfig(bits=4, group_size=64)]))
+    rtn = harness.measure(loaded.model, folder=None)["perplexity"]
+
+    model = load_model(folder, device="cpu").model
+    started = time.perf_counter()
+    summary = compress(model, Recipe(stages=[GptqConfig(bits=4, group_size=64)]), calibration)
+    seconds = time.perf_counter() - started
+    gptq = harness.measure(model, folder=None)["perplexity"]
+
+    stage = summary.stages[0]
+    print(
+        f"\nSmolLM2 perplexity, {harness.settings_record()['perplexity']}: FP32 {baseline:.3f}, "
+        f"RTN w4 g64 {rtn:.3f}, GPTQ w4 g64 {gptq:.3f}; GPTQ {seconds:.1f} s on 32 x 256 tokens, "
+        f"{stage['quantized_layers']} layers, mean relative output error "
+        f"{stage['mean_relative_output_error']:.4f}; process peak RSS "
+        f"{_peak_resident_bytes() / 2**20:.0f} MiB"
+    )
+    assert all(math.isfinite(value) for value in (baseline, rtn, gptq))
+    assert stage["quantized_layers"] == 210 and stage["skipped"] == ["lm_head"]
+    assert baseline < gptq <= 0.97 * rtn

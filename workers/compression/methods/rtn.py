@@ -1,0 +1,53 @@
+"""Round-to-nearest weight-only quantization: each group of weights scaled and rounded on its own.
+
+No calibration data: a group's scale (and zero point) comes from its min and max (`quant.py`).
+The layers stay nn.Linear with dequantized weights and carry the exact integers (`quant.ATTRIBUTE`).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from workers.compression.quant import attach, quantize_groups, relative_error, resolve_group_size
+from workers.compression.recipe import RtnConfig, WeightOnlyConfig
+from workers.compression.registry import StageContext, register_method
+from workers.compression.targets import linear_layers
+
+
+def weight_only_targets(model: nn.Module, config: WeightOnlyConfig) -> tuple[list[str], list[str]]:
+    """(targeted, skipped) Linear names, after checking that `group_size` tiles every targeted
+    layer's input width, so that a recipe that cannot apply changes nothing."""
+    targeted, skipped = linear_layers(model, config)
+    if not targeted:
+        raise ValueError(f"{config.method} matched no Linear layer; check `modules` and `ignore`")
+    for name in targeted:
+        resolve_group_size(model.get_submodule(name).in_features, config.group_size, layer=name)
+    return targeted, skipped
+
+
+@register_method(RtnConfig)
+def rtn(model: nn.Module, config: RtnConfig, context: StageContext) -> dict:
+    targeted, skipped = weight_only_targets(model, config)
+    errors = []
+    for step, name in enumerate(targeted, start=1):
+        linear = model.get_submodule(name)
+        original = linear.weight.detach().clone()
+        quantized = quantize_groups(
+            original,
+            bits=config.bits,
+            group_size=config.group_size,
+            symmetric=config.symmetric,
+            layer=name,
+        )
+        attach(linear, quantized)
+        errors.append(relative_error(original, linear.weight))
+        context.report(step, len(targeted), f"quantized {name}")
+    return {
+        "quantized_layers": len(targeted),
+        "quantized": targeted,
+        "skipped": skipped,
+        "bits": config.bits,
+        "group_size": config.group_size,
+        "symmetric": config.symmetric,
+        "mean_relative_weight_error": sum(errors) / len(errors),
+    }
