@@ -172,7 +172,7 @@ def test_gptq_quantizes_a_bert_encoder(bert):
     ).stages[0]
     assert summary["quantized_layers"] == 10 and "pooler.dense" in summary["skipped"]
     assert summary["calibration_tokens"] == 8 * 24
-    assert 0 < summary["mean_relative_output_error"] < summary["mean_relative_weight_error"] ** 2
+    assert 0 < summary["mean_relative_output_error"] < 0.6 * summary["mean_relative_weight_error"]
 
 
 def test_gptq_is_deterministic(make_llama):

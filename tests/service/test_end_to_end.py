@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import Service, builtin_id, wait_for
+from tests.conftest import BACKEND, Service, builtin_id, wait_for
 from tests.service.conftest import minilm_folder
 
 pytestmark = [pytest.mark.service, pytest.mark.real_model]
@@ -93,6 +93,7 @@ def test_minilm_dynamic_int8_over_http(service: Service, tmp_path: Path) -> None
     assert abs(measured.mean().item() - cosine) < 0.01  # what the job reported is what we get
 
 
+@pytest.mark.skipif(BACKEND != "embedded", reason="engine path; the backends are covered by MiniLM")
 def test_smollm2_gptq_over_http_loads_in_plain_transformers(
     service: Service, tmp_path: Path
 ) -> None:

@@ -7,8 +7,8 @@ The calibration batch goes through one block (decoder or encoder layer) at a tim
    for it: attention mask, RoPE `position_embeddings`, position ids, ...) and stops the forward
    pass by raising. Only the embeddings run.
 2. For each block, a handler gets the block and its inputs. It may run the block on the inputs
-   with hooks on its layers to collect statistics (`linear_inputs`), and change the block's
-   weights (GPTQ quantizes them, SparseGPT prunes, SmoothQuant rescales).
+   with hooks on its layers to collect statistics (`linear_inputs`, `input_hessians`), and change
+   the block's weights (GPTQ quantizes them, SparseGPT prunes, SmoothQuant rescales).
 3. The changed block runs on the inputs; its outputs become the next block's inputs, so each block
    is calibrated on what the already-compressed blocks before it produce (as in GPTQ).
 
