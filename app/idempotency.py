@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.db.tables import IdempotencyKey, utcnow
 from app.errors import APIError
+from app.storage import get_store
 
 
 def request_hash(body: Any) -> str:
@@ -43,6 +44,25 @@ def replay(
             "idempotency_mismatch", "This Idempotency-Key was used with a different request body"
         )
     return row.resource_id
+
+
+def replay_upload(
+    session: Session,
+    *,
+    project_id: str,
+    endpoint: str,
+    key: str | None,
+    body_hash: str,
+    upload_key: str | None,
+) -> str | None:
+    """`replay` for endpoints that stream the upload to storage before its hash is known: when
+    the key already made a resource, the bytes just stored are a duplicate and are deleted."""
+    existing = replay(
+        session, project_id=project_id, endpoint=endpoint, key=key, body_hash=body_hash
+    )
+    if existing and upload_key:
+        get_store().delete(upload_key)
+    return existing
 
 
 def remember(

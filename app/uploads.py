@@ -3,7 +3,6 @@ limit; it is never held whole in memory or spooled to a temporary file first."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -27,7 +26,6 @@ async def receive_upload(
     *,
     key: str,
     max_bytes: int,
-    inspect_chunk: Callable[[bytes], None] | None = None,
 ) -> Upload:
     """Parse `multipart/form-data` from the request body; the part named `file` is written to `key`.
     Raises APIError 413 (nothing stored) past `max_bytes`, 422 on a malformed body or no file."""
@@ -79,8 +77,6 @@ async def receive_upload(
     def on_part_data(data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
         if state["name"] == "file":
-            if inspect_chunk is not None:
-                inspect_chunk(chunk)
             writer.write(chunk)
         else:
             state["buffer"] += chunk

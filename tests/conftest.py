@@ -216,6 +216,15 @@ def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: flo
     raise AssertionError(f"job {job_id} stayed {job.get('status')} (wanted {statuses}): {job}")
 
 
+def wait_for_model(client: httpx.Client, model: dict, timeout: float = 120) -> dict:
+    """Poll a just-created model until its validation in the worker has finished."""
+    deadline = time.monotonic() + timeout
+    while model["status"] == "validating" and time.monotonic() < deadline:
+        time.sleep(0.3)
+        model = client.get(f"/v1/models/{model['id']}").json()
+    return model
+
+
 def builtin_id(client: httpx.Client, kind: str, name: str) -> str:
     after = None
     while True:

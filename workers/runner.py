@@ -337,7 +337,12 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     from workers.compression.data import calibration_batches, read_records
     from workers.compression.device import select_device
     from workers.compression.evaluation import Evaluator
-    from workers.compression.export import load_artifact, save_model, verify_export
+    from workers.compression.export import (
+        load_artifact,
+        save_model,
+        update_metadata,
+        verify_export,
+    )
     from workers.compression.loading import load_model
     from workers.compression.recipe import EvaluationSettings, Recipe
 
@@ -414,7 +419,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
 
     export_index = 2 + len(methods)
     context.progress(export_index, 0, 2, "writing the compressed model", force=True)
-    model_folder = scratch / "measured"
+    model_folder = scratch / "model"
     inputs = {
         "model_sha256": model_row.sha256,
         "model_id": model_row.id,
@@ -449,13 +454,10 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     }
     if job.targets:
         metrics["targets"] = _targets_report(job.targets, baseline, compressed)
-    # The folder's card and slimformer.json carry the final metrics: write them again, then pack.
-    final_folder = scratch / "model"
-    save_model(
-        loaded, result.model, final_folder, recipe=job.recipe, metrics=metrics, inputs=inputs
-    )
+    # The folder's card and slimformer.json carry the final metrics: rewrite them, then pack.
+    update_metadata(loaded, model_folder, recipe=job.recipe, metrics=metrics, inputs=inputs)
     files = [
-        _pack(final_folder, scratch / "model.tar.gz"),
+        _pack(model_folder, scratch / "model.tar.gz"),
         _report(metrics, job.recipe, inputs, scratch / "report.json"),
     ]
     return metrics, files

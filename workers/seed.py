@@ -3,6 +3,7 @@ a real job with nothing uploaded. Idempotent: run by `slimformer migrate` and `s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from sqlalchemy import select
@@ -59,30 +60,27 @@ def seed_builtins() -> None:
             except FileNotFoundError as exc:  # the `examples` extra is not installed
                 log.warning("built-in dataset %s unavailable: %s", name, exc)
                 continue
-            existing = datasets.get(name)
-            stored = store.put_bytes(f"datasets/builtin/{name}.jsonl", body)
-            if existing is not None and existing.sha256 == stored.sha256:
-                continue
+            key = f"datasets/builtin/{name}.jsonl"
+            row = datasets.get(name)
+            unchanged = row is not None and row.sha256 == hashlib.sha256(body).hexdigest()
+            if unchanged and store.exists(key):
+                continue  # nothing to write: the usual case at every start after the first
+            stored = store.put_bytes(key, body)
             counter = RecordCounter("jsonl")
             counter.feed(body)
-            if existing is not None:  # the package changed: refresh the row in place
-                existing.sha256, existing.size_bytes = stored.sha256, stored.size_bytes
-                existing.num_records, existing.storage_key = counter.finish(), stored.key
-                continue
-            session.add(
-                Dataset(
+            if row is None:
+                row = Dataset(
                     id=new_id("dset"),
                     project_id=None,
                     name=name,
                     status="ready",
                     format="jsonl",
                     source={"type": "builtin", "name": name},
-                    num_records=counter.finish(),
-                    size_bytes=stored.size_bytes,
-                    sha256=stored.sha256,
-                    storage_key=stored.key,
                 )
-            )
+                session.add(row)
+            # New, or the package changed: (re)fill the row from what was stored.
+            row.sha256, row.size_bytes = stored.sha256, stored.size_bytes
+            row.num_records, row.storage_key = counter.finish(), stored.key
 
 
 def _describe(model: Model, builtin: BuiltinModel) -> None:

@@ -9,7 +9,7 @@ from app.datasets import service
 from app.datasets.schemas import DatasetList, DatasetOut
 from app.db.tables import Dataset
 from app.errors import APIError
-from app.idempotency import remember, replay, request_hash
+from app.idempotency import remember, replay_upload, request_hash
 from app.ids import new_id
 from app.responses import resource_response
 from app.settings import get_settings
@@ -63,18 +63,18 @@ async def create_dataset(
         num_records = counter.finish()
         name = (upload.fields.get("name") or upload.filename or dataset_id).strip()[:200]
         body_hash = request_hash({"name": name, "format": fmt, "sha256": upload.stored.sha256})
-        existing = replay(
+        existing = replay_upload(
             session,
             project_id=caller.project_id,
             endpoint=ENDPOINT,
             key=idempotency_key,
             body_hash=body_hash,
+            upload_key=upload.stored.key,
         )
     except APIError:
         store.delete(upload.stored.key)
         raise
     if existing:
-        store.delete(upload.stored.key)
         return _created(
             request,
             service.get_dataset(session=session, project_id=caller.project_id, dataset_id=existing),

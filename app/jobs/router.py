@@ -75,7 +75,7 @@ def list_jobs(
         limit=limit,
         after=after,
     )
-    return JobList(data=[service.to_out(session, row) for row in rows], has_more=has_more)
+    return JobList(data=service.to_out_list(session, rows), has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=JobOut)

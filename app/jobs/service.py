@@ -274,13 +274,27 @@ def delete_job(*, session: Session, job: Job) -> None:
     after_commit(session, remove_files)
 
 
-def artifact_ids(session: Session, job_id: str) -> list[str]:
-    return list(
-        session.scalars(select(Artifact.id).where(Artifact.job_id == job_id).order_by(Artifact.id))
+def artifact_ids(session: Session, job_ids: list[str]) -> dict[str, list[str]]:
+    """{job id: its artifact ids} in one query, for a single job or a whole page of them."""
+    found: dict[str, list[str]] = {job_id: [] for job_id in job_ids}
+    rows = session.execute(
+        select(Artifact.job_id, Artifact.id)
+        .where(Artifact.job_id.in_(job_ids))
+        .order_by(Artifact.id)
     )
+    for job_id, artifact_id in rows:
+        found[job_id].append(artifact_id)
+    return found
 
 
-def to_out(session: Session, job: Job) -> JobOut:
+def to_out_list(session: Session, jobs: list[Job]) -> list[JobOut]:
+    artifacts = artifact_ids(session, [job.id for job in jobs])
+    return [to_out(session, job, artifacts=artifacts[job.id]) for job in jobs]
+
+
+def to_out(session: Session, job: Job, *, artifacts: list[str] | None = None) -> JobOut:
+    if artifacts is None:
+        artifacts = artifact_ids(session, [job.id])[job.id]
     return JobOut(
         id=job.id,
         status=job.status,
@@ -298,7 +312,7 @@ def to_out(session: Session, job: Job) -> JobOut:
         error=job.error,
         attempt=job.attempt,
         max_attempts=job.max_attempts,
-        artifact_ids=artifact_ids(session, job.id),
+        artifact_ids=artifacts,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

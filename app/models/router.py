@@ -8,13 +8,12 @@ from pydantic import ValidationError
 from app.auth import CallerDep, SessionDep
 from app.db.tables import Model
 from app.errors import APIError, param_path
-from app.idempotency import remember, replay, request_hash
+from app.idempotency import remember, replay_upload, request_hash
 from app.ids import new_id
 from app.models import service
 from app.models.schemas import ModelList, ModelOut, ModelRegister
 from app.responses import resource_response
 from app.settings import get_settings
-from app.storage import get_store
 from app.uploads import receive_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -51,46 +50,37 @@ async def create_model(
 ) -> Response:
     """Upload a model archive (multipart `file` + `name`) or register one by path or hub repo."""
     model_id = new_id("mdl")
+    spec, upload = None, None
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
             spec = ModelRegister.model_validate_json(await request.body())
         except ValueError as exc:
             raise _validation_error(exc) from exc
         body_hash = request_hash(spec.model_dump(mode="json"))
-        existing = replay(
-            session,
-            project_id=caller.project_id,
-            endpoint=ENDPOINT,
-            key=idempotency_key,
-            body_hash=body_hash,
-        )
-        if existing:
-            return _created(
-                request,
-                service.get_model(session=session, project_id=caller.project_id, model_id=existing),
-            )
-        model = service.register(
-            session=session, project_id=caller.project_id, model_id=model_id, spec=spec
-        )
     else:
         upload = await receive_upload(
             request, key=f"models/{model_id}/upload", max_bytes=get_settings().max_upload_bytes
         )
         name = (upload.fields.get("name") or upload.filename or model_id).strip()[:200]
         body_hash = request_hash({"name": name, "sha256": upload.stored.sha256})
-        existing = replay(
-            session,
-            project_id=caller.project_id,
-            endpoint=ENDPOINT,
-            key=idempotency_key,
-            body_hash=body_hash,
+    existing = replay_upload(
+        session,
+        project_id=caller.project_id,
+        endpoint=ENDPOINT,
+        key=idempotency_key,
+        body_hash=body_hash,
+        upload_key=upload.stored.key if upload else None,
+    )
+    if existing:
+        return _created(
+            request,
+            service.get_model(session=session, project_id=caller.project_id, model_id=existing),
         )
-        if existing:
-            get_store().delete(upload.stored.key)
-            return _created(
-                request,
-                service.get_model(session=session, project_id=caller.project_id, model_id=existing),
-            )
+    if spec is not None:
+        model = service.register(
+            session=session, project_id=caller.project_id, model_id=model_id, spec=spec
+        )
+    else:
         model = service.create_uploaded(
             session=session,
             project_id=caller.project_id,

@@ -118,3 +118,10 @@ def bert() -> LoadedModel:
 @pytest.fixture
 def records() -> list[dict]:
     return [{"text": sentence} for sentence in SENTENCES * 4]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Where SmolLM2 is converted; set SLIMFORMER_TEST_CACHE to keep it between runs."""
+    configured = os.environ.get("SLIMFORMER_TEST_CACHE")
+    return Path(configured) if configured else tmp_path_factory.mktemp("cache")

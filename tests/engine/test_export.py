@@ -16,6 +16,7 @@ from workers.compression.export import (
     ExportVerificationError,
     load_artifact,
     save_model,
+    update_metadata,
     verify_export,
 )
 from workers.compression.loading import UnsupportedModelError
@@ -141,6 +142,25 @@ def test_saving_twice_gives_identical_bytes(llama, tmp_path):
     second = save(llama, tmp_path / "two")
     assert [p.name for p in first] == [p.name for p in second]
     for a, b in zip(first, second, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_updating_metadata_equals_saving_with_the_final_metrics(llama, tmp_path):
+    quantize(llama)
+    final = save(llama, tmp_path / "final")
+    save_model(
+        llama,
+        llama.model,
+        tmp_path / "early",
+        recipe=RECIPE,
+        metrics={},
+        inputs=INPUTS,
+        versions={"torch": "pinned"},
+    )
+    update_metadata(llama, tmp_path / "early", recipe=RECIPE, metrics=METRICS, inputs=INPUTS)
+    early = sorted(p for p in (tmp_path / "early").rglob("*") if p.is_file())
+    assert [p.name for p in early] == [p.name for p in final]
+    for a, b in zip(early, final, strict=True):
         assert a.read_bytes() == b.read_bytes(), a.name
 
 

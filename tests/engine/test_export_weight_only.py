@@ -5,8 +5,6 @@ kernels)."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -370,13 +368,6 @@ def test_the_model_card_says_how_to_load_asymmetric_packs(llama, tmp_path):
     card = (tmp_path / "artifact" / "README.md").read_text()
     assert "4-bit asymmetric, one scale per 32 input channels" in card
     assert "CompressedTensorsConfig(dequantize=True)" in card and "load_artifact" in card
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    """Where SmolLM2 is converted; set SLIMFORMER_TEST_CACHE to keep it between runs."""
-    configured = os.environ.get("SLIMFORMER_TEST_CACHE")
-    return Path(configured) if configured else tmp_path_factory.mktemp("cache")
 
 
 @pytest.mark.real_model

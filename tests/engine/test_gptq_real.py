@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from pathlib import Path
 
 import pytest
 
@@ -25,13 +23,6 @@ from workers.compression.loading import load_model
 from workers.compression.recipe import EvaluationSettings, GptqConfig, Recipe, RtnConfig
 
 pytestmark = pytest.mark.real_model
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    """Where SmolLM2 is converted; set SLIMFORMER_TEST_CACHE to keep it between runs."""
-    configured = os.environ.get("SLIMFORMER_TEST_CACHE")
-    return Path(configured) if configured else tmp_path_factory.mktemp("cache")
 
 
 def texts(name: str) -> list[str]:

@@ -7,8 +7,6 @@ quantization, the harness or the data regress.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
@@ -21,13 +19,6 @@ from workers.compression.methods.dynamic_int8 import FULL_RANGE_ACTIVATIONS
 from workers.compression.recipe import DynamicInt8Config, EvaluationSettings, Recipe
 
 pytestmark = pytest.mark.real_model
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    """Where SmolLM2 is converted; set SLIMFORMER_TEST_CACHE to keep it between runs."""
-    configured = os.environ.get("SLIMFORMER_TEST_CACHE")
-    return Path(configured) if configured else tmp_path_factory.mktemp("cache")
 
 
 def records(name: str) -> list[dict]:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
 
-from tests.conftest import Service, builtin_id, wait_for
+from tests.conftest import Service, builtin_id, wait_for, wait_for_model
 from tests.service.conftest import tar_gz
 
 pytestmark = pytest.mark.service
@@ -36,10 +35,7 @@ def tiny_model_id(service: Service, tiny_bert) -> str:  # noqa: ANN001
         assert response.status_code == 201, response.text
         model = response.json()
         assert model["status"] == "validating" and model["object"] == "model"
-        deadline = time.monotonic() + 120
-        while model["status"] == "validating" and time.monotonic() < deadline:
-            time.sleep(0.3)
-            model = client.get(f"/v1/models/{model['id']}").json()
+        model = wait_for_model(client, model)
         assert model["status"] == "ready", model
         assert model["architecture"] == "BertModel" and model["task"] == "feature-extraction"
         assert model["parameters"] > 900_000
@@ -377,10 +373,7 @@ def test_register_model_by_allowed_path(service: Service, tiny_bert) -> None:  #
         )
         assert response.status_code == 201, response.text
         model = response.json()
-        deadline = time.monotonic() + 120
-        while model["status"] == "validating" and time.monotonic() < deadline:
-            time.sleep(0.3)
-            model = client.get(f"/v1/models/{model['id']}").json()
+        model = wait_for_model(client, model)
         assert model["status"] == "ready" and model["source"]["type"] == "path"
         escape = client.post(
             "/v1/models",

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import zipfile
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import Service
+from tests.conftest import Service, wait_for_model
 from tests.service.conftest import tar_gz, tar_with_symlink, zip_bytes
 
 pytestmark = pytest.mark.service
@@ -21,10 +20,7 @@ def rejected(client: httpx.Client, data: bytes, name: str) -> dict:
     response = client.post("/v1/models", files={"file": (name, data)}, data={"name": name})
     assert response.status_code == 201, response.text
     model = response.json()
-    deadline = time.monotonic() + 120
-    while model["status"] == "validating" and time.monotonic() < deadline:
-        time.sleep(0.3)
-        model = client.get(f"/v1/models/{model['id']}").json()
+    model = wait_for_model(client, model)
     assert model["status"] == "rejected", model
     return model
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import BACKEND, Service, free_port, service_env, wait_for
+from tests.conftest import BACKEND, Service, free_port, service_env, wait_for, wait_for_model
 from tests.service.conftest import tar_gz
 
 pytestmark = [pytest.mark.service, pytest.mark.faults]
@@ -47,10 +47,7 @@ def upload_ready(client: httpx.Client, folder: Path) -> str:
     model = client.post(
         "/v1/models", files={"file": ("m.tar.gz", tar_gz(folder))}, data={"name": "tiny"}
     ).json()
-    deadline = time.monotonic() + 120
-    while model["status"] == "validating" and time.monotonic() < deadline:
-        time.sleep(0.3)
-        model = client.get(f"/v1/models/{model['id']}").json()
+    model = wait_for_model(client, model)
     assert model["status"] == "ready", model
     return model["id"]
 

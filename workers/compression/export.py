@@ -155,6 +155,27 @@ def save_model(
     return sorted(path for path in folder.rglob("*") if path.is_file())
 
 
+def update_metadata(
+    loaded: LoadedModel, folder: Path, *, recipe: dict, metrics: dict, inputs: dict
+) -> None:
+    """Rewrite a saved folder's model card and `slimformer.json` with new metrics (they are known
+    only after the saved folder has been measured) without writing the weights again."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    metadata = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+    (folder / "README.md").write_text(
+        model_card(loaded, config, recipe=recipe, metrics=metrics, inputs=inputs),
+        encoding="utf-8",
+    )
+    metadata.update(recipe=recipe, metrics=metrics, inputs=inputs)
+    metadata["files"] = {
+        path.relative_to(folder).as_posix(): _sha256(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != METADATA_FILE
+    }
+    _write_json(folder / METADATA_FILE, metadata)
+
+
 def _weight_quant(module: nn.Module):
     """The weight-only quantization a stage attached to this Linear, or None."""
     return getattr(module, ATTRIBUTE, None) if isinstance(module, nn.Linear) else None
