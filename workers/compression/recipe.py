@@ -83,7 +83,128 @@ class GptqConfig(WeightOnlyConfig):
     block_size: int = Field(default=128, ge=1, le=4096)
 
 
-STAGE_CONFIGS: tuple[type[StageConfig], ...] = (DynamicInt8Config, RtnConfig, GptqConfig)
+class AwqConfig(WeightOnlyConfig):
+    """AWQ (Lin et al. 2023): scale the input channels that carry large activations up before
+    rounding (and their producer down), choosing the exponent of the scales on calibration data
+    from a grid of `grid` points in [0, 1)."""
+
+    needs_calibration: ClassVar[bool] = True
+
+    method: Literal["awq"] = "awq"
+    grid: int = Field(default=20, ge=1, le=100)
+
+
+class SmoothQuantConfig(StageConfig):
+    """SmoothQuant (Xiao et al. 2022): move activation outliers into the weights with an exact
+    per-channel rescaling, s_j = max|X_j|^alpha / max|W_j|^(1 - alpha); quantizes nothing itself."""
+
+    needs_calibration: ClassVar[bool] = True
+
+    method: Literal["smoothquant"] = "smoothquant"
+    alpha: float = Field(default=0.5, ge=0, le=1)
+
+
+class W8A8Config(StageConfig):
+    """INT8 weights per output channel and INT8 activations: one calibrated scale per layer input
+    (`static`) or one per token computed at run time (`dynamic`)."""
+
+    method: Literal["w8a8"] = "w8a8"
+    activations: Literal["static", "dynamic"] = "static"
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.activations == "static"
+
+
+class Fp8Config(StageConfig):
+    """FP8 (E4M3) weights with one scale per output channel; activations stay in the model's float
+    type (`none`) or are cast to FP8 per token at run time (`dynamic`)."""
+
+    method: Literal["fp8"] = "fp8"
+    activations: Literal["none", "dynamic"] = "none"
+
+
+class SparsityConfig(StageConfig):
+    """Fields of the unstructured / semi-structured pruning stages."""
+
+    sparsity: float = Field(default=0.5, gt=0, lt=1)
+    pattern: Literal["unstructured", "2:4"] = "unstructured"
+
+    @model_validator(mode="after")
+    def _two_of_four_is_half(self) -> SparsityConfig:
+        if self.pattern == "2:4" and "sparsity" in self.model_fields_set and self.sparsity != 0.5:
+            raise ValueError("pattern 2:4 removes exactly half the weights: sparsity must be 0.5")
+        return self
+
+
+class MagnitudeConfig(SparsityConfig):
+    """Remove the weights of smallest magnitude in each row (no calibration data)."""
+
+    method: Literal["magnitude"] = "magnitude"
+
+
+class WandaConfig(SparsityConfig):
+    """Wanda (Sun et al. 2023): remove the weights of smallest |W_ij| * ||X_j|| in each row."""
+
+    needs_calibration: ClassVar[bool] = True
+
+    method: Literal["wanda"] = "wanda"
+
+
+class SparseGptConfig(SparsityConfig):
+    """SparseGPT (Frantar & Alistarh 2023): prune by the inverse Hessian of the layer inputs and
+    update the remaining weights to compensate."""
+
+    needs_calibration: ClassVar[bool] = True
+
+    method: Literal["sparsegpt"] = "sparsegpt"
+    damping: float = Field(default=0.01, gt=0, le=1)
+    block_size: int = Field(default=128, ge=1, le=4096)
+
+
+class StructuredConfig(StageConfig):
+    """Remove whole attention heads and FFN channels; the weights and config really shrink."""
+
+    needs_calibration: ClassVar[bool] = True
+
+    method: Literal["structured"] = "structured"
+    attention_heads: float = Field(default=0.0, ge=0, lt=1)
+    ffn_channels: float = Field(default=0.0, ge=0, lt=1)
+    criterion: Literal["activation", "magnitude"] = "activation"
+
+    @model_validator(mode="after")
+    def _removes_something(self) -> StructuredConfig:
+        if self.attention_heads == 0 and self.ffn_channels == 0:
+            raise ValueError("structured removes nothing: set attention_heads or ffn_channels > 0")
+        return self
+
+
+STAGE_CONFIGS: tuple[type[StageConfig], ...] = (
+    DynamicInt8Config,
+    SmoothQuantConfig,
+    W8A8Config,
+    RtnConfig,
+    GptqConfig,
+    AwqConfig,
+    Fp8Config,
+    MagnitudeConfig,
+    WandaConfig,
+    SparseGptConfig,
+    StructuredConfig,
+)
+
+# Quantizing methods by the compressed-tensors format their layers are stored in; one artifact
+# holds one format, so one recipe uses one family.
+QUANT_FAMILIES: dict[str, str] = {
+    "dynamic_int8": "int8 weights and activations",
+    "w8a8": "int8 weights and activations",
+    "rtn": "weight-only integer",
+    "gptq": "weight-only integer",
+    "awq": "weight-only integer",
+    "fp8": "fp8",
+}
+# Methods that rescale or remove float weights: they must come before any quantizing stage.
+BEFORE_QUANTIZATION = ("smoothquant", "awq", "magnitude", "wanda", "sparsegpt", "structured")
 METHOD_NAMES = frozenset(config.model_fields["method"].default for config in STAGE_CONFIGS)
 
 if len(STAGE_CONFIGS) == 1:
@@ -99,11 +220,33 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _one_export_format(self) -> Recipe:
-        methods = {stage.method for stage in self.stages}
-        if "dynamic_int8" in methods and methods & {"rtn", "gptq"}:
+        families: dict[str, str] = {}
+        for stage in self.stages:
+            if stage.method in QUANT_FAMILIES:
+                families.setdefault(QUANT_FAMILIES[stage.method], stage.method)
+        if len(families) > 1:
+            first, second = list(families.values())[:2]
             raise ValueError(
-                "dynamic_int8 cannot be combined with weight-only rtn/gptq in one recipe: no "
-                "export format holds both kinds of layer"
+                f"{first} and {second} cannot be combined in one recipe: one artifact holds one "
+                f"quantized format ({' / '.join(families)})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _float_methods_first(self) -> Recipe:
+        quantized_by = None
+        for stage in self.stages:
+            if stage.method in BEFORE_QUANTIZATION and quantized_by is not None:
+                raise ValueError(
+                    f"{stage.method} changes float weights, so it must come before {quantized_by} "
+                    "(it would undo the quantized weights)"
+                )
+            if stage.method in QUANT_FAMILIES:
+                quantized_by = quantized_by or stage.method
+        if self.stages[-1].method == "smoothquant":
+            raise ValueError(
+                "smoothquant only prepares the weights for quantization: follow it with w8a8 "
+                "(or another quantizing stage)"
             )
         return self
 
