@@ -200,9 +200,13 @@ def run_blockwise(
     *,
     progress: Progress,
     checkpoint: BlockCheckpoint | None = None,
+    restore: Callable[[int, nn.Module, dict[str, torch.Tensor]], None] | None = None,
 ) -> list[dict]:
     """Calibrate `model` block by block with `handler` (see the module docstring); the handlers'
-    summaries in block order. `progress` is called after every block and may raise to cancel."""
+    summaries in block order. `progress` is called after every block and may raise to cancel.
+    `restore(index, block, state)` puts a finished block's saved state back when resuming; the
+    default loads it into the block as it is, so a handler that replaces modules (w8a8, structured
+    pruning) passes one that first rebuilds them in their new form."""
     blocks_name, blocks = model_blocks(model)
     inputs = capture_block_inputs(model, calibration)
     summaries: dict[int, dict] = {}
@@ -212,7 +216,7 @@ def run_blockwise(
         if [tuple(h.shape) for h in saved.hidden] != [tuple(h.shape) for h in inputs.hidden]:
             raise ValueError("the checkpoint's hidden states do not match this calibration data")
         for index in range(saved.next_block):
-            restore_block_state(blocks[index], saved.block_states[index])
+            (restore or _restore_as_is)(index, blocks[index], saved.block_states[index])
         summaries.update(saved.summaries)
         device = model_device(model)
         inputs.hidden = [hidden.to(device) for hidden in saved.hidden]
@@ -235,6 +239,10 @@ def run_blockwise(
         remaining = (time.perf_counter() - started) / done * (len(blocks) - index - 1)
         progress(index + 1, len(blocks), f"calibrated {name}, about {remaining:.0f} s left")
     return [summaries[index] for index in range(len(blocks))]
+
+
+def _restore_as_is(index: int, block: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    restore_block_state(block, state)
 
 
 def release_freed_memory(device: torch.device) -> None:

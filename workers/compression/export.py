@@ -4,9 +4,10 @@ A dense model is a standard Hugging Face folder. Quantized models use the compre
 layouts that transformers (with the compressed-tensors package) and vLLM read, with a
 `quantization_config` in config.json describing the scheme:
 
-- dynamic int8 (`int-quantized`): `<name>.weight` holds the int8 values and `<name>.weight_scale`
-  the float32 scales ([out, 1] per channel, [1] per tensor); no zero points (symmetric);
-  activations are quantized per token at run time.
+- int8 weights and activations (`int-quantized`): `<name>.weight` holds the int8 values and
+  `<name>.weight_scale` the float32 scales ([out, 1] per channel, [1] per tensor); no zero points
+  (symmetric); activations are quantized per token at run time, or with the calibrated
+  `<name>.input_scale` [1] when static (w8a8).
 - weight-only 2-8 bit (`pack-quantized`, what compressed-tensors infers for W4A16 and W8A16):
   `<name>.weight_packed` int32 [out, ceil(in * bits / 32)] holds the codes as unsigned values
   (signed code + 2^(bits-1)) in one dense little-endian bit stream per row: code j occupies bits
@@ -55,6 +56,7 @@ from workers.compression.loading import (
     task_of,
 )
 from workers.compression.methods.dynamic_int8 import int8_linear, int8_weight_and_scale
+from workers.compression.methods.w8a8 import W8A8Linear
 from workers.compression.quant import ATTRIBUTE, QuantizedWeight, dequantize
 from workers.compression.runtime import dequantized_linear, runtime_linear
 
@@ -111,7 +113,7 @@ def save_model(
         )
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if output is not None and (
-            isinstance(output, nnqd.Linear) or _weight_quant(output) is not None
+            isinstance(output, nnqd.Linear | W8A8Linear) or _weight_quant(output) is not None
         ):
             # The quantized head can no longer share the float embedding's tensor.
             config["tie_word_embeddings"] = False
@@ -145,6 +147,11 @@ def save_model(
                 "metrics": metrics,
                 "inputs": inputs,
                 "versions": versions,
+                # Which int8 layers run torch's per-tensor dynamic kernels (dynamic_int8) rather
+                # than per-token activations (w8a8): the file format does not tell them apart.
+                "torch_dynamic_int8_layers": sorted(
+                    name for name, m in model.named_modules() if isinstance(m, nnqd.Linear)
+                ),
                 "files": files,
             },
         )
@@ -185,7 +192,9 @@ def _weight_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], str, dic
     """(tensors to write, storage format, {quantized layer name: its weights scheme}). Tied
     weights are written once, under the name transformers expects (the embedding), as
     `save_pretrained` does."""
-    int8_modules = {n: m for n, m in model.named_modules() if isinstance(m, nnqd.Linear)}
+    int8_modules = {
+        n: m for n, m in model.named_modules() if isinstance(m, nnqd.Linear | W8A8Linear)
+    }
     weight_only = {
         name: quant
         for name, module in model.named_modules()
@@ -211,26 +220,38 @@ def _weight_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], str, dic
             del tensors[target]
     schemes = {}
     for name, module in int8_modules.items():
-        q, scale = int8_weight_and_scale(module)
+        if isinstance(module, W8A8Linear):
+            q, scale, bias = module.weight, module.weight_scale, module.bias
+            if not module.dynamic:
+                tensors[f"{name}.input_scale"] = module.input_scale
+            activations = _DYNAMIC_INT8_ACTIVATIONS if module.dynamic else _STATIC_INT8_ACTIVATIONS
+        else:
+            q, scale = int8_weight_and_scale(module)
+            bias, activations = module.bias(), _DYNAMIC_INT8_ACTIVATIONS
         tensors[f"{name}.weight"] = q
         tensors[f"{name}.weight_scale"] = scale
-        bias = module.bias()
         if bias is not None:
             tensors[f"{name}.bias"] = bias
         strategy = "channel" if scale.dim() == 2 else "tensor"  # [out, 1] or [1]
-        schemes[name] = _weights_args(
-            bits=8, symmetric=True, strategy=strategy, group_size=None, observer="minmax"
-        )
+        schemes[name] = {
+            "weights": _weights_args(
+                bits=8, symmetric=True, strategy=strategy, group_size=None, observer="minmax"
+            ),
+            "input_activations": activations,
+        }
     for name, quant in weight_only.items():
         tensors.update(packed_weight_tensors(name, quant, model.get_submodule(name).weight.shape))
         per_channel = quant.scale.shape[1] == 1
-        schemes[name] = _weights_args(
-            bits=quant.bits,
-            symmetric=quant.symmetric,
-            strategy="channel" if per_channel else "group",
-            group_size=None if per_channel else quant.group_size,
-            observer=None,
-        )
+        schemes[name] = {
+            "weights": _weights_args(
+                bits=quant.bits,
+                symmetric=quant.symmetric,
+                strategy="channel" if per_channel else "group",
+                group_size=None if per_channel else quant.group_size,
+                observer=None,
+            ),
+            "input_activations": None,
+        }
     storage_format = INT8_FORMAT if int8_modules else PACKED_FORMAT if weight_only else "dense"
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     return tensors, storage_format, schemes
@@ -328,8 +349,8 @@ def _weights_args(
     }
 
 
-# Dynamic int8: activations quantized to int8 per token on the fly (vLLM; Slimformer's CPU
-# runtime uses torch's per-tensor dynamic kernels).
+# Dynamic int8: activations quantized to int8 per token on the fly (vLLM; Slimformer's CPU runtime
+# does that for w8a8 layers, and uses torch's per-tensor dynamic kernels for dynamic_int8 layers).
 _DYNAMIC_INT8_ACTIVATIONS = {
     "actorder": None,
     "block_structure": None,
@@ -342,27 +363,34 @@ _DYNAMIC_INT8_ACTIVATIONS = {
     "symmetric": True,
     "type": "int",
 }
+# Static int8: one calibrated scale per layer input (`<name>.input_scale`).
+_STATIC_INT8_ACTIVATIONS = {
+    **_DYNAMIC_INT8_ACTIVATIONS,
+    "dynamic": False,
+    "observer": "minmax",
+    "strategy": "tensor",
+}
 
 
 def compressed_tensors_config(
     storage_format: str, schemes: dict[str, dict], float_linears: list[str]
 ) -> dict:
-    """The `quantization_config` for quantized layers {name: weights args} stored in
-    `storage_format`: int8 weights with dynamic int8 activations (`int-quantized`) or weight-only
-    (`pack-quantized`, activations stay float)."""
-    activations = _DYNAMIC_INT8_ACTIVATIONS if storage_format == INT8_FORMAT else None
+    """The `quantization_config` for quantized layers {name: {"weights": args,
+    "input_activations": args or None}} stored in `storage_format`: int8 weights with int8
+    activations (`int-quantized`) or weight-only (`pack-quantized`, activations stay float)."""
     by_scheme: dict[str, list[str]] = {}
-    for name, weights in schemes.items():
-        by_scheme.setdefault(json.dumps(weights, sort_keys=True), []).append(name)
+    for name, scheme in schemes.items():
+        by_scheme.setdefault(json.dumps(scheme, sort_keys=True), []).append(name)
     groups = {}
     for index, key in enumerate(sorted(by_scheme)):
         # One scheme covers every Linear not ignored; mixed schemes name their layers exactly.
         targets = ["Linear"] if len(by_scheme) == 1 else sorted(by_scheme[key])
+        scheme = json.loads(key)
         groups[f"group_{index}"] = {
-            "input_activations": activations,
+            "input_activations": scheme["input_activations"],
             "output_activations": None,
             "targets": targets,
-            "weights": json.loads(key),
+            "weights": scheme["weights"],
         }
     return {
         "config_groups": groups,
@@ -379,7 +407,9 @@ def load_artifact(folder: Path, *, device: torch.device | str | None = None) -> 
     """Load any folder `save_model` writes. Dense ones load as transformers loads them (on
     `device`, default `select_device()`). Quantized ones are built as the float architecture from
     config.json with a runtime module in place of every quantized layer (default device: CPU):
-    torch's dynamic int8 Linear for `int-quantized` (CPU only); for `pack-quantized`, the CPU int4
+    for `int-quantized`, `W8A8Linear` (int8 x int8 products; per-token or static activation
+    scales as stored) or, for the layers `slimformer.json` lists as dynamic_int8's, torch's
+    dynamic int8 Linear (CPU only); for `pack-quantized`, the CPU int4
     or int8 weight-only kernels of `runtime.py`, or, on another device or where no kernel fits a
     layer, an nn.Linear holding the exactly dequantized weight. `model.slimformer_runtime` says
     what runs: {"kernels": {kind: layer count}, "fallbacks": {layer: why it runs in float}}.
@@ -391,7 +421,8 @@ def load_artifact(folder: Path, *, device: torch.device | str | None = None) -> 
         return load_model(folder, device=device)
     storage_format = _check_scheme(quantization)
     device = torch.device(device if device is not None else "cpu")
-    if storage_format == INT8_FORMAT and device.type != "cpu":
+    per_tensor_dynamic = set(_read_metadata(folder).get("torch_dynamic_int8_layers", []))
+    if per_tensor_dynamic and device.type != "cpu":
         raise ValueError("dynamic int8 models run on CPU only")
 
     architecture = read_architecture(folder)
@@ -408,8 +439,14 @@ def load_artifact(folder: Path, *, device: torch.device | str | None = None) -> 
             key.removesuffix(".weight_scale") for key in state if key.endswith(".weight_scale")
         )
         layers = {
-            name: (state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale")) for name in names
+            name: (
+                state.pop(f"{name}.weight"),
+                state.pop(f"{name}.weight_scale"),
+                state.pop(f"{name}.input_scale", None),
+            )
+            for name in names
         }
+
     else:
         layers = read_packed_layers(state, quantization)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -430,8 +467,12 @@ def load_artifact(folder: Path, *, device: torch.device | str | None = None) -> 
         shape = tuple(stored[0].shape if storage_format == INT8_FORMAT else stored.codes.shape)
         if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != shape:
             raise UnsupportedModelError(f"{name} is not a Linear of shape {shape}")
-        if storage_format == INT8_FORMAT:
-            module, kernel = int8_linear(*stored, linear.bias), "dynamic-int8"
+        if storage_format == INT8_FORMAT and name in per_tensor_dynamic:
+            module, kernel = int8_linear(*stored[:2], linear.bias), "dynamic-int8"
+        elif storage_format == INT8_FORMAT:
+            weight, weight_scale, input_scale = stored
+            module = W8A8Linear(weight, weight_scale, input_scale, linear.bias)
+            kernel = "w8a8-dynamic" if input_scale is None else "w8a8-static"
         elif device.type == "cpu":
             module, kernel = runtime_linear(stored, linear.bias)
         else:
@@ -458,6 +499,11 @@ def load_artifact(folder: Path, *, device: torch.device | str | None = None) -> 
         architecture=architecture,
         folder=folder,
     )
+
+
+def _read_metadata(folder: Path) -> dict:
+    path = folder / METADATA_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
 def read_packed_layers(
@@ -525,6 +571,18 @@ def _scheme_of(quantization: dict, name: str) -> dict:
     return schemes[0]
 
 
+def _int8_activations_supported(activations: dict | None) -> bool:
+    """Symmetric int8 activations, per token at run time or one static scale per tensor."""
+    return (
+        activations is not None
+        and activations.get("type") == "int"
+        and activations.get("num_bits") == 8
+        and activations.get("symmetric") is True
+        and (activations.get("dynamic"), activations.get("strategy"))
+        in ((True, "token"), (False, "tensor"))
+    )
+
+
 def _check_scheme(quantization: dict) -> str:
     """The storage format of a `quantization_config` this module can load, or a refusal."""
     storage_format = quantization.get("format")
@@ -547,6 +605,7 @@ def _check_scheme(quantization: dict) -> str:
                 and weights.get("type") == "int"
                 and weights.get("symmetric") is True
                 and weights.get("strategy") in ("channel", "tensor")
+                and _int8_activations_supported(group.get("input_activations"))
             )
         else:
             group_size = weights.get("group_size")
@@ -729,17 +788,22 @@ def model_card(
             "activations):\n\n" + slimformer_load
         )
     elif quantization:
-        strategies = sorted(
-            {group["weights"]["strategy"] for group in quantization["config_groups"].values()}
-        )
+        groups = quantization["config_groups"].values()
+        strategies = sorted({group["weights"]["strategy"] for group in groups})
+        static = any(not group["input_activations"]["dynamic"] for group in groups)
         layout = (
             "compressed-tensors `int-quantized`: int8 weights (symmetric, per "
             f"{' / per '.join(strategies)}) with float32 scales; activations are quantized to int8 "
-            "at run time. " + float_layers
+            + (
+                "with one calibrated scale per layer (`input_scale`). "
+                if static
+                else "per token at run time. "
+            )
+            + float_layers
         )
         how = (
-            "With Slimformer (CPU, torch's dynamic int8 kernels; activations are quantized per "
-            "tensor there, per token in vLLM):\n\n"
+            "With Slimformer (int8 x int8 kernels; dynamic_int8 layers use torch's CPU dynamic "
+            "int8 kernels, which quantize activations per tensor):\n\n"
             + slimformer_load
             + "\n\ntransformers (with the `compressed-tensors` package installed) and vLLM read "
             "the `quantization_config` in config.json directly."

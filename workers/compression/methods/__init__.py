@@ -1,3 +1,9 @@
 """One module per compression method; importing this package registers them all."""
 
-from workers.compression.methods import dynamic_int8, gptq, rtn  # noqa: F401
+from workers.compression.methods import (
+    dynamic_int8,  # noqa: F401
+    gptq,  # noqa: F401
+    rtn,  # noqa: F401
+    smoothquant,  # noqa: F401
+    w8a8,  # noqa: F401
+)
