@@ -407,7 +407,14 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     context.log("baseline measured", {"baseline": baseline}, type="metric")
 
     def on_progress(update: Any) -> None:
-        context.progress(2 + update.stage_index, update.step, update.total_steps, update.message)
+        # Throttled, except a stage's last step: every stage shows up finished in the events.
+        context.progress(
+            2 + update.stage_index,
+            update.step,
+            update.total_steps,
+            update.message,
+            force=update.step == update.total_steps,
+        )
 
     checkpoints = _checkpoints(model_row, job, calibration_sha)
     context.clear_checkpoints = lambda: [checkpoints(i).clear() for i in range(len(methods))]
@@ -426,7 +433,17 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
         "evaluation_dataset_sha256": eval_sha,
         "calibration_dataset_sha256": calibration_sha,
     }
-    save_model(loaded, result.model, model_folder, recipe=job.recipe, metrics={}, inputs=inputs)
+    # Pruned layers are stored dense: transformers 5.24 / compressed-tensors 0.20.1 cannot read the
+    # sparse bitmask layouts and would load such a folder with random weights, warning only.
+    save_model(
+        loaded,
+        result.model,
+        model_folder,
+        recipe=job.recipe,
+        metrics={},
+        inputs=inputs,
+        sparse_storage="dense",
+    )
     sample = loaded.tokenizer(
         eval_records[0]["text"], return_tensors="pt", truncation=True, max_length=64
     )["input_ids"]

@@ -13,7 +13,7 @@ class Strict(BaseModel):
 
 
 class CalibrationSpec(Strict):
-    dataset_id: str
+    dataset_id: str | None = None  # None: the built-in calibration set that fits the model's task
     num_samples: int = Field(default=128, ge=1, le=100_000)
     seq_len: int = Field(default=512, ge=8, le=32_768)
     seed: int = Field(default=0, ge=0)

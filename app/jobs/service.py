@@ -55,15 +55,17 @@ def create_job(
         )
     calibration = body["calibration"]
     if calibration is None and spec.recipe.needs_calibration:
+        calibration = CalibrationSpec().model_dump(mode="json")
+    if calibration is not None and calibration["dataset_id"] is None:
         if model.task is None:
             raise APIError(
                 "invalid_request",
                 "This recipe needs calibration data: give calibration.dataset_id",
-                param="calibration",
+                param="calibration.dataset_id",
             )
-        calibration = CalibrationSpec(
-            dataset_id=_builtin_dataset_id(session, default_calibration_dataset(model.task)) or ""
-        ).model_dump(mode="json")
+        calibration["dataset_id"] = (
+            _builtin_dataset_id(session, default_calibration_dataset(model.task)) or ""
+        )
     for param, dataset_id in (
         ("calibration.dataset_id", (calibration or {}).get("dataset_id")),
         ("evaluation.dataset_id", evaluation["dataset_id"]),

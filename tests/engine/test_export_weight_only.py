@@ -179,7 +179,11 @@ def test_plain_loading_of_asymmetric_packs_is_refused(llama, tmp_path):
 
 
 def test_a_quantized_tied_head_is_untied_and_loads(llama, tmp_path):
+    embedding = llama.model.get_input_embeddings().weight.detach().clone()
     rtn(llama, bits=4, group_size=32, modules=["Linear"])
+    # The head got its own weight before being quantized: the embedding is untouched.
+    assert torch.equal(llama.model.get_input_embeddings().weight, embedding)
+    assert not torch.equal(llama.model.lm_head.weight, embedding)
     save(llama, tmp_path / "artifact")
     config = json.loads((tmp_path / "artifact" / "config.json").read_text())
     assert config["tie_word_embeddings"] is False

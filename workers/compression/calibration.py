@@ -278,11 +278,16 @@ def linear_inputs(
 
 
 def input_hessians(
-    block: nn.Module, layers: dict[str, nn.Linear], inputs: BlockInputs
+    block: nn.Module,
+    layers: dict[str, nn.Linear],
+    inputs: BlockInputs,
+    *,
+    abs_means: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """H = 2 XᵀX / tokens [in, in] (float32) of each named layer's calibration inputs X, from one
     run of `block` (GPTQ's and SparseGPT's Hessian; dividing by the token count keeps the numbers
-    in range and changes nothing else, as their damping is relative to the diagonal).
+    in range and changes nothing else, as their damping is relative to the diagonal). Given a dict,
+    `abs_means` also receives each layer's mean |x_j| per input channel (AWQ's saliency).
 
     Layers fed the same tensor (q/k/v, gate/up) share one XᵀX product: a layer whose input is the
     very tensor the previous layer saw, unchanged since (same memory, shape and version counter),
@@ -302,11 +307,19 @@ def input_hessians(
         if previous.get("key") != key:
             x32 = x.float()
             previous.update(key=key, input=x, product=x32.T @ x32)
+            if abs_means is not None:
+                previous["abs_sum"] = x32.abs().sum(dim=0)
         hessians[name].add_(previous["product"])
+        if abs_means is not None:
+            total = abs_means.get(name)
+            abs_means[name] = previous["abs_sum"] if total is None else total + previous["abs_sum"]
 
     with linear_inputs(block, layers, accumulate):
         inputs.run(block)
     previous.clear()
     for hessian in hessians.values():
         hessian.mul_(2 / inputs.num_tokens)
+    if abs_means is not None:
+        for name in abs_means:
+            abs_means[name] = abs_means[name] / inputs.num_tokens
     return hessians

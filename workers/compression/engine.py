@@ -14,6 +14,7 @@ from workers.compression.calibration import BlockCheckpoint
 from workers.compression.progress import ProgressFn
 from workers.compression.recipe import Recipe
 from workers.compression.registry import StageContext, method_for
+from workers.compression.targets import untie_targeted
 
 
 @dataclass
@@ -49,7 +50,10 @@ def compress(
             checkpoint=checkpoints(index) if checkpoints is not None else None,
         )
         started = time.perf_counter()
+        untied = untie_targeted(model, stage)
         summary = method_for(stage)(model, stage, context)
+        if untied:
+            summary = {**summary, "untied": untied}
         summaries.append(
             {
                 "method": stage.method,

@@ -56,14 +56,23 @@ from workers.compression.loading import (
     task_of,
 )
 from workers.compression.methods.dynamic_int8 import int8_linear, int8_weight_and_scale
+from workers.compression.methods.fp8 import Fp8Linear, fp8_matmul_available
 from workers.compression.methods.w8a8 import W8A8Linear
 from workers.compression.quant import ATTRIBUTE, QuantizedWeight, dequantize
 from workers.compression.runtime import dequantized_linear, runtime_linear
+from workers.compression.sparse_export import (
+    decompress_sparse_layers,
+    model_card_text,
+    sparse_layer_mismatches,
+    sparse_storage_format,
+    sparse_weight_tensors,
+)
 
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "slimformer.json"
 INT8_FORMAT = "int-quantized"
 PACKED_FORMAT = "pack-quantized"
+FLOAT_FORMAT = "float-quantized"
 # verify_export's bound on |artifact - in-memory| relative to max(1, max |in-memory output|) when
 # the artifact runs the weight-only kernels; float and int8-dynamic runs must agree to 1e-4. The
 # kernels round activations, scales and zeros to bfloat16 (8 significant bits) at every Linear:
@@ -93,12 +102,16 @@ def save_model(
     metrics: dict,
     inputs: dict,
     versions: dict | None = None,
+    sparse_storage: str = "bitmask",
 ) -> list[Path]:
     """Write `model` (the compressed form of `loaded`) to `folder`, which must not exist yet or be
-    empty. Returns the files written, sorted."""
+    empty. Returns the files written, sorted. Pruned layers of a float model are stored in a
+    compressed-tensors bitmask layout (`sparse_storage="bitmask"`, smaller; `sparse_export.py`)
+    or as dense weights with their zeros (`"dense"`, what plain transformers can read)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tensors, storage_format, schemes = _weight_tensors(model)
+    sparsity_config = sparse_weight_tensors(tensors, model, storage=sparse_storage)
     config = json.loads(model.config.to_json_string())  # what save_pretrained writes
     config.pop("quantization_config", None)
     config["architectures"] = [loaded.architecture]  # as save_pretrained records it
@@ -113,10 +126,18 @@ def save_model(
         )
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if output is not None and (
-            isinstance(output, nnqd.Linear | W8A8Linear) or _weight_quant(output) is not None
+            isinstance(output, nnqd.Linear | W8A8Linear | Fp8Linear)
+            or _weight_quant(output) is not None
         ):
             # The quantized head can no longer share the float embedding's tensor.
             config["tie_word_embeddings"] = False
+
+    if sparsity_config is not None:
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors",
+            "sparsity_config": sparsity_config,
+        }
+        storage_format = sparsity_config["format"]
 
     temporary = Path(
         tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent)
@@ -195,22 +216,33 @@ def _weight_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], str, dic
     int8_modules = {
         n: m for n, m in model.named_modules() if isinstance(m, nnqd.Linear | W8A8Linear)
     }
+    fp8_modules = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
     weight_only = {
         name: quant
         for name, module in model.named_modules()
         if (quant := _weight_quant(module)) is not None
     }
-    if int8_modules and weight_only:
-        raise UnsupportedExportError(
-            "the model mixes dynamic int8 layers (e.g. "
-            f"{sorted(int8_modules)[0]}) and weight-only layers (e.g. {sorted(weight_only)[0]}): "
-            "one artifact holds one compressed-tensors format; quantize with one of them"
+    kinds = {
+        kind: sorted(layers)[0]
+        for kind, layers in (
+            ("int8", int8_modules),
+            ("fp8", fp8_modules),
+            ("weight-only", weight_only),
         )
+        if layers
+    }
+    if len(kinds) > 1:
+        raise UnsupportedExportError(
+            "the model mixes "
+            + " and ".join(f"{kind} layers (e.g. {name})" for kind, name in kinds.items())
+            + ": one artifact holds one compressed-tensors format; quantize with one of them"
+        )
+    replaced = {**int8_modules, **fp8_modules}
     tensors = {}
     for key, value in model.state_dict().items():
         owner = key.rsplit(".", 1)[0]
-        if any(owner == name or owner.startswith(name + ".") for name in int8_modules):
-            continue  # packed int8 params; written below in the compressed-tensors layout
+        if any(owner == name or owner.startswith(name + ".") for name in replaced):
+            continue  # quantized layers' tensors; written below in the compressed-tensors layout
         if key.endswith(".weight") and owner in weight_only:
             continue  # the dequantized copy; the codes are written below
         tensors[key] = value
@@ -239,6 +271,15 @@ def _weight_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], str, dic
             ),
             "input_activations": activations,
         }
+    for name, module in fp8_modules.items():
+        tensors[f"{name}.weight"] = module.weight
+        tensors[f"{name}.weight_scale"] = module.weight_scale
+        if module.bias is not None:
+            tensors[f"{name}.bias"] = module.bias
+        schemes[name] = {
+            "weights": {**_FP8_ARGS, "dynamic": False, "observer": "minmax", "strategy": "channel"},
+            "input_activations": _FP8_ARGS if module.dynamic_activations else None,
+        }
     for name, quant in weight_only.items():
         tensors.update(packed_weight_tensors(name, quant, model.get_submodule(name).weight.shape))
         per_channel = quant.scale.shape[1] == 1
@@ -252,7 +293,15 @@ def _weight_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], str, dic
             ),
             "input_activations": None,
         }
-    storage_format = INT8_FORMAT if int8_modules else PACKED_FORMAT if weight_only else "dense"
+    storage_format = (
+        INT8_FORMAT
+        if int8_modules
+        else FLOAT_FORMAT
+        if fp8_modules
+        else PACKED_FORMAT
+        if weight_only
+        else "dense"
+    )
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     return tensors, storage_format, schemes
 
@@ -363,6 +412,8 @@ _DYNAMIC_INT8_ACTIVATIONS = {
     "symmetric": True,
     "type": "int",
 }
+# FP8 (E4M3) per token, computed at run time; with "channel" and not dynamic, FP8 weights.
+_FP8_ARGS = {**_DYNAMIC_INT8_ACTIVATIONS, "type": "float"}
 # Static int8: one calibrated scale per layer input (`<name>.input_scale`).
 _STATIC_INT8_ACTIVATIONS = {
     **_DYNAMIC_INT8_ACTIVATIONS,
@@ -434,7 +485,8 @@ def load_artifact(folder: Path, *, device: torch.device | str | None = None) -> 
     model = model_class.from_config(config, dtype=torch.float32)
 
     state = safetensors.torch.load_file(folder / WEIGHTS_FILE)
-    if storage_format == INT8_FORMAT:
+    decompress_sparse_layers(state, quantization)
+    if storage_format in (INT8_FORMAT, FLOAT_FORMAT):
         names = sorted(
             key.removesuffix(".weight_scale") for key in state if key.endswith(".weight_scale")
         )
@@ -464,7 +516,7 @@ def load_artifact(folder: Path, *, device: torch.device | str | None = None) -> 
     runtime: dict = {"kernels": {}, "fallbacks": {}}
     for name, stored in layers.items():
         linear = model.get_submodule(name)
-        shape = tuple(stored[0].shape if storage_format == INT8_FORMAT else stored.codes.shape)
+        shape = tuple(stored.codes.shape if storage_format == PACKED_FORMAT else stored[0].shape)
         if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != shape:
             raise UnsupportedModelError(f"{name} is not a Linear of shape {shape}")
         if storage_format == INT8_FORMAT and name in per_tensor_dynamic:
@@ -473,6 +525,15 @@ def load_artifact(folder: Path, *, device: torch.device | str | None = None) -> 
             weight, weight_scale, input_scale = stored
             module = W8A8Linear(weight, weight_scale, input_scale, linear.bias)
             kernel = "w8a8-dynamic" if input_scale is None else "w8a8-static"
+        elif storage_format == FLOAT_FORMAT:
+            dynamic = _group_of(quantization, name).get("input_activations") is not None
+            module = Fp8Linear(*stored[:2], linear.bias, dynamic_activations=dynamic)
+            kernel = (
+                "fp8"
+                if dynamic and fp8_matmul_available(device)
+                else "float: FP8 values computed in float (no FP8 matrix multiply "
+                + ("for weight-only FP8)" if not dynamic else f"on {device.type})")
+            )
         elif device.type == "cpu":
             module, kernel = runtime_linear(stored, linear.bias)
         else:
@@ -559,16 +620,21 @@ def read_packed_layers(
     return layers
 
 
-def _scheme_of(quantization: dict, name: str) -> dict:
-    """The weights scheme of the config group that targets layer `name`."""
-    schemes = [
-        group["weights"]
+def _group_of(quantization: dict, name: str) -> dict:
+    """The config group that targets layer `name`."""
+    groups = [
+        group
         for group in quantization["config_groups"].values()
         if name in group["targets"] or "Linear" in group["targets"]
     ]
-    if name in quantization.get("ignore", []) or len(schemes) != 1:
-        raise UnsupportedModelError(f"{name} has packed weights but no single scheme targets it")
-    return schemes[0]
+    if name in quantization.get("ignore", []) or len(groups) != 1:
+        raise UnsupportedModelError(f"{name} is stored quantized but no single scheme targets it")
+    return groups[0]
+
+
+def _scheme_of(quantization: dict, name: str) -> dict:
+    """The weights scheme of the config group that targets layer `name`."""
+    return _group_of(quantization, name)["weights"]
 
 
 def _int8_activations_supported(activations: dict | None) -> bool:
@@ -585,10 +651,14 @@ def _int8_activations_supported(activations: dict | None) -> bool:
 
 def _check_scheme(quantization: dict) -> str:
     """The storage format of a `quantization_config` this module can load, or a refusal."""
+    sparse_format = sparse_storage_format(quantization)
+    if sparse_format is not None:
+        return sparse_format
     storage_format = quantization.get("format")
     if quantization.get("quant_method") != "compressed-tensors" or storage_format not in (
         INT8_FORMAT,
         PACKED_FORMAT,
+        FLOAT_FORMAT,
     ):
         raise UnsupportedModelError(
             f"unsupported quantization_config: {quantization.get('quant_method')} {storage_format}"
@@ -599,7 +669,20 @@ def _check_scheme(quantization: dict) -> str:
             isinstance(t, str) and not t.startswith("re:") for t in group.get("targets", [])
         ):
             raise UnsupportedModelError(f"unsupported targets: {group.get('targets')}")
-        if storage_format == INT8_FORMAT:
+        if storage_format == FLOAT_FORMAT:
+            activations = group.get("input_activations")
+            supported = (
+                (weights.get("type"), weights.get("num_bits"), weights.get("strategy"))
+                == ("float", 8, "channel")
+                and weights.get("symmetric") is True
+                and not weights.get("dynamic")
+                and (
+                    activations is None
+                    or (activations.get("type"), activations.get("num_bits")) == ("float", 8)
+                    and (activations.get("dynamic"), activations.get("strategy")) == (True, "token")
+                )
+            )
+        elif storage_format == INT8_FORMAT:
             supported = (
                 weights.get("num_bits") == 8
                 and weights.get("type") == "int"
@@ -638,6 +721,9 @@ def verify_export(
     device = next(model_in_memory.parameters()).device
     artifact = load_artifact(folder, device=device)
     exact_layers = _check_stored_weights(folder, model_in_memory)
+    sparse_layers, differing = sparse_layer_mismatches(folder, artifact.model, model_in_memory)
+    if differing:
+        raise ExportVerificationError(f"stored sparse weights differ from the model's: {differing}")
     ids = sample_input_ids.to(device)
     with torch.inference_mode():
         expected = _outputs(model_in_memory, loaded_task, ids)
@@ -662,6 +748,8 @@ def verify_export(
         report["runtime"] = runtime
     if exact_layers:
         report["weights_exact_layers"] = exact_layers
+    if sparse_layers:
+        report["sparse_layers_exact"] = sparse_layers
     if not max_abs_diff <= tolerance:  # also catches NaN
         raise ExportVerificationError(f"exported model disagrees with the original: {report}")
     return report
@@ -742,7 +830,9 @@ def model_card(
         'loaded = load_artifact("path/to/this/folder")\n'
         'outputs = loaded.model(**loaded.tokenizer("Hello", return_tensors="pt"))\n```'
     )
-    if quantization and quantization["format"] == PACKED_FORMAT:
+    if quantization and sparse_storage_format(quantization):
+        layout, how = model_card_text(quantization, model_class, slimformer_load)
+    elif quantization and quantization["format"] == PACKED_FORMAT:
         schemes = [group["weights"] for group in quantization["config_groups"].values()]
         described = sorted(
             {
@@ -786,6 +876,20 @@ def model_card(
             "With Slimformer on CPU the weights stay in int4 / int8 and run PyTorch's weight-only "
             "kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`, bfloat16 "
             "activations):\n\n" + slimformer_load
+        )
+    elif quantization and quantization["format"] == FLOAT_FORMAT:
+        dynamic = any(g["input_activations"] for g in quantization["config_groups"].values())
+        layout = (
+            "compressed-tensors `float-quantized`: FP8 (E4M3) weights with one float32 scale per "
+            "output channel; activations "
+            + ("are cast to FP8 per token at run time. " if dynamic else "stay in float. ")
+            + float_layers
+        )
+        how = (
+            "vLLM runs it with FP8 kernels on GPUs that have them (compute capability 8.9+); "
+            "transformers (with the `compressed-tensors` package) loads it as it is. With "
+            "Slimformer (FP8 matrix multiplies where the GPU has them, float arithmetic on the FP8 "
+            "values elsewhere):\n\n" + slimformer_load
         )
     elif quantization:
         groups = quantization["config_groups"].values()

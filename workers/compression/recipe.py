@@ -165,12 +165,14 @@ class SparseGptConfig(SparsityConfig):
 class StructuredConfig(StageConfig):
     """Remove whole attention heads and FFN channels; the weights and config really shrink."""
 
-    needs_calibration: ClassVar[bool] = True
-
     method: Literal["structured"] = "structured"
     attention_heads: float = Field(default=0.0, ge=0, lt=1)
     ffn_channels: float = Field(default=0.0, ge=0, lt=1)
     criterion: Literal["activation", "magnitude"] = "activation"
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.criterion == "activation"
 
     @model_validator(mode="after")
     def _removes_something(self) -> StructuredConfig:

@@ -60,3 +60,24 @@ def linear_layers(model: nn.Module, stage: StageConfig) -> tuple[list[str], list
         ignored = any(matches(name, pattern) for pattern in stage.ignore)
         (targeted if wanted(name, module) and not ignored else skipped).append(name)
     return targeted, skipped
+
+
+def untie_targeted(model: nn.Module, stage: StageConfig) -> list[str]:
+    """Give each Linear the stage targets its own weight when it shares it with another module
+    (a causal LM's `lm_head` tied to the input embedding): methods change weights in place, and
+    quantizing or pruning the head must not change the embedding. Returns the untied names."""
+    targeted, _ = linear_layers(model, stage)
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for parameter in module.parameters(recurse=False):
+            owners[id(parameter)] = owners.get(id(parameter), 0) + 1
+    untied = []
+    for name in targeted:
+        linear = model.get_submodule(name)
+        if owners.get(id(linear.weight), 0) > 1:
+            linear.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+            untied.append(name)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if untied and output is not None and any(model.get_submodule(n) is output for n in untied):
+        model.config.tie_word_embeddings = False
+    return untied

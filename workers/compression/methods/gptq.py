@@ -72,6 +72,20 @@ def single_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def inverse_hessian_factor(
+    H: torch.Tensor, damping: float, *, method: str, layer: str
+) -> torch.Tensor:
+    """The upper Cholesky factor U of H⁻¹ (float32) after dampening H in place: row j of U holds
+    the inverse restricted to columns j: (see the module docstring). Shared with SparseGPT."""
+    H.diagonal().add_(damping * H.diagonal().mean())
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.item():
+        raise ValueError(
+            f"{method}: the Hessian of {layer} is not positive definite; raise `damping`"
+        )
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -104,13 +118,8 @@ def gptq_quantize(
     position = torch.argsort(perm)  # where each original column sits in the processing order
     W, H = W[:, perm], H[perm][:, perm]
 
-    H.diagonal().add_(damping * H.diagonal().mean())
-    L, info = torch.linalg.cholesky_ex(H)
-    if info.item():
-        raise ValueError(f"GPTQ: the Hessian of {layer} is not positive definite; raise `damping`")
-    # Upper Cholesky factor of H⁻¹: row j holds the inverse restricted to columns j: (see above).
-    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
-    del H, L
+    U = inverse_hessian_factor(H, damping, method="GPTQ", layer=layer)
+    del H
 
     num_groups = in_features // group_size
     group_of = (perm // group_size).tolist()  # the (original-order) group of each processed column

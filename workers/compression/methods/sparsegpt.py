@@ -1,0 +1,164 @@
+"""SparseGPT: prune one input column at a time and let the weights not yet visited compensate
+(Frantar, Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot",
+2023).
+
+For a layer with weights W [out, in] and calibration inputs X [tokens, in], SparseGPT minimises the
+output error ||W Xᵀ - Ŵ Xᵀ||² under a sparsity mask, column by column, as GPTQ does for rounding
+(the two papers share the machinery; `gptq.py` explains it). With H = 2 XᵀX and U the upper
+Cholesky factor of H⁻¹, removing the weights of column j that the mask drops (w_j → q_j, zero
+where pruned, unchanged elsewhere) and moving the columns after j by
+
+    δW[:, j+1:] = -(w_j - q_j) / U_jj · U[j, j+1:]
+
+is the Optimal Brain Surgeon update restricted to the columns not yet visited. Which weights to
+drop is chosen as the columns come, from their current, already-updated values, by the OBS
+saliency w² / [U_jj]² (the output error that removing w alone costs):
+- unstructured: "adaptive mask selection": at the start of every lazy block of `block_size`
+  columns, the block's weights of all rows compete together and the `sparsity` share of lowest
+  saliency goes. Columns (and rows) then end up with different sparsities, following where the
+  error is cheapest; each block, and so the layer, has the target sparsity.
+- 2:4: at every fourth column, the 2 of the next 4 weights of each row with the lowest saliency go.
+The updates from a block reach the columns after it in one matrix multiply (lazy batching), and
+λ = damping · mean(diag H) keeps H invertible (both as in GPTQ, whose helper computes U).
+
+Layers are pruned block by block (`calibration.run_blockwise`): the inputs of all the targeted
+layers of a block are collected in one pass before any of them changes, as in the paper's code;
+the next block is calibrated on this block's pruned outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from workers.compression.calibration import BlockInputs, input_hessians, run_blockwise
+from workers.compression.methods.gptq import (
+    inverse_hessian_factor,
+    relative_output_error,
+    single_cpu_thread,
+)
+from workers.compression.methods.magnitude import pruning_summary, sparsity_targets
+from workers.compression.recipe import SparseGptConfig
+from workers.compression.registry import StageContext, register_method
+from workers.compression.sparsity import keep_largest, prune_, two_of_four
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    sparsity: float,
+    pattern: str,
+    damping: float,
+    block_size: int,
+    layer: str = "the weight",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT of one weight matrix [out, in] given H = 2 XᵀX [in, in] of its calibration
+    inputs: (the pruned and updated weight in the weight's dtype, the keep mask)."""
+    out_features, in_features = weight.shape
+    if pattern == "2:4":
+        if in_features % 4:
+            raise ValueError(
+                f"2:4 sparsity needs a width divisible by 4; {layer} has {in_features}"
+            )
+        # A group of 4 must not straddle two lazy blocks. The block size changes no result
+        # (beyond rounding) when masks are chosen per group, so it is rounded up to a multiple of 4.
+        block_size = -(-block_size // 4) * 4
+    elif pattern != "unstructured":
+        raise ValueError(f"unknown sparsity pattern {pattern!r}")
+    W = weight.detach().float().clone()
+    H = hessian.detach().double().clone()
+
+    # An input that is always zero carries no information: its weights go to 0 (and are the first
+    # to be pruned), and a unit diagonal keeps H invertible.
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    U = inverse_hessian_factor(H, damping, method="SparseGPT", layer=layer)
+    del H
+    diagonal = torch.diagonal(U)
+    keep = torch.ones_like(W, dtype=torch.bool)
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        W1, U1, keep1 = W[:, i1:i2], U[i1:i2, i1:i2], keep[:, i1:i2]  # views into W, U, keep
+        d1 = diagonal[i1:i2]
+        errors = torch.zeros_like(W1)
+        if pattern == "unstructured":
+            saliency = (W1 / d1).square()
+            keep1.copy_(keep_largest(saliency.reshape(1, -1), sparsity).reshape(saliency.shape))
+        for i in range(i2 - i1):
+            if pattern == "2:4" and i % 4 == 0:
+                keep1[:, i : i + 4] = two_of_four((W1[:, i : i + 4] / d1[i : i + 4]).square())
+            # w_j - q_j: the removed weights, zero where the column keeps its weight.
+            removed = W1[:, i].masked_fill(keep1[:, i], 0)
+            error = removed.div_(d1[i])
+            W1[:, i + 1 :].addr_(error, U1[i, i + 1 :], alpha=-1)
+            # Set to exact zeros, not w - error · U_jj, which only rounds to about zero.
+            W1[:, i].masked_fill_(~keep1[:, i], 0)
+            errors[:, i] = error
+        W[:, i2:].sub_(errors @ U[i1:i2, i2:])
+
+    return W.to(weight.dtype), keep
+
+
+class SparseGptBlockHandler:
+    """Prunes the targeted layers of one block at a time (a `calibration.Handler`)."""
+
+    def __init__(self, config: SparseGptConfig, targeted: list[str]) -> None:
+        self.config = config
+        self.targeted = targeted
+
+    def __call__(self, index: int, block_name: str, block: nn.Module, inputs: BlockInputs) -> dict:
+        prefix = block_name + "."
+        layers = {
+            name[len(prefix) :]: block.get_submodule(name[len(prefix) :])
+            for name in self.targeted
+            if name.startswith(prefix)
+        }
+        if not layers:
+            return {}
+        hessians = input_hessians(block, layers, inputs)
+
+        config, summary = self.config, {}
+        with single_cpu_thread(inputs.hidden[0].device):
+            for name, layer in layers.items():
+                H = hessians.pop(name)
+                original = layer.weight.detach().clone()
+                pruned, keep = sparsegpt_prune(
+                    original,
+                    H,
+                    sparsity=config.sparsity,
+                    pattern=config.pattern,
+                    damping=config.damping,
+                    block_size=config.block_size,
+                    layer=prefix + name,
+                )
+                with torch.no_grad():
+                    layer.weight.copy_(pruned)
+                prune_(layer, keep, pattern=config.pattern)  # already zero there; marks the layer
+                summary[prefix + name] = {
+                    "relative_output_error": relative_output_error(original, layer.weight, H)
+                }
+        return summary
+
+
+@register_method(SparseGptConfig)
+def sparsegpt(model: nn.Module, config: SparseGptConfig, context: StageContext) -> dict:
+    if not context.calibration:
+        raise ValueError("sparsegpt needs calibration data")
+    targeted, skipped = sparsity_targets(model, config, blockwise=True)
+    per_block = run_blockwise(
+        model,
+        context.calibration,
+        SparseGptBlockHandler(config, targeted),
+        progress=context.report,
+        checkpoint=context.checkpoint,
+    )
+    errors = [layer["relative_output_error"] for block in per_block for layer in block.values()]
+    return {
+        **pruning_summary(model, config, targeted, skipped),
+        "calibration_samples": len(context.calibration),
+        "calibration_tokens": sum(ids.numel() for ids in context.calibration),
+        "mean_relative_output_error": sum(errors) / len(errors),
+    }

@@ -1,0 +1,231 @@
+"""Pruned layers stored compressed, in compressed-tensors' bitmask layouts, and read back.
+
+A pruned layer (`sparsity.ATTRIBUTE` set, weights exact zeros) of a model that is otherwise
+float is written without its dense `<name>.weight`, as:
+
+- `sparse-bitmask` (any pattern): `<name>.compressed` the nonzero weights in row-major order (1-D,
+  the weight's dtype); `<name>.bitmask` uint8 [out, ceil(in / 8)], bit j % 8 of byte j // 8 of a
+  row (little-endian bit order, numpy's `packbits(..., bitorder="little")`) set where weight j is
+  nonzero; `<name>.shape` int64 [2] = [out, in]; `<name>.row_offsets` int64 [out], where each
+  row's values start in `compressed`.
+- `sparse-24-bitmask` (every layer 2:4): the 2 kept weights of every group of 4 inputs, in order,
+  as `<name>.compressed` [out, in / 2]; `<name>.bitmask` as above with exactly 2 bits set per group
+  of 4; `<name>.shape` int64 [2, 1]. A group with fewer than 2 nonzeros keeps a zero or two.
+
+config.json then holds `quantization_config = {"quant_method": "compressed-tensors",
+"sparsity_config": {...}}` with no quantization, as compressed-tensors' ModelCompressor wrote it.
+These are compressed-tensors' BitmaskCompressor and Sparse24BitMaskCompressor layouts (0.9 to
+0.14; the bit packing is still its `utils.pack_bitmasks`). At 50% sparsity a float32 layer takes
+53% of its dense size (half the values, one bit per weight, one int64 per row).
+
+Who reads them: `load_artifact` (below, `decompress_sparse_layers`). compressed-tensors 0.20.1
+removed its sparse compressors, and transformers 5.24 ignores `sparsity_config`: it loads such a
+folder with the pruned layers' weights *missing* (randomly initialised, with only a warning). Save
+with `sparse_storage="dense"` for a folder that plain transformers reads: the zeros are then
+stored as they are, with no `quantization_config`.
+
+One artifact holds one format: in a quantized model the pruned layers keep their zeros inside the
+quantized format (round-to-nearest maps 0 to 0 exactly) and no sparse layout is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy
+import torch
+from torch import nn
+
+from workers.compression.loading import UnsupportedModelError
+from workers.compression.sparsity import ATTRIBUTE, follows_two_of_four
+
+BITMASK_FORMAT = "sparse-bitmask"
+TWO_FOUR_FORMAT = "sparse-24-bitmask"
+STORAGES = ("bitmask", "dense")
+# Tensor names of a quantized layer (compressed-tensors formats): a model holding any is quantized.
+_QUANTIZED_SUFFIXES = (".weight_scale", ".weight_packed")
+
+
+def sparse_weight_tensors(
+    tensors: dict[str, torch.Tensor], model: nn.Module, *, storage: str = "bitmask"
+) -> dict | None:
+    """Replace, in `tensors` (what is about to be written, from `model`), the dense weight of every
+    pruned layer by its bitmask layout; the `sparsity_config` for config.json, or None when nothing
+    is stored sparse (`storage="dense"`, no pruned layer, or a quantized model)."""
+    if storage not in STORAGES:
+        raise ValueError(f"sparse storage must be one of {STORAGES}, got {storage!r}")
+    if storage == "dense" or any(key.endswith(_QUANTIZED_SUFFIXES) for key in tensors):
+        return None
+    pruned = {
+        name: getattr(module, ATTRIBUTE)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and getattr(module, ATTRIBUTE, None) is not None
+        # A weight written under another name (tied to the embedding) stays dense there.
+        and f"{name}.weight" in tensors
+        and tensors[f"{name}.weight"].is_floating_point()
+    }
+    if not pruned:
+        return None
+    two_four = all(
+        pattern == "2:4" and follows_two_of_four(tensors[f"{name}.weight"])
+        for name, pattern in pruned.items()
+    )
+    for name in pruned:
+        weight = tensors.pop(f"{name}.weight")
+        tensors.update(
+            two_four_tensors(name, weight) if two_four else bitmask_tensors(name, weight)
+        )
+    zeros = sum(p.numel() - int(torch.count_nonzero(p)) for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return {
+        "format": TWO_FOUR_FORMAT if two_four else BITMASK_FORMAT,
+        "global_sparsity": round(zeros / total, 6),
+        "ignore": [],
+        "registry_requires_subclass": False,
+        "sparsity_structure": "2:4" if two_four else "unstructured",
+        "targets": sorted(pruned),
+    }
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [rows, cols] -> uint8 [rows, ceil(cols / 8)], little-endian bits within each byte."""
+    return torch.from_numpy(numpy.packbits(mask.cpu().numpy(), axis=-1, bitorder="little"))
+
+
+def unpack_mask(bitmask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    bits = numpy.unpackbits(bitmask.numpy(), axis=-1, count=shape[1], bitorder="little")
+    return torch.from_numpy(bits).bool()
+
+
+def bitmask_tensors(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The `sparse-bitmask` tensors of one weight [out, in] (see the module docstring)."""
+    mask = weight != 0
+    row_counts = mask.sum(dim=1)
+    return {
+        f"{name}.compressed": weight[mask],
+        f"{name}.bitmask": pack_mask(mask),
+        f"{name}.shape": torch.tensor(list(weight.shape), dtype=torch.int64),
+        f"{name}.row_offsets": torch.cumsum(row_counts, 0) - row_counts,
+    }
+
+
+def two_four_tensors(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The `sparse-24-bitmask` tensors of one 2:4 weight [out, in] (see the module docstring).
+    The kept positions are each group's 2 largest |w| (ties to the first), which include every
+    nonzero since a group holds at most 2."""
+    rows, cols = weight.shape
+    groups = weight.abs().reshape(rows, cols // 4, 4)
+    kept = torch.sort(groups, dim=2, descending=True, stable=True).indices[:, :, :2]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, kept, True).reshape(rows, cols)
+    return {
+        f"{name}.compressed": weight[mask].reshape(rows, cols // 2),
+        f"{name}.bitmask": pack_mask(mask),
+        f"{name}.shape": torch.tensor([[rows], [cols]], dtype=torch.int64),
+    }
+
+
+def sparse_storage_format(quantization: dict) -> str | None:
+    """The sparse layout of a config.json `quantization_config` (None: it has none), or a
+    refusal when this module cannot read it."""
+    sparsity = quantization.get("sparsity_config") or {}
+    storage_format = sparsity.get("format")
+    if storage_format in (None, "dense"):
+        return None
+    if quantization.get("quant_method") != "compressed-tensors" or storage_format not in (
+        BITMASK_FORMAT,
+        TWO_FOUR_FORMAT,
+    ):
+        raise UnsupportedModelError(
+            f"unsupported sparsity_config: {quantization.get('quant_method')} {storage_format}"
+        )
+    if quantization.get("config_groups"):
+        raise UnsupportedModelError(f"{storage_format} combined with quantization is not supported")
+    return storage_format
+
+
+def decompress_sparse_layers(
+    state: dict[str, torch.Tensor], quantization: dict | None
+) -> list[str]:
+    """Replace, in a loaded state dict, every layer stored in a bitmask layout by its dense
+    `<name>.weight`, after checking the layout; the names of those layers."""
+    storage_format = sparse_storage_format(quantization or {})
+    if storage_format is None:
+        return []
+    names = sorted(key.removesuffix(".bitmask") for key in state if key.endswith(".bitmask"))
+    for name in names:
+        shape = state.pop(f"{name}.shape", None)
+        compressed = state.pop(f"{name}.compressed", None)
+        bitmask = state.pop(f"{name}.bitmask")
+        row_offsets = state.pop(f"{name}.row_offsets", None)
+        two_four = storage_format == TWO_FOUR_FORMAT
+        if shape is None or compressed is None or shape.numel() != 2 or shape.is_floating_point():
+            raise UnsupportedModelError(f"{name}: {storage_format} layer without its shape/values")
+        rows, cols = (int(size) for size in shape.flatten())
+        problems = []
+        if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (rows, -(-cols // 8)):
+            problems.append(f"bitmask {bitmask.dtype} {tuple(bitmask.shape)}")
+        else:
+            mask = unpack_mask(bitmask, (rows, cols))
+            expected = (rows, cols // 2) if two_four else (int(mask.sum()),)
+            if tuple(compressed.shape) != expected or not compressed.is_floating_point():
+                problems.append(f"values {compressed.dtype} {tuple(compressed.shape)}")
+            if two_four and (cols % 4 or (mask.reshape(rows, -1, 4).sum(dim=2) != 2).any()):
+                problems.append("a group of 4 without exactly 2 stored weights")
+            counts = mask.sum(dim=1)
+            if not two_four and (
+                row_offsets is None
+                or not torch.equal(row_offsets, torch.cumsum(counts, 0) - counts)
+            ):
+                problems.append("row_offsets")
+        if problems:
+            raise UnsupportedModelError(f"{name}: not a {storage_format} layer: {problems}")
+        weight = torch.zeros(rows, cols, dtype=compressed.dtype)
+        weight[mask] = compressed.flatten()
+        state[f"{name}.weight"] = weight
+    return names
+
+
+def sparse_layer_mismatches(
+    folder: Path, loaded: nn.Module, model: nn.Module
+) -> tuple[int, list[str]]:
+    """(how many layers the artifact in `folder` stores sparse, those whose weight as `loaded` from
+    it is not bit for bit the in-memory `model`'s) for `verify_export`."""
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    quantization = config.get("quantization_config") or {}
+    if sparse_storage_format(quantization) is None:
+        return 0, []
+    names = quantization["sparsity_config"]["targets"]
+    differing = [
+        name
+        for name in names
+        if not torch.equal(
+            loaded.get_submodule(name).weight.detach().cpu(),
+            model.get_submodule(name).weight.detach().cpu(),
+        )
+    ]
+    return len(names), differing
+
+
+def model_card_text(quantization: dict, model_class: str, slimformer_load: str) -> tuple[str, str]:
+    """(layout, how to load) for the model card of an artifact with a sparse layout."""
+    sparsity = quantization["sparsity_config"]
+    layers = len(sparsity["targets"])
+    if sparsity["format"] == TWO_FOUR_FORMAT:
+        kind = "2:4 sparse: the 2 kept weights of every 4 inputs and a bitmask of where they sit"
+    else:
+        kind = "sparse: the nonzero weights, a bitmask of where they sit and each row's offset"
+    layout = (
+        f"float32 safetensors with {layers} pruned Linear layers stored in compressed-tensors' "
+        f"`{sparsity['format']}` layout ({kind}); {sparsity['global_sparsity']:.1%} of all "
+        "parameters are zero."
+    )
+    how = (
+        "With Slimformer, which expands the pruned layers to dense float weights:\n\n"
+        + slimformer_load
+        + "\n\ntransformers 5 with compressed-tensors 0.20 does not read sparse layouts: it would "
+        f"load the pruned layers uninitialised. For plain `{model_class}.from_pretrained`, export "
+        'the model with `sparse_storage="dense"` (same weights, zeros stored as they are).'
+    )
+    return layout, how
