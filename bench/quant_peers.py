@@ -2,7 +2,7 @@
 the same model, the same calibration token ids and the same evaluation code for every library.
 Writes bench/results/quant_peers.{json,md}.
 
-    .venv/bin/python -m bench.quant_peers                      # everything, full size (about an hour)
+    .venv/bin/python -m bench.quant_peers                      # everything, full size (hours on 2 cores)
     .venv/bin/python -m bench.quant_peers --samples 4 --seq-len 128 --windows 2 --latency-runs 2
     .venv/bin/python -m bench.quant_peers --models smollm2 --only 'slimformer/*' 'llmcompressor/gptq*'
     .venv/bin/python -m bench.quant_peers --setup              # (re)create the peers' venv only
@@ -428,7 +428,8 @@ def _settings(row: dict) -> str:
     zeros = row.get("weight_zero_fraction")
     if zeros is not None and any(method in row["row"] for method in PRUNING):
         text += f" ({zeros:.1%} zeros)"
-    if (row.get("summary") or {}).get("norm_layers_rescaled") == 0:
+    smoothing = "smoothquant" in row["row"] or "awq" in row["row"]
+    if smoothing and (row.get("summary") or {}).get("norm_layers_rescaled") == 0:
         text += " (smoothing rescaled no layer: no mapping for this architecture)"
     return text
 

@@ -239,10 +239,10 @@ class LlmCompressor:
             )
         # SmoothQuant and AWQ rescale the norm before the layers they balance; 0 here means their
         # mappings matched nothing in this architecture (they fall back to Llama names).
-        return {
-            "modifiers": [repr(modifier) for modifier in modifiers],
-            "norm_layers_rescaled": len(rescaled),
-        }
+        summary = {"modifiers": [repr(modifier) for modifier in modifiers]}
+        if self.kind.startswith(("smoothquant", "awq")):
+            summary["norm_layers_rescaled"] = len(rescaled)
+        return summary
 
     def export(self, loaded, folder: Path) -> Exported:
         from transformers import AutoModel, AutoModelForCausalLM
