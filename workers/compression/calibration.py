@@ -108,6 +108,23 @@ def model_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return name, model.get_submodule(name)
 
 
+def block_layers(block_name: str, block: nn.Module, targeted: list[str]) -> dict[str, nn.Module]:
+    """The targeted layers inside `block`, by their names relative to it."""
+    prefix = block_name + "."
+    return {
+        name[len(prefix) :]: block.get_submodule(name[len(prefix) :])
+        for name in targeted
+        if name.startswith(prefix)
+    }
+
+
+def outside_blocks(model: nn.Module, names: list[str]) -> list[str]:
+    """The names that are not inside one of the model's blocks (a blockwise pass never sees them)."""
+    blocks_name, blocks = model_blocks(model)
+    inside = tuple(f"{blocks_name}.{index}." for index in range(len(blocks)))
+    return [name for name in names if not name.startswith(inside)]
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

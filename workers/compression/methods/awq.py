@@ -31,8 +31,9 @@ from torch import nn
 
 from workers.compression.calibration import (
     BlockInputs,
+    block_layers,
     input_hessians,
-    model_blocks,
+    outside_blocks,
     run_blockwise,
 )
 from workers.compression.methods.gptq import single_cpu_thread
@@ -163,12 +164,7 @@ class AwqBlockHandler:
         }
 
     def __call__(self, index: int, block_name: str, block: nn.Module, inputs: BlockInputs) -> dict:
-        prefix = block_name + "."
-        layers = {
-            name[len(prefix) :]: block.get_submodule(name[len(prefix) :])
-            for name in self.targeted
-            if name.startswith(prefix)
-        }
+        layers = block_layers(block_name, block, self.targeted)
         if not layers:
             return {}
         balances = [
@@ -228,9 +224,7 @@ def awq(model: nn.Module, config: AwqConfig, context: StageContext) -> dict:
     if not context.calibration:
         raise ValueError("awq needs calibration data")
     targeted, skipped = weight_only_targets(model, config)
-    blocks_name, blocks = model_blocks(model)
-    inside = tuple(f"{blocks_name}.{index}." for index in range(len(blocks)))
-    outside = [name for name in targeted if not name.startswith(inside)]
+    outside = outside_blocks(model, targeted)
     if outside:
         raise ValueError(
             f"awq quantizes layers inside the model's blocks only; {', '.join(outside)} are "

@@ -39,8 +39,9 @@ from torch import nn
 
 from workers.compression.calibration import (
     BlockInputs,
+    block_layers,
     input_hessians,
-    model_blocks,
+    outside_blocks,
     run_blockwise,
 )
 from workers.compression.methods.rtn import weight_only_targets
@@ -203,11 +204,7 @@ class GptqBlockHandler:
 
     def __call__(self, index: int, block_name: str, block: nn.Module, inputs: BlockInputs) -> dict:
         prefix = block_name + "."
-        layers = {
-            name[len(prefix) :]: block.get_submodule(name[len(prefix) :])
-            for name in self.targeted
-            if name.startswith(prefix)
-        }
+        layers = block_layers(block_name, block, self.targeted)
         if not layers:
             return {}
         hessians = input_hessians(block, layers, inputs)
@@ -241,9 +238,7 @@ def gptq(model: nn.Module, config: GptqConfig, context: StageContext) -> dict:
     if not context.calibration:
         raise ValueError("gptq needs calibration data")
     targeted, skipped = weight_only_targets(model, config)
-    blocks_name, blocks = model_blocks(model)
-    inside = tuple(f"{blocks_name}.{index}." for index in range(len(blocks)))
-    outside = [name for name in targeted if not name.startswith(inside)]
+    outside = outside_blocks(model, targeted)
     if outside:
         # GPTQ sees layer inputs block by block only; `modules` can select others (lm_head).
         raise ValueError(

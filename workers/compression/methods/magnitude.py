@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from workers.compression.calibration import model_blocks
+from workers.compression.calibration import outside_blocks
 from workers.compression.recipe import MagnitudeConfig, SparsityConfig
 from workers.compression.registry import StageContext, register_method
 from workers.compression.sparsity import ATTRIBUTE, mask_for, prune_, sparsity_of
@@ -33,9 +33,7 @@ def sparsity_targets(
                 "(`ignore` them)"
             )
     if blockwise:
-        blocks_name, blocks = model_blocks(model)
-        inside = tuple(f"{blocks_name}.{index}." for index in range(len(blocks)))
-        outside = [name for name in targeted if not name.startswith(inside)]
+        outside = outside_blocks(model, targeted)
         if outside:
             raise ValueError(
                 f"{config.method} prunes layers inside the model's blocks only; "

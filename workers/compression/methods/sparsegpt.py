@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workers.compression.calibration import BlockInputs, input_hessians, run_blockwise
+from workers.compression.calibration import BlockInputs, block_layers, input_hessians, run_blockwise
 from workers.compression.methods.gptq import (
     inverse_hessian_factor,
     relative_output_error,
@@ -111,11 +111,7 @@ class SparseGptBlockHandler:
 
     def __call__(self, index: int, block_name: str, block: nn.Module, inputs: BlockInputs) -> dict:
         prefix = block_name + "."
-        layers = {
-            name[len(prefix) :]: block.get_submodule(name[len(prefix) :])
-            for name in self.targeted
-            if name.startswith(prefix)
-        }
+        layers = block_layers(block_name, block, self.targeted)
         if not layers:
             return {}
         hessians = input_hessians(block, layers, inputs)

@@ -25,8 +25,9 @@ from torch import nn
 
 from workers.compression.calibration import (
     BlockInputs,
+    block_layers,
     linear_inputs,
-    model_blocks,
+    outside_blocks,
     run_blockwise,
 )
 from workers.compression.methods.dynamic_int8 import FULL_RANGE_ACTIVATIONS
@@ -150,12 +151,7 @@ class StaticW8A8Handler:
         self.targeted = targeted
 
     def layers(self, block_name: str, block: nn.Module) -> dict[str, nn.Module]:
-        prefix = block_name + "."
-        return {
-            name[len(prefix) :]: block.get_submodule(name[len(prefix) :])
-            for name in self.targeted
-            if name.startswith(prefix)
-        }
+        return block_layers(block_name, block, self.targeted)
 
     def __call__(self, index: int, block_name: str, block: nn.Module, inputs: BlockInputs) -> dict:
         layers = self.layers(block_name, block)
@@ -207,9 +203,7 @@ def w8a8(model: nn.Module, config: W8A8Config, context: StageContext) -> dict:
 
     if not context.calibration:
         raise ValueError("w8a8 with static activations needs calibration data")
-    blocks_name, blocks = model_blocks(model)
-    inside = tuple(f"{blocks_name}.{index}." for index in range(len(blocks)))
-    outside = [name for name in targeted if not name.startswith(inside)]
+    outside = outside_blocks(model, targeted)
     if outside:
         raise ValueError(
             f"w8a8 with static activations calibrates layers inside the model's blocks only; "

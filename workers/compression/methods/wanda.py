@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workers.compression.calibration import BlockInputs, linear_inputs, run_blockwise
+from workers.compression.calibration import BlockInputs, block_layers, linear_inputs, run_blockwise
 from workers.compression.methods.magnitude import pruning_summary, sparsity_targets
 from workers.compression.recipe import WandaConfig
 from workers.compression.registry import StageContext, register_method
@@ -61,12 +61,7 @@ class WandaBlockHandler:
         self.targeted = targeted
 
     def __call__(self, index: int, block_name: str, block: nn.Module, inputs: BlockInputs) -> dict:
-        prefix = block_name + "."
-        layers = {
-            name[len(prefix) :]: block.get_submodule(name[len(prefix) :])
-            for name in self.targeted
-            if name.startswith(prefix)
-        }
+        layers = block_layers(block_name, block, self.targeted)
         if not layers:
             return {}
         # As in the paper's code, every layer's inputs are measured before any layer of the
