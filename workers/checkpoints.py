@@ -6,6 +6,9 @@ Layout under `checkpoints/<fingerprint>/` (one fingerprint per stage):
     hidden-<n>.safetensors    the inputs of block n (only the newest is kept)
     manifest.json             {"next_block": n, "summaries": {...}} -- written last: a checkpoint
                               exists once its manifest names files that are all in place.
+A training stage (distill) keeps its state the same way:
+    training-<step>.safetensors   weights and optimizer moments after `step` (only the newest kept)
+    training.json                 {"step": n, ...} -- written last
 The fingerprint covers the model bytes, the calibration data and settings, the recipe up to this
 stage and the library versions, so a checkpoint is only ever reused for the same computation.
 """
@@ -86,6 +89,28 @@ class StorageBlockCheckpoint:
             return {}
         with self.store.open(self._key("manifest.json")) as handle:
             return json.load(handle)
+
+    def load_training(self) -> tuple[dict, dict] | None:
+        if not self.store.exists(self._key("training.json")):
+            return None
+        with self.store.open(self._key("training.json")) as handle:
+            meta = json.load(handle)
+        with self.store.open(self._key(f"training-{meta['step']}.safetensors")) as handle:
+            return load_tensors(handle.read()), meta
+
+    def save_training(self, tensors: dict, meta: dict) -> None:
+        previous = None
+        if self.store.exists(self._key("training.json")):
+            with self.store.open(self._key("training.json")) as handle:
+                previous = json.load(handle)["step"]
+        self.store.put_bytes(
+            self._key(f"training-{meta['step']}.safetensors"), save_tensors(_plain(tensors))
+        )
+        self.store.put_bytes(
+            self._key("training.json"), json.dumps(meta, sort_keys=True, default=str).encode()
+        )
+        if previous is not None and previous != meta["step"]:
+            self.store.delete(self._key(f"training-{previous}.safetensors"))
 
     def clear(self) -> None:
         self.store.delete_prefix(self.prefix)

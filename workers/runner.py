@@ -76,7 +76,14 @@ class JobContext:
             raise Interrupted(self.interrupt)
 
     def progress(
-        self, stage_index: int, step: int, total_steps: int, message: str, *, force: bool = False
+        self,
+        stage_index: int,
+        step: int,
+        total_steps: int,
+        message: str,
+        *,
+        force: bool = False,
+        data: dict[str, Any] | None = None,
     ) -> None:
         self.check()
         now = time.monotonic()
@@ -105,7 +112,7 @@ class JobContext:
                 job_id=self.job_id,
                 type="progress",
                 message=message,
-                data=progress,
+                data={**progress, "details": data} if data else progress,
                 values={"progress": progress},
                 attempt=self.attempt,
             )
@@ -345,6 +352,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     )
     from workers.compression.loading import load_model
     from workers.compression.recipe import EvaluationSettings, Recipe
+    from workers.compression.registry import StageResources
 
     with session_scope() as session:
         job = session.get(Job, context.job_id)
@@ -414,15 +422,43 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
             update.total_steps,
             update.message,
             force=update.step == update.total_steps,
+            data=update.data,
         )
 
+    students: dict[int, Any] = {}  # id(model) -> LoadedModel of a distillation student
+
+    def load_student(model_id: str) -> Any:
+        student = _load_student(model_id, loaded, device)
+        students[id(student.model)] = student
+        return student.model
+
+    def measure_stage(index: int, model: Any) -> dict:
+        # A pipeline reports what each stage cost and bought: quality after every stage.
+        context.progress(2 + index, 1, 1, f"measuring the model after {methods[index]}", force=True)
+        measured = evaluator.measure(model, folder=None, on_step=context.check, only=QUALITY)
+        context.log(f"after stage {index} ({methods[index]})", {"metrics": measured}, type="metric")
+        return measured
+
+    resources = StageResources(
+        tokenizer=loaded.tokenizer,
+        texts=lambda dataset_id: [r["text"] for r in _dataset_records(dataset_id, read_records)[0]],
+        load_model=load_student,
+    )
     checkpoints = _checkpoints(model_row, job, calibration_sha)
     context.clear_checkpoints = lambda: [checkpoints(i).clear() for i in range(len(methods))]
     result = compress(
-        loaded.model, recipe, calibration, progress=on_progress, checkpoints=checkpoints
+        loaded.model,
+        recipe,
+        calibration,
+        progress=on_progress,
+        checkpoints=checkpoints,
+        resources=resources,
+        after_stage=measure_stage,
     )
     context.clear_checkpoints()  # they exist to resume this stage; it is done
     context.check()
+    if result.model is not loaded.model:  # a distilled student of its own: saved as itself
+        loaded = students[id(result.model)]
 
     export_index = 2 + len(methods)
     context.progress(export_index, 0, 2, "writing the compressed model", force=True)
@@ -480,6 +516,44 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     return metrics, files
 
 
+QUALITY = ("perplexity", "embedding_cosine", "accuracy")
+
+
+def _load_student(model_id: str, teacher: Any, device: Any) -> Any:
+    """Another registered model, as a distillation student: ready, safe, same tokenizer."""
+    from workers.compression.loading import load_model
+
+    with session_scope() as session:
+        row = session.get(Model, model_id)
+        session.expunge_all()
+    if row is None or row.deleted_at is not None:
+        raise JobFailure("not_found", f"the student model {model_id} is gone")
+    if row.status == "validating":
+        validate_model(row.id)
+        with session_scope() as session:
+            row = session.get(Model, model_id)
+            session.expunge_all()
+    if row.status != "ready":
+        raise JobFailure("unsupported_model", f"the student model {model_id} is {row.status}")
+    try:
+        folder = materialize(row)
+    except ModelUnavailable as exc:
+        raise JobFailure(exc.code, exc.message) from exc
+    student = load_model(folder, device=device)
+    if student.task != teacher.task:
+        raise JobFailure(
+            "invalid_request",
+            f"the student {model_id} is a {student.task} model, the teacher a {teacher.task}",
+        )
+    if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+        raise JobFailure(
+            "invalid_request",
+            f"the student {model_id} has another tokenizer than the teacher: distillation "
+            "compares their outputs token by token, so the vocabularies must be the same",
+        )
+    return student
+
+
 def _checkpoints(model_row: Model, job: Job, calibration_sha: str | None):  # noqa: ANN202
     """Per-stage block checkpoints in storage, keyed by what the computation depends on."""
     import torch
@@ -511,6 +585,15 @@ def _preflight(model_row: Model, job: Job, device: Any) -> None:
         calibration_seq_len=calibration.get("seq_len", 0),
         evaluation_seq_len=(job.evaluation or {}).get("seq_len", 512),
         device=str(device),
+        training_tokens=max(
+            (
+                (stage.get("micro_batch_size") or stage.get("batch_size", 8))
+                * stage.get("seq_len", 256)
+                for stage in job.recipe["stages"]
+                if stage["method"] == "distill"
+            ),
+            default=0,
+        ),
     )
     if not estimate.fits:
         raise JobFailure(

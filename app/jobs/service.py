@@ -66,10 +66,48 @@ def create_job(
         calibration["dataset_id"] = (
             _builtin_dataset_id(session, default_calibration_dataset(model.task)) or ""
         )
-    for param, dataset_id in (
+    datasets = [
         ("calibration.dataset_id", (calibration or {}).get("dataset_id")),
         ("evaluation.dataset_id", evaluation["dataset_id"]),
-    ):
+    ]
+    for index, stage in enumerate(body["recipe"]["stages"]):
+        if stage["method"] != "distill":
+            continue
+        if stage["dataset_id"] is None and model.task is not None:
+            # Resolved now, so the job (and its resume fingerprint) names the text it trains on.
+            stage["dataset_id"] = _builtin_dataset_id(
+                session, default_calibration_dataset(model.task)
+            )
+        if stage["dataset_id"] is None:
+            raise APIError(
+                "invalid_request",
+                "distill trains on text: give its dataset_id",
+                param=f"recipe.stages[{index}].dataset_id",
+            )
+        datasets.append((f"recipe.stages[{index}].dataset_id", stage["dataset_id"]))
+        student_id = (stage.get("student") or {}).get("model_id")
+        if student_id is not None:
+            student = model_visible_to(session=session, project_id=project_id, model_id=student_id)
+            if student is None:
+                raise APIError(
+                    "not_found",
+                    f"No model with id {student_id!r}",
+                    param=f"recipe.stages[{index}].student.model_id",
+                )
+            if student.status == "rejected":
+                raise APIError(
+                    "conflict",
+                    f"Model {student.id} was rejected and cannot be a student",
+                    param=f"recipe.stages[{index}].student.model_id",
+                )
+            if model.task is not None and student.task not in (None, model.task):
+                raise APIError(
+                    "invalid_request",
+                    f"the student {student.id} is a {student.task} model and the teacher a "
+                    f"{model.task}: distillation needs the same kind of model",
+                    param=f"recipe.stages[{index}].student.model_id",
+                )
+    for param, dataset_id in datasets:
         if dataset_id is None:
             continue
         dataset = dataset_visible_to(session=session, project_id=project_id, dataset_id=dataset_id)
@@ -128,6 +166,8 @@ def _check_recipe_against_shapes(spec: JobCreate, linear_shapes: dict | None) ->
     if not linear_shapes:
         return
     for index, stage in enumerate(spec.recipe.stages):
+        if stage.method == "distill" and stage.student and stage.student.model_id:
+            break  # later stages work on the student, whose shapes are its own
         conflicts = group_size_conflicts(stage, linear_shapes)
         if conflicts:
             widths = sorted({linear_shapes[name][1] for name in conflicts})

@@ -217,3 +217,49 @@ def test_preflight_refuses_a_job_that_cannot_fit(tmp_path: Path) -> None:
     finally:
         svc.stop()
         cleanup()
+
+
+def test_sigkill_worker_mid_training_resumes_from_the_checkpoint(
+    fault_service: Service, tiny_bert: Path
+) -> None:
+    svc = fault_service
+    worker = svc.start_worker("first")
+    with svc.client() as client:
+        model_id = upload_ready(client, tiny_bert)
+        job = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": model_id,
+                "evaluation": {"metrics": ["embedding_cosine"], "max_samples": 16, "seq_len": 32},
+                "recipe": {
+                    "stages": [
+                        {
+                            "method": "distill",
+                            "student": {"num_layers": 1},
+                            "steps": 600,
+                            "batch_size": 4,
+                            "seq_len": 32,
+                            "checkpoint_every": 10,
+                        }
+                    ]
+                },
+            },
+        ).json()
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            progress = client.get(f"/v1/jobs/{job['id']}").json()["progress"]
+            if progress.get("stage") == "distill" and (progress.get("step") or 0) >= 25:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("training never reached step 25")
+        svc.kill_worker(worker)
+        svc.start_worker("second")
+        final = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=600)
+        assert final["status"] == "succeeded", (final, svc.logs())
+    assert final["attempt"] == 2
+    stage = final["metrics"]["stages"][0]
+    assert stage["resumed_from_step"] >= 20 and stage["resumed_from_step"] % 10 == 0
+    assert stage["held_out"][0]["step"] == 0  # the killed attempt's history came back too
+    # The training checkpoints are gone once the job is done.
+    assert stored_under(svc, "checkpoints") == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,13 +14,15 @@ import workers.compression.methods  # noqa: F401  (registers every method)
 from workers.compression.calibration import BlockCheckpoint
 from workers.compression.progress import ProgressFn
 from workers.compression.recipe import Recipe
-from workers.compression.registry import StageContext, method_for
+from workers.compression.registry import StageContext, StageResources, method_for
 from workers.compression.targets import untie_targeted
 
 
 @dataclass
 class Result:
-    model: nn.Module  # the same object that was passed in, changed in place
+    # The object that was passed in, changed in place -- except after a `distill` stage whose
+    # student is another model: then that model.
+    model: nn.Module
     stages: list[dict]  # one summary per stage, in recipe order
 
 
@@ -30,6 +33,8 @@ def compress(
     *,
     progress: ProgressFn | None = None,
     checkpoints: Callable[[int], BlockCheckpoint] | None = None,
+    resources: StageResources | None = None,
+    after_stage: Callable[[int, nn.Module], dict] | None = None,
 ) -> Result:
     """Run the recipe's stages in order on `model`, in place.
 
@@ -37,9 +42,16 @@ def compress(
     `progress` is called between steps; an exception it raises stops the run and propagates (that
     is how a job is cancelled), leaving the model part-way through the current stage.
     `checkpoints(stage_index)` gives layer-by-layer stages a place to record finished blocks, so a
-    rerun after a crash resumes from the last one instead of starting over.
+    rerun after a crash resumes from the last one instead of starting over (training stages keep
+    their step checkpoints there too). `resources` gives training stages their text and other
+    models. `after_stage(index, model)` runs after every stage but the last; what it returns (the
+    job measures quality there) is kept in that stage's summary as `metrics`.
     """
     summaries = []
+    needs_original = any(
+        stage.method == "distill" and stage.student is None for stage in recipe.stages
+    )
+    original = copy.deepcopy(model) if needs_original else None
     for index, stage in enumerate(recipe.stages):
         context = StageContext(
             method=stage.method,
@@ -48,18 +60,23 @@ def compress(
             num_stages=len(recipe.stages),
             progress=progress,
             checkpoint=checkpoints(index) if checkpoints is not None else None,
+            resources=resources,
+            original=original,
         )
         started = time.perf_counter()
         untied = untie_targeted(model, stage)
         summary = method_for(stage)(model, stage, context)
         if untied:
             summary = {**summary, "untied": untied}
-        summaries.append(
-            {
-                "method": stage.method,
-                "config": stage.model_dump(mode="json"),
-                "seconds": round(time.perf_counter() - started, 3),
-                **summary,
-            }
-        )
+        if context.replaced_by is not None:
+            model = context.replaced_by
+        summary = {
+            "method": stage.method,
+            "config": stage.model_dump(mode="json"),
+            "seconds": round(time.perf_counter() - started, 3),
+            **summary,
+        }
+        if after_stage is not None and index < len(recipe.stages) - 1:
+            summary["metrics"] = after_stage(index, model)
+        summaries.append(summary)
     return Result(model=model, stages=summaries)

@@ -139,10 +139,16 @@ class Evaluator:
 
     @torch.inference_mode()
     def measure(
-        self, model: nn.Module, *, folder: Path | None, on_step: Callable[[], None] | None = None
+        self,
+        model: nn.Module,
+        *,
+        folder: Path | None,
+        on_step: Callable[[], None] | None = None,
+        only: tuple[str, ...] | None = None,
     ) -> dict:
-        """Run every metric on `model`; `folder` holds its weight files, for `size`. `on_step` is
-        called between forward passes: it may raise to stop the measurement (cancellation)."""
+        """Run every metric on `model` (or those of them named in `only`); `folder` holds its
+        weight files, for `size`. `on_step` is called between forward passes: it may raise to stop
+        the measurement (cancellation)."""
         self._on_step = on_step
         model_device = next(model.parameters()).device
         # A device without an index ("cuda") means the current one, where "cuda:0" models live.
@@ -155,15 +161,16 @@ class Evaluator:
                 "evaluate baseline and result on the same device (CPU for dynamic int8)"
             )
         results: dict = {}
-        if "perplexity" in self.metrics:
+        wanted = [metric for metric in self.metrics if only is None or metric in only]
+        if "perplexity" in wanted:
             results["perplexity"] = self._perplexity(model)
-        if "embedding_cosine" in self.metrics:
+        if "embedding_cosine" in wanted:
             results.update(self._embedding_cosine(model))
-        if "accuracy" in self.metrics:
+        if "accuracy" in wanted:
             results.update(self._accuracy(model))
-        if "latency" in self.metrics:
+        if "latency" in wanted:
             results.update(self._latency(model))
-        if "size" in self.metrics:
+        if "size" in wanted:
             results.update(self._size(model, folder))
         return results
 

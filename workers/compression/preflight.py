@@ -37,7 +37,9 @@ def estimate_memory(
     calibration_seq_len: int,
     evaluation_seq_len: int,
     device: str,
+    training_tokens: int = 0,
 ) -> Estimate:
+    """`training_tokens`: tokens of one (micro-)batch of a distillation stage (0: no training)."""
     widths = Counter(shape[1] for shape in linear_shapes.values())
     hidden = widths.most_common(1)[0][0] if widths else 1024
     vocabulary = max((shape[0] for shape in linear_shapes.values()), default=hidden)
@@ -53,6 +55,15 @@ def estimate_memory(
         "evaluation_activations": evaluation_seq_len * (vocabulary + 8 * hidden) * FLOAT32 * 2,
         "runtime": RUNTIME_BYTES if device == "cpu" else 0,
     }
+    if training_tokens:
+        # A frozen teacher copy, the student's gradients and two AdamW moments (all float32, the
+        # student at most the teacher's size), and per token: both models' logits with their
+        # softmaxes and gradient, and the student's saved activations (~24 per block and width).
+        blocks = max(1, len(linear_shapes) // 7)
+        breakdown["training_state"] = 4 * parameters * FLOAT32
+        breakdown["training_activations"] = (
+            training_tokens * (6 * vocabulary + 24 * blocks * hidden) * FLOAT32
+        )
     return Estimate(int(sum(breakdown.values()) * 1.2), available_memory(device), breakdown)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class ProgressUpdate:
     step: int  # steps finished within the stage
     total_steps: int
     message: str
+    data: dict[str, Any] | None = None  # numbers behind the message (a training step's loss, ...)
 
 
 ProgressFn = Callable[[ProgressUpdate], None]

@@ -181,6 +181,76 @@ class StructuredConfig(StageConfig):
         return self
 
 
+class StudentSpec(BaseModel):
+    """Which model learns: `num_layers` blocks kept from the teacher (evenly spaced, with their
+    weights, as DistilBERT did) or another registered model (`model_id`) with the same vocabulary."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_layers: int | None = Field(default=None, ge=1, le=1024)
+    model_id: str | None = Field(default=None, min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StudentSpec:
+        if (self.num_layers is None) == (self.model_id is None):
+            raise ValueError("student takes exactly one of num_layers or model_id")
+        return self
+
+
+class LossWeights(BaseModel):
+    """How the distillation loss terms add up. `kl`: KL divergence of the temperature-softened
+    logits (x T^2); for an encoder without an LM head, 1 - cosine of the mean-pooled embeddings.
+    `hidden`: MSE of mapped hidden states, relative to the teacher's mean square. `lm`: the plain
+    next-token loss (causal models only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kl: float = Field(default=1.0, ge=0, le=1000)
+    hidden: float = Field(default=1.0, ge=0, le=1000)
+    lm: float = Field(default=0.0, ge=0, le=1000)
+
+    @model_validator(mode="after")
+    def _something(self) -> LossWeights:
+        if self.kl == 0 and self.hidden == 0 and self.lm == 0:
+            raise ValueError("loss_weights are all zero: nothing to learn from")
+        return self
+
+
+class DistillConfig(StageConfig):
+    """Knowledge distillation: the model coming into the stage is the teacher, a smaller student is
+    trained on text to match it. Without `student`, the model as it comes in (after an earlier
+    `structured` or pruning stage) is the student and the model the job started from teaches it."""
+
+    method: Literal["distill"] = "distill"
+    student: StudentSpec | None = None
+    dataset_id: str | None = Field(
+        default=None, description="training text; None: the built-in calibration set for the task"
+    )
+    steps: int = Field(default=200, ge=1, le=1_000_000)
+    batch_size: int = Field(default=8, ge=1, le=4096)
+    micro_batch_size: int | None = Field(
+        default=None, ge=1, le=4096, description="split each batch to save memory (accumulated)"
+    )
+    seq_len: int = Field(default=256, ge=8, le=32_768)
+    learning_rate: float = Field(default=1e-4, gt=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    warmup_steps: int | None = Field(default=None, ge=0, description="None: 10% of steps")
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    temperature: float = Field(default=2.0, gt=0, le=100)
+    loss_weights: LossWeights = Field(default_factory=LossWeights)
+    eval_every: int | None = Field(default=None, ge=1, description="None: 5 times per run")
+    checkpoint_every: int = Field(default=50, ge=1)
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _micro_batches_divide(self) -> DistillConfig:
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}"
+            )
+        return self
+
+
 STAGE_CONFIGS: tuple[type[StageConfig], ...] = (
     DynamicInt8Config,
     SmoothQuantConfig,
@@ -193,6 +263,7 @@ STAGE_CONFIGS: tuple[type[StageConfig], ...] = (
     WandaConfig,
     SparseGptConfig,
     StructuredConfig,
+    DistillConfig,
 )
 
 # Quantizing methods by the compressed-tensors format their layers are stored in; one artifact
@@ -206,7 +277,17 @@ QUANT_FAMILIES: dict[str, str] = {
     "fp8": "fp8",
 }
 # Methods that rescale or remove float weights: they must come before any quantizing stage.
-BEFORE_QUANTIZATION = ("smoothquant", "awq", "magnitude", "wanda", "sparsegpt", "structured")
+BEFORE_QUANTIZATION = (
+    "smoothquant",
+    "awq",
+    "magnitude",
+    "wanda",
+    "sparsegpt",
+    "structured",
+    "distill",
+)
+# What a `distill` stage without a student recovers from: something earlier made the model smaller.
+SHRINKING = ("structured", "magnitude", "wanda", "sparsegpt")
 METHOD_NAMES = frozenset(config.model_fields["method"].default for config in STAGE_CONFIGS)
 
 if len(STAGE_CONFIGS) == 1:
@@ -245,6 +326,21 @@ class Recipe(BaseModel):
                 )
             if stage.method in QUANT_FAMILIES:
                 quantized_by = quantized_by or stage.method
+        for index, stage in enumerate(self.stages):
+            if stage.method != "distill" or stage.student is not None:
+                continue
+            if not any(earlier.method in SHRINKING for earlier in self.stages[:index]):
+                raise ValueError(
+                    "distill without a student trains the model as it comes in against the "
+                    f"original: put a shrinking stage ({', '.join(SHRINKING)}) before it, or give "
+                    "student.num_layers or student.model_id"
+                )
+        if any(
+            stage.method == "smoothquant" and later.method == "distill"
+            for i, stage in enumerate(self.stages)
+            for later in self.stages[i + 1 :]
+        ):
+            raise ValueError("distill after smoothquant would undo the smoothing: swap them")
         if self.stages[-1].method == "smoothquant":
             raise ValueError(
                 "smoothquant only prepares the weights for quantization: follow it with w8a8 "

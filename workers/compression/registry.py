@@ -35,8 +35,16 @@ class StageContext:
     progress: ProgressFn | None
     # Where a layer-by-layer stage records finished blocks so a killed run resumes (None: nowhere).
     checkpoint: BlockCheckpoint | None = None
+    # Text, tokenizer and other models, for the stages that train (None: not given).
+    resources: StageResources | None = None
+    # The model as the recipe received it, before its first stage (kept only when a stage needs it).
+    original: nn.Module | None = None
+    # Set by a stage whose result is another module than the one it got (a distilled student model).
+    replaced_by: nn.Module | None = None
 
-    def report(self, step: int, total_steps: int, message: str) -> None:
+    def report(
+        self, step: int, total_steps: int, message: str, data: dict[str, Any] | None = None
+    ) -> None:
         # The callback may raise to cancel the job; that must reach the caller, so no try here.
         if self.progress is not None:
             self.progress(
@@ -47,8 +55,25 @@ class StageContext:
                     step=step,
                     total_steps=total_steps,
                     message=message,
+                    data=data,
                 )
             )
+
+
+@dataclass
+class StageResources:
+    """What training stages read besides calibration batches: `texts(dataset_id)` gives a dataset's
+    texts (None: the default training text for the model's task), `load_model(model_id)` another
+    registered model, on the device the job runs on."""
+
+    tokenizer: Any
+    texts: Callable[[str | None], list[str]]
+    load_model: Callable[[str], nn.Module] | None = None
+
+    @classmethod
+    def from_texts(cls, tokenizer: Any, texts: list[str]) -> StageResources:
+        """For plain Python calls: one list of texts serves every stage that asks for text."""
+        return cls(tokenizer=tokenizer, texts=lambda dataset_id: texts)
 
 
 MethodFn = Callable[["nn.Module", Any, StageContext], dict]

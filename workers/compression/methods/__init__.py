@@ -2,6 +2,7 @@
 
 from workers.compression.methods import (
     awq,  # noqa: F401
+    distill,  # noqa: F401
     dynamic_int8,  # noqa: F401
     fp8,  # noqa: F401
     gptq,  # noqa: F401
