@@ -18,7 +18,10 @@ from app.models.service import model_visible_to
 from app.pagination import page
 from app.settings import get_settings
 from app.storage import get_store
-from workers.compression.recipe import group_size_conflicts  # validation specs only
+from workers.compression.recipe import (  # validation specs only
+    group_size_conflicts,
+    shapes_after,
+)
 
 DEFAULT_EVALUATION_DATASET = {"causal-lm": "enwiki-evaluation"}
 DEFAULT_CALIBRATION_DATASET = {"causal-lm": "enwiki-calibration"}
@@ -169,6 +172,7 @@ def _check_recipe_against_shapes(spec: JobCreate, linear_shapes: dict | None) ->
         if stage.method == "distill" and stage.student and stage.student.model_id:
             break  # later stages work on the student, whose shapes are its own
         conflicts = group_size_conflicts(stage, linear_shapes)
+        linear_shapes = shapes_after(stage, linear_shapes)  # what the next stage sees
         if conflicts:
             widths = sorted({linear_shapes[name][1] for name in conflicts})
             shown = ", ".join(conflicts[:4]) + (

@@ -432,6 +432,47 @@ def test_group_size_that_does_not_divide_a_layer_is_refused(service: Service) ->
         client.post(f"/v1/jobs/{ok.json()['id']}/cancel")
 
 
+def test_pipeline_stages_are_checked_against_the_shapes_and_ids_they_meet(
+    service: Service,
+) -> None:
+    with service.client() as client:
+        smollm2 = builtin_id(client, "models", "SmolLM2-135M-Instruct")
+        minilm = builtin_id(client, "models", "all-MiniLM-L6-v2")
+
+        def submit(*stages: dict) -> httpx.Response:
+            return client.post(
+                "/v1/jobs", json={"model_id": smollm2, "recipe": {"stages": list(stages)}}
+            )
+
+        # structured leaves 1536 - 461 = 1075 FFN channels: down_proj's groups of 128 no longer fit.
+        refused = submit(
+            {"method": "structured", "ffn_channels": 0.3},
+            {"method": "rtn", "group_size": 128, "modules": ["down_proj"]},
+        )
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert error["param"] == "recipe.stages[1].group_size" and "1075" in error["message"]
+        # A student that does not exist, one of another kind, a pipeline with nothing to recover.
+        missing = submit({"method": "distill", "student": {"model_id": "mdl_nope"}})
+        assert missing.status_code == 404
+        assert missing.json()["error"]["param"] == "recipe.stages[0].student.model_id"
+        other_kind = submit({"method": "distill", "student": {"model_id": minilm}})
+        assert other_kind.status_code == 422, other_kind.text
+        assert "feature-extraction" in other_kind.json()["error"]["message"]
+        nothing = submit({"method": "distill"})
+        assert nothing.status_code == 422 and "shrinking stage" in nothing.text
+        # Accepted: the training text resolved to the built-in for the task.
+        ok = submit(
+            {"method": "structured", "ffn_channels": 0.25},
+            {"method": "distill", "steps": 5},
+            {"method": "rtn", "group_size": 64},
+        )
+        assert ok.status_code == 202, ok.text
+        calibration_id = builtin_id(client, "datasets", "enwiki-calibration")
+        assert ok.json()["recipe"]["stages"][1]["dataset_id"] == calibration_id
+        client.post(f"/v1/jobs/{ok.json()['id']}/cancel")
+
+
 def test_calibrated_recipe_gets_the_builtin_calibration_set(service: Service) -> None:
     with service.client() as client:
         smollm2 = builtin_id(client, "models", "SmolLM2-135M-Instruct")

@@ -426,6 +426,29 @@ def group_size_conflicts(stage: StageConfig, linear_shapes: dict[str, list[int]]
     ]
 
 
+# The FFN layers `structured` narrows, by name (Llama and BERT): outputs of the first, inputs of
+# the second. Mirrors `methods.structured.LAYOUTS` for the torch-free check at submission.
+_FFN_WIDENING = ("mlp.gate_proj", "mlp.up_proj", "intermediate.dense")
+_FFN_NARROWING = ("mlp.down_proj",)
+_BERT_FFN_OUTPUT = re.compile(r"(^|\.)\d+\.output\.dense$")  # not attention.output.dense
+
+
+def shapes_after(stage: StageConfig, linear_shapes: dict[str, list[int]]) -> dict[str, list[int]]:
+    """The Linear shapes a stage leaves behind, where it changes them at all: `structured`
+    removing FFN channels (the same number in every block, rounded as the stage rounds)."""
+    fraction = getattr(stage, "ffn_channels", 0.0) if stage.method == "structured" else 0.0
+    if not fraction:
+        return linear_shapes
+    shapes = {}
+    for name, (out_features, in_features) in linear_shapes.items():
+        if name.endswith(_FFN_WIDENING):
+            out_features -= int(fraction * out_features + 0.5)
+        elif name.endswith(_FFN_NARROWING) or _BERT_FFN_OUTPUT.search(name):
+            in_features -= int(fraction * in_features + 0.5)
+        shapes[name] = [out_features, in_features]
+    return shapes
+
+
 def default_metrics(task: str) -> list[str]:
     if task == "causal-lm":
         return ["perplexity", "latency", "size"]
