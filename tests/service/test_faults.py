@@ -263,3 +263,44 @@ def test_sigkill_worker_mid_training_resumes_from_the_checkpoint(
     assert stage["held_out"][0]["step"] == 0  # the killed attempt's history came back too
     # The training checkpoints are gone once the job is done.
     assert stored_under(svc, "checkpoints") == []
+
+
+def test_cancel_during_training_stops_at_the_next_step_and_keeps_nothing(
+    fault_service: Service, tiny_bert: Path
+) -> None:
+    svc = fault_service
+    svc.start_worker()
+    with svc.client() as client:
+        model_id = upload_ready(client, tiny_bert)
+        job = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": model_id,
+                "evaluation": {"metrics": ["embedding_cosine"], "max_samples": 16, "seq_len": 32},
+                "recipe": {
+                    "stages": [
+                        {
+                            "method": "distill",
+                            "student": {"num_layers": 1},
+                            "steps": 100_000,
+                            "batch_size": 4,
+                            "seq_len": 32,
+                            "checkpoint_every": 5,
+                        }
+                    ]
+                },
+            },
+        ).json()
+        wait_for_stage(client, job["id"], "distill")
+        deadline = time.monotonic() + 120
+        while not stored_under(svc, "checkpoints") and time.monotonic() < deadline:
+            time.sleep(0.2)  # a training checkpoint exists: cancel must remove it too
+        assert stored_under(svc, "checkpoints"), "no training checkpoint was written"
+        response = client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert response.status_code == 202
+        final = wait_for(client, job["id"], {"cancelled", "succeeded", "failed"}, timeout=60)
+        assert final["status"] == "cancelled", final
+        assert final["progress"]["step"] < 100_000
+    assert final["artifact_ids"] == []
+    assert stored_under(svc, f"jobs/{job['id']}") == []
+    assert stored_under(svc, "checkpoints") == []
