@@ -218,9 +218,13 @@ def run_blockwise(
     progress: Progress,
     checkpoint: BlockCheckpoint | None = None,
     restore: Callable[[int, nn.Module, dict[str, torch.Tensor]], None] | None = None,
+    handler_advances: bool = False,
 ) -> list[dict]:
     """Calibrate `model` block by block with `handler` (see the module docstring); the handlers'
     summaries in block order. `progress` is called after every block and may raise to cancel.
+    `handler_advances`: the handler leaves `inputs` holding the block's outputs itself (a method
+    whose change to the block leaves its outputs as they were, like SmoothQuant's exact rescaling,
+    collects its statistics while advancing: one pass over the block instead of two).
     `restore(index, block, state)` puts a finished block's saved state back when resuming; the
     default loads it into the block as it is, so a handler that replaces modules (w8a8, structured
     pruning) passes one that first rebuilds them in their new form."""
@@ -243,7 +247,8 @@ def run_blockwise(
     for index in range(first, len(blocks)):
         name = f"{blocks_name}.{index}"
         summaries[index] = handler(index, name, blocks[index], inputs)
-        inputs.advance(blocks[index])
+        if not handler_advances:
+            inputs.advance(blocks[index])
         if checkpoint is not None:
             checkpoint.save(
                 next_block=index + 1,

@@ -57,7 +57,8 @@ def smoothing_scales(
 def input_channel_max(
     block: nn.Module, layers: dict[str, nn.Linear], inputs: BlockInputs
 ) -> dict[str, torch.Tensor]:
-    """max |x_j| over every calibration token, per input channel of each named layer."""
+    """max |x_j| over every calibration token, per input channel of each named layer; `inputs`
+    is left holding the block's outputs."""
     maxima: dict[str, torch.Tensor] = {}
 
     def observe(name: str, x: torch.Tensor) -> None:
@@ -65,7 +66,9 @@ def input_channel_max(
         maxima[name] = current if name not in maxima else torch.maximum(maxima[name], current)
 
     with linear_inputs(block, layers, observe):
-        inputs.run(block)
+        # The outputs are the next block's inputs: the rescaling that follows leaves them as they
+        # are (up to float rounding), so this one pass both observes and advances.
+        inputs.advance(block)
     return maxima
 
 
@@ -85,6 +88,7 @@ class SmoothQuantBlockHandler:
     def __call__(self, index: int, block_name: str, block: nn.Module, inputs: BlockInputs) -> dict:
         balances = self.balances(block_name, block)
         if not balances:
+            inputs.advance(block)
             return {}
         # The consumers of one balance share their input: observing the first is enough.
         observed = {
@@ -124,6 +128,7 @@ def smoothquant(model: nn.Module, config: SmoothQuantConfig, context: StageConte
         handler,
         progress=context.report,
         checkpoint=context.checkpoint,
+        handler_advances=True,
     )
     smoothed = {name: info for block in per_block for name, info in block.items()}
     return {
