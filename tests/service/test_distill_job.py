@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Service, builtin_id, wait_for
+from tests.conftest import Service, builtin_id, wait_for, wait_for_model
 
 pytestmark = [pytest.mark.service, pytest.mark.real_model]
 
@@ -77,3 +77,61 @@ def test_minilm_distill_then_int8_pipeline(service: Service, tmp_path: Path) -> 
         tar.extractall(tmp_path / "out", filter="data")
     config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
     assert config["num_hidden_layers"] == 3
+
+
+def test_another_registered_model_as_the_student(
+    service: Service, tiny_bert: Path, tmp_path: Path
+) -> None:
+    """The tiny 2-block BERT (MiniLM's tokenizer) teaches a 1-block BERT uploaded next to it."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from tests.service.conftest import TOKENIZER_FILES, minilm_folder, tar_gz
+
+    student_folder = tmp_path / "student"
+    torch.manual_seed(1)
+    config = BertConfig.from_pretrained(tiny_bert)
+    config.num_hidden_layers = 1
+    BertModel(config).save_pretrained(student_folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm_folder() / name, student_folder / name)
+
+    with service.client() as client:
+        ids = []
+        for folder, name in ((tiny_bert, "teacher"), (student_folder, "student")):
+            model = client.post(
+                "/v1/models", files={"file": ("m.tar.gz", tar_gz(folder))}, data={"name": name}
+            ).json()
+            model = wait_for_model(client, model)
+            assert model["status"] == "ready", model
+            ids.append(model["id"])
+        teacher_id, student_id = ids
+        response = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": teacher_id,
+                "recipe": {
+                    "stages": [
+                        {
+                            "method": "distill",
+                            "student": {"model_id": student_id},
+                            "steps": 10,
+                            "batch_size": 8,
+                            "seq_len": 32,
+                            "learning_rate": 1e-3,
+                        }
+                    ]
+                },
+                "evaluation": {"metrics": ["embedding_cosine", "size"], "max_samples": 32},
+            },
+        )
+        assert response.status_code == 202, response.text
+        job = wait_for(client, response.json()["id"], {"succeeded", "failed"}, timeout=600)
+        assert job["status"] == "succeeded", (job, service.logs())
+    stage = job["metrics"]["stages"][0]
+    assert stage["student"] == {"model_id": student_id, "num_layers": 1}
+    assert stage["student_parameters"] < stage["teacher_parameters"]
+    assert stage["held_out"][-1]["loss"] < stage["held_out"][0]["loss"]
+    assert job["metrics"]["compressed"]["parameters"] == stage["student_parameters"]

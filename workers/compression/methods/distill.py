@@ -111,6 +111,12 @@ def _teacher_and_student(
         student.to(model_device(model))
         teacher = model
         _check_compatible(teacher, student)
+        widths = student.config.hidden_size, teacher.config.hidden_size
+        if student.get_output_embeddings() is None and widths[0] != widths[1]:
+            raise ValueError(
+                f"an encoder student must have the teacher's width ({widths[1]}, not {widths[0]}): "
+                "without an LM head, their embeddings are compared directly"
+            )
         depth = len(model_blocks(student)[1])
         pairing = _Pairing(
             evenly_spaced(teacher_depth, depth) if depth <= teacher_depth else [],
