@@ -9,9 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Service, builtin_id, wait_for, wait_for_model
+from tests.conftest import BACKEND, Service, builtin_id, wait_for, wait_for_model
 
-pytestmark = [pytest.mark.service, pytest.mark.real_model]
+pytestmark = [
+    pytest.mark.service,
+    pytest.mark.real_model,
+    # The job path is the same on both backends (covered by the MiniLM int8 job): run once.
+    pytest.mark.skipif(BACKEND != "embedded", reason="engine path, backend-independent"),
+]
 
 
 def test_minilm_distill_then_int8_pipeline(service: Service, tmp_path: Path) -> None:

@@ -219,6 +219,8 @@ def test_preflight_refuses_a_job_that_cannot_fit(tmp_path: Path) -> None:
         cleanup()
 
 
+# Training resume and cancel are storage and engine logic, the same on both backends: run once.
+@pytest.mark.skipif(BACKEND != "embedded", reason="backend-independent; run on the embedded one")
 def test_sigkill_worker_mid_training_resumes_from_the_checkpoint(
     fault_service: Service, tiny_bert: Path
 ) -> None:
@@ -265,6 +267,8 @@ def test_sigkill_worker_mid_training_resumes_from_the_checkpoint(
     assert stored_under(svc, "checkpoints") == []
 
 
+# Training resume and cancel are storage and engine logic, the same on both backends: run once.
+@pytest.mark.skipif(BACKEND != "embedded", reason="backend-independent; run on the embedded one")
 def test_cancel_during_training_stops_at_the_next_step_and_keeps_nothing(
     fault_service: Service, tiny_bert: Path
 ) -> None:
