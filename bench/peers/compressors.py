@@ -132,7 +132,10 @@ class Slimformer:
                 [],
             )
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        storage = (config.get("quantization_config") or {}).get("format", "dense")
+        quantization = config.get("quantization_config") or {}
+        storage = quantization.get("format") or (quantization.get("sparsity_config") or {}).get(
+            "format", "dense"
+        )
         artifact = load_artifact(folder, device="cpu")
         return Exported(
             artifact.model,
