@@ -93,7 +93,7 @@ def test_smollm2_with_blocks_dropped_recovers_with_a_short_distillation(cache_di
                     "batch_size": 2,
                     "seq_len": 128,
                     "learning_rate": 2e-4,
-                    "eval_every": 5,
+                    "eval_every": 10,
                 }
             ]
         }
