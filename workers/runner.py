@@ -364,21 +364,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     context.stage_names = ["load", "baseline", *methods, "export", "evaluate"]
     context.progress(0, 0, 3, "preparing the model", force=True)
 
-    if model_row.status == "validating":
-        validate_model(model_row.id)  # the validation message may still be queued behind us
-        with session_scope() as session:
-            model_row = session.get(Model, model_row.id)
-            session.expunge_all()
-    if model_row.status != "ready":
-        error = model_row.error or {}
-        raise JobFailure(
-            error.get("code", "unsupported_model"),
-            f"model {model_row.id} is {model_row.status}: {error.get('message', '')}",
-        )
-    try:
-        folder = materialize(model_row)
-    except ModelUnavailable as exc:
-        raise JobFailure(exc.code, exc.message) from exc
+    model_row, folder = _ready_folder(model_row, "model")
     context.check()
     device = torch.device(recipe.required_device) if recipe.required_device else select_device()
     _preflight(model_row, job, device)
@@ -519,6 +505,26 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
 QUALITY = ("perplexity", "embedding_cosine", "accuracy")
 
 
+def _ready_folder(row: Model, what: str) -> tuple[Model, Path]:
+    """The model's files on local disk, once it is validated (the row as it is then, and the
+    folder); a model that is not ready fails the job with its own error."""
+    if row.status == "validating":
+        validate_model(row.id)  # the validation message may still be queued behind us
+        with session_scope() as session:
+            row = session.get(Model, row.id)
+            session.expunge_all()
+    if row.status != "ready":
+        error = row.error or {}
+        raise JobFailure(
+            error.get("code", "unsupported_model"),
+            f"{what} {row.id} is {row.status}: {error.get('message', '')}",
+        )
+    try:
+        return row, materialize(row)
+    except ModelUnavailable as exc:
+        raise JobFailure(exc.code, exc.message) from exc
+
+
 def _load_student(model_id: str, teacher: Any, device: Any) -> Any:
     """Another registered model, as a distillation student: ready, safe, same tokenizer."""
     from workers.compression.loading import load_model
@@ -528,17 +534,7 @@ def _load_student(model_id: str, teacher: Any, device: Any) -> Any:
         session.expunge_all()
     if row is None or row.deleted_at is not None:
         raise JobFailure("not_found", f"the student model {model_id} is gone")
-    if row.status == "validating":
-        validate_model(row.id)
-        with session_scope() as session:
-            row = session.get(Model, model_id)
-            session.expunge_all()
-    if row.status != "ready":
-        raise JobFailure("unsupported_model", f"the student model {model_id} is {row.status}")
-    try:
-        folder = materialize(row)
-    except ModelUnavailable as exc:
-        raise JobFailure(exc.code, exc.message) from exc
+    _, folder = _ready_folder(row, "student model")
     student = load_model(folder, device=device)
     if student.task != teacher.task:
         raise JobFailure(

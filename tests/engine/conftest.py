@@ -64,13 +64,13 @@ def word_tokenizer(*, wrap: bool = False) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_llama(*, tie: bool = True) -> LoadedModel:
+def tiny_llama(*, tie: bool = True, layers: int = 2, hidden: int = 32) -> LoadedModel:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
@@ -83,13 +83,13 @@ def tiny_llama(*, tie: bool = True) -> LoadedModel:
     return LoadedModel(model, word_tokenizer(), "causal-lm", "LlamaForCausalLM", Path("tiny"))
 
 
-def tiny_bert() -> LoadedModel:
+def tiny_bert(*, layers: int = 2) -> LoadedModel:
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=64,
         pad_token_id=0,

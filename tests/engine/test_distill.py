@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
-from transformers import AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, BertModel, LlamaConfig, LlamaForCausalLM
 
 from app.storage import LocalStore
-from tests.engine.conftest import SENTENCES, VOCAB_SIZE, word_tokenizer
+from tests.engine.conftest import SENTENCES, tiny_bert, tiny_llama, word_tokenizer
 from workers.checkpoints import StorageBlockCheckpoint
 from workers.compression import compress
 from workers.compression.export import save_model
@@ -25,34 +25,12 @@ TEXTS = SENTENCES * 12
 
 
 def llama(layers: int = 4, hidden: int = 32) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=4,
-        eos_token_id=5,
-        pad_token_id=5,
-    )
-    return LlamaForCausalLM(config).eval()
+    # Untied head, as these tests were measured with (LlamaConfig's default).
+    return tiny_llama(tie=False, layers=layers, hidden=hidden).model
 
 
 def bert(layers: int = 4) -> BertModel:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    return BertModel(config).eval()
+    return tiny_bert(layers=layers).model
 
 
 def distill(**fields) -> Recipe:

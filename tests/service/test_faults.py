@@ -219,6 +219,28 @@ def test_preflight_refuses_a_job_that_cannot_fit(tmp_path: Path) -> None:
         cleanup()
 
 
+def submit_training(
+    client: httpx.Client, model_id: str, *, steps: int, checkpoint_every: int
+) -> dict:
+    """A distillation job on the tiny BERT (2 -> 1 blocks) that checkpoints every few steps."""
+    stage = {
+        "method": "distill",
+        "student": {"num_layers": 1},
+        "steps": steps,
+        "batch_size": 4,
+        "seq_len": 32,
+        "checkpoint_every": checkpoint_every,
+    }
+    return client.post(
+        "/v1/jobs",
+        json={
+            "model_id": model_id,
+            "evaluation": {"metrics": ["embedding_cosine"], "max_samples": 16, "seq_len": 32},
+            "recipe": {"stages": [stage]},
+        },
+    ).json()
+
+
 # Training resume and cancel are storage and engine logic, the same on both backends: run once.
 @pytest.mark.skipif(BACKEND != "embedded", reason="backend-independent; run on the embedded one")
 def test_sigkill_worker_mid_training_resumes_from_the_checkpoint(
@@ -228,25 +250,7 @@ def test_sigkill_worker_mid_training_resumes_from_the_checkpoint(
     worker = svc.start_worker("first")
     with svc.client() as client:
         model_id = upload_ready(client, tiny_bert)
-        job = client.post(
-            "/v1/jobs",
-            json={
-                "model_id": model_id,
-                "evaluation": {"metrics": ["embedding_cosine"], "max_samples": 16, "seq_len": 32},
-                "recipe": {
-                    "stages": [
-                        {
-                            "method": "distill",
-                            "student": {"num_layers": 1},
-                            "steps": 600,
-                            "batch_size": 4,
-                            "seq_len": 32,
-                            "checkpoint_every": 10,
-                        }
-                    ]
-                },
-            },
-        ).json()
+        job = submit_training(client, model_id, steps=600, checkpoint_every=10)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             progress = client.get(f"/v1/jobs/{job['id']}").json()["progress"]
@@ -276,25 +280,7 @@ def test_cancel_during_training_stops_at_the_next_step_and_keeps_nothing(
     svc.start_worker()
     with svc.client() as client:
         model_id = upload_ready(client, tiny_bert)
-        job = client.post(
-            "/v1/jobs",
-            json={
-                "model_id": model_id,
-                "evaluation": {"metrics": ["embedding_cosine"], "max_samples": 16, "seq_len": 32},
-                "recipe": {
-                    "stages": [
-                        {
-                            "method": "distill",
-                            "student": {"num_layers": 1},
-                            "steps": 100_000,
-                            "batch_size": 4,
-                            "seq_len": 32,
-                            "checkpoint_every": 5,
-                        }
-                    ]
-                },
-            },
-        ).json()
+        job = submit_training(client, model_id, steps=100_000, checkpoint_every=5)
         wait_for_stage(client, job["id"], "distill")
         deadline = time.monotonic() + 120
         while not stored_under(svc, "checkpoints") and time.monotonic() < deadline:

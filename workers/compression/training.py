@@ -9,7 +9,7 @@ continues bit for bit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -28,6 +28,7 @@ class TextBatches:
     held_out: list[list[int]]
     pad_id: int
     seed: int
+    _permutations: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(
@@ -73,12 +74,13 @@ class TextBatches:
         return picked
 
     def _permutation(self, epoch: int) -> list[int]:
-        cache = self.__dict__.setdefault("_permutations", {})
-        if epoch not in cache:
+        if epoch not in self._permutations:  # one epoch at a time is kept
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            cache.clear()
-            cache[epoch] = torch.randperm(len(self.train), generator=generator).tolist()
-        return cache[epoch]
+            self._permutations.clear()
+            self._permutations[epoch] = torch.randperm(
+                len(self.train), generator=generator
+            ).tolist()
+        return self._permutations[epoch]
 
     def collate(self, examples: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask), right-padded to the longest example."""
