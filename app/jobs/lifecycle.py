@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, insert, select, update
+from sqlalchemy import ColumnElement, insert, update
 from sqlalchemy.orm import Session
 
 from app.db.tables import Job, JobEvent, utcnow
@@ -138,10 +138,6 @@ def add_event(
     )
     _expire(session, job_id)
     return seq
-
-
-def status_of(session: Session, job_id: str) -> str | None:
-    return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
 def _expire(session: Session, job_id: str) -> None:

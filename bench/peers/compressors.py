@@ -43,8 +43,8 @@ def _weight_files(folder: Path) -> list[Path]:
 
 def targets_of(model: nn.Module) -> list[str]:
     """The Linear layers Slimformer's stages touch by default: those inside the model's blocks."""
+    from workers.compression.layer_selection import linear_layers
     from workers.compression.recipe import StageConfig
-    from workers.compression.targets import linear_layers
 
     return linear_layers(model, StageConfig(method="bench"))[0]
 

@@ -14,8 +14,8 @@ import json
 import pytest
 
 from workers.compression import compress
-from workers.compression.builtins import builtin_dataset_jsonl, builtin_model_folder
 from workers.compression.evaluation import Evaluator
+from workers.compression.examples import builtin_dataset_jsonl, builtin_model_folder
 from workers.compression.loading import load_model
 from workers.compression.methods.distill import evenly_spaced, keep_blocks
 from workers.compression.recipe import EvaluationSettings, Recipe

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, CompressedTensorsConfig
 
 from workers.compression import compress
-from workers.compression.builtins import builtin_dataset_jsonl, builtin_model_folder
+from workers.compression.examples import builtin_dataset_jsonl, builtin_model_folder
 from workers.compression.export import (
     ExportVerificationError,
     UnsupportedExportError,

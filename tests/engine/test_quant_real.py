@@ -23,9 +23,9 @@ import time
 import pytest
 
 from workers.compression import compress
-from workers.compression.builtins import builtin_dataset_jsonl, builtin_model_folder
 from workers.compression.data import calibration_batches
 from workers.compression.evaluation import Evaluator, _peak_resident_bytes
+from workers.compression.examples import builtin_dataset_jsonl, builtin_model_folder
 from workers.compression.loading import load_model
 from workers.compression.recipe import EvaluationSettings, Recipe
 

@@ -11,8 +11,8 @@ import json
 import pytest
 
 from workers.compression import compress
-from workers.compression.builtins import builtin_dataset_jsonl, builtin_model_folder
 from workers.compression.evaluation import Evaluator
+from workers.compression.examples import builtin_dataset_jsonl, builtin_model_folder
 from workers.compression.export import save_model, verify_export
 from workers.compression.loading import load_model
 from workers.compression.methods.dynamic_int8 import FULL_RANGE_ACTIVATIONS

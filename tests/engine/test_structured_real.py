@@ -21,9 +21,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from workers.compression import compress
-from workers.compression.builtins import builtin_dataset_jsonl, builtin_model_folder
 from workers.compression.data import calibration_batches
 from workers.compression.evaluation import Evaluator
+from workers.compression.examples import builtin_dataset_jsonl, builtin_model_folder
 from workers.compression.export import save_model
 from workers.compression.loading import load_model
 from workers.compression.recipe import EvaluationSettings, Recipe, StructuredConfig

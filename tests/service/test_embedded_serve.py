@@ -43,7 +43,7 @@ def test_serve_runs_a_real_job_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "app.cli",
+            "slimformer.cli",
             "serve",
             "--port",
             str(port),

@@ -23,8 +23,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from app.cli import cli
-from app.client import (
+from slimformer.cli import cli
+from slimformer.client import (
     Api,
     CommandError,
     ProgressView,

@@ -12,8 +12,8 @@ import click
 import pytest
 import yaml
 
-from app.cli import cli
-from app.client import register_client_commands
+from slimformer.cli import cli
+from slimformer.client import register_client_commands
 
 COMPOSE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
 

@@ -34,8 +34,8 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
+from workers.compression.layer_selection import block_prefix
 from workers.compression.quant import ATTRIBUTE, QuantizedWeight
-from workers.compression.targets import block_prefix
 
 # Calibration samples of one length are run through a block together, up to this many tokens:
 # big enough to keep the matrix multiplies efficient, small enough that one chunk's activations

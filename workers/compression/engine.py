@@ -12,10 +12,10 @@ from torch import nn
 
 import workers.compression.methods  # noqa: F401  (registers every method)
 from workers.compression.calibration import BlockCheckpoint
+from workers.compression.layer_selection import untie_targeted
 from workers.compression.progress import ProgressFn
 from workers.compression.recipe import Recipe
 from workers.compression.registry import StageContext, StageResources, method_for
-from workers.compression.targets import untie_targeted
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from fnmatch import fnmatchcase
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -454,6 +454,3 @@ def default_metrics(task: str) -> list[str]:
         return ["perplexity", "latency", "size"]
     return ["embedding_cosine", "latency", "size"]
 
-
-def stage_summary(stage: StageConfig) -> dict[str, Any]:
-    return stage.model_dump(mode="json")

@@ -17,9 +17,9 @@ import torch
 import torch.ao.nn.quantized.dynamic as nnqd
 from torch import nn
 
+from workers.compression.layer_selection import linear_layers
 from workers.compression.recipe import DynamicInt8Config
 from workers.compression.registry import StageContext, register_method
-from workers.compression.targets import linear_layers
 
 # torch quantizes dynamic activations to 7 bits on x86 (`reduce_range`) because fbgemm's AVX2 int8
 # dot product (vpmaddubsw) adds pairs of u8*s8 products in int16 and can saturate. With VNNI

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from workers.compression.layer_selection import linear_layers
 from workers.compression.recipe import Fp8Config
 from workers.compression.registry import StageContext, register_method
-from workers.compression.targets import linear_layers
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448

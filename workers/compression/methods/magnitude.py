@@ -10,10 +10,10 @@ from __future__ import annotations
 from torch import nn
 
 from workers.compression.calibration import outside_blocks
+from workers.compression.layer_selection import linear_layers
 from workers.compression.recipe import MagnitudeConfig, SparsityConfig
 from workers.compression.registry import StageContext, register_method
 from workers.compression.sparsity import ATTRIBUTE, mask_for, prune_, sparsity_of
-from workers.compression.targets import linear_layers
 
 
 def sparsity_targets(

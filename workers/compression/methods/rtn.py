@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from workers.compression.layer_selection import linear_layers
 from workers.compression.quant import attach, quantize_groups, relative_error, resolve_group_size
 from workers.compression.recipe import RtnConfig, WeightOnlyConfig
 from workers.compression.registry import StageContext, register_method
-from workers.compression.targets import linear_layers
 
 
 def weight_only_targets(model: nn.Module, config: WeightOnlyConfig) -> tuple[list[str], list[str]]:

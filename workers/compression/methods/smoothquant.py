@@ -29,6 +29,7 @@ from workers.compression.calibration import (
     model_blocks,
     run_blockwise,
 )
+from workers.compression.layer_selection import linear_layers
 from workers.compression.recipe import SmoothQuantConfig
 from workers.compression.registry import StageContext, register_method
 from workers.compression.smoothing import (
@@ -37,7 +38,6 @@ from workers.compression.smoothing import (
     block_balances,
     consumer_weight_max,
 )
-from workers.compression.targets import linear_layers
 
 # Floors that keep a dead channel (all-zero inputs or weights) from giving a zero or infinite
 # scale; such a channel gets s = 1 (left alone).

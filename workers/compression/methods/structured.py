@@ -44,9 +44,9 @@ from workers.compression.calibration import (
     run_blockwise,
 )
 from workers.compression.evaluation import parameter_count
+from workers.compression.layer_selection import linear_layers
 from workers.compression.recipe import StructuredConfig
 from workers.compression.registry import StageContext, register_method
-from workers.compression.targets import linear_layers
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,11 @@ from workers.compression.calibration import (
     outside_blocks,
     run_blockwise,
 )
+from workers.compression.layer_selection import linear_layers
 from workers.compression.methods.dynamic_int8 import FULL_RANGE_ACTIVATIONS
 from workers.compression.quant import quantize_groups
 from workers.compression.recipe import W8A8Config
 from workers.compression.registry import StageContext, register_method
-from workers.compression.targets import linear_layers
 
 # Symmetric int8 as compressed-tensors defines it: scale = max|x| / ((127 - (-128)) / 2), codes
 # clamped to [-128, 127].

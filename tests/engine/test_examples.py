@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from workers.compression import builtins
-from workers.compression.builtins import (
+from workers.compression import examples
+from workers.compression.examples import (
     BUILTIN_DATASETS,
     BUILTIN_MODELS,
     builtin_dataset_jsonl,
@@ -24,7 +24,7 @@ def records(name: str) -> list[dict]:
 
 def test_listing_the_examples_does_not_import_torch():
     code = (
-        "import sys, workers.compression, workers.compression.builtins as b, "
+        "import sys, workers.compression, workers.compression.examples as b, "
         "workers.compression.recipe\n"
         "assert all(m.available for m in b.BUILTIN_MODELS.values())\n"
         "assert all(d.available for d in b.BUILTIN_DATASETS.values())\n"
@@ -40,8 +40,8 @@ def test_enwiki_splits_by_article_without_overlap():
     calibration_texts = {r["text"] for r in calibration}
     evaluation_texts = {r["text"] for r in evaluation}
     assert not calibration_texts & evaluation_texts
-    source = builtins._package_file("gensim", f"test/test_data/{builtins._ENWIKI}")
-    articles = builtins._enwiki_articles(source)
+    source = examples._package_file("gensim", f"test/test_data/{examples._ENWIKI}")
+    articles = examples._enwiki_articles(source)
     assert len(articles) > 90
     for title, paragraphs in articles:
         sides = {
@@ -69,7 +69,7 @@ def test_enwiki_is_clean_prose():
 
 def test_datasets_are_deterministic_bytes():
     first = {name: builtin_dataset_jsonl(name) for name in BUILTIN_DATASETS}
-    builtins._enwiki_articles.cache_clear()
+    examples._enwiki_articles.cache_clear()
     assert {name: builtin_dataset_jsonl(name) for name in BUILTIN_DATASETS} == first
 
 

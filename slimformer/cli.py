@@ -108,7 +108,7 @@ def serve(host: str, port: int, data_dir: Path | None) -> None:
             err=True,
         )
     worker_process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "worker"], env=os.environ.copy(), start_new_session=True
+        [sys.executable, "-m", "slimformer.cli", "worker"], env=os.environ.copy(), start_new_session=True
     )
     try:
         api.callback(host=host, port=port)  # type: ignore[misc]
@@ -154,7 +154,7 @@ def _redacted(url: str) -> str:
 
 
 def main() -> None:
-    from app.client import register_client_commands
+    from slimformer.client import register_client_commands
 
     register_client_commands(cli)
     cli()

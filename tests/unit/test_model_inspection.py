@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from workers.compression.archive import extract_archive, list_members
-from workers.compression.inspect import (
+from workers.compression.model_inspection import (
     ModelRejected,
     inspect_model_folder,
     is_pickled_weight,

@@ -1,0 +1,1 @@
+"""The command line: the composition root (it may import app and workers; nothing imports it)."""

@@ -1,0 +1,3 @@
+from slimformer.cli import main
+
+main()
