@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from workers.compression.device import select_device
+from workers.compression.streaming import build_streamed, checkpoint_dtype
 
 
 class UnsupportedModelError(ValueError):
@@ -32,6 +33,8 @@ class LoadedModel:
     task: str  # "causal-lm" or "feature-extraction"
     architecture: str  # e.g. "LlamaForCausalLM", "BertModel"
     folder: Path
+    # The dtype the checkpoint stores its floating tensors in; the working precision is float32.
+    dtype: torch.dtype = torch.float32
 
 
 def task_of(architecture: str) -> str:
@@ -64,8 +67,19 @@ def load_tokenizer(folder: Path, task: str):
     return tokenizer
 
 
-def load_model(folder: Path, *, device: torch.device | str | None = None) -> LoadedModel:
-    """A float32 model in eval mode on `device` (default: `select_device()`), with its tokenizer."""
+def load_model(
+    folder: Path,
+    *,
+    device: torch.device | str | None = None,
+    streamed: bool = False,
+    scratch: Path | None = None,
+) -> LoadedModel:
+    """A float32 model in eval mode on `device` (default: `select_device()`), with its tokenizer.
+
+    `streamed`: only the parts outside the repeated blocks are loaded; the blocks stay in the
+    checkpoint's files and are materialised one at a time (`streaming.py`; their changed tensors
+    go to `scratch`, default a temporary folder), so a model larger than memory can be compressed.
+    """
     folder = Path(folder)
     if not any(folder.glob("*.safetensors")):
         raise UnsupportedModelError(f"{folder.name} has no .safetensors weights")
@@ -73,20 +87,25 @@ def load_model(folder: Path, *, device: torch.device | str | None = None) -> Loa
     task = task_of(architecture)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     model_class = AutoModelForCausalLM if task == "causal-lm" else AutoModel
-    model = model_class.from_pretrained(
-        folder,
-        config=config,
-        use_safetensors=True,
-        trust_remote_code=False,
-        dtype=torch.float32,
-    )
-    model.to(device or select_device()).eval()
+    device = torch.device(device or select_device())
+    if streamed:
+        model = build_streamed(model_class, config, folder, device=device, scratch=scratch)
+    else:
+        model = model_class.from_pretrained(
+            folder,
+            config=config,
+            use_safetensors=True,
+            trust_remote_code=False,
+            dtype=torch.float32,
+        )
+        model.to(device).eval()
     return LoadedModel(
         model=model,
         tokenizer=load_tokenizer(folder, task),
         task=task,
         architecture=architecture,
         folder=folder,
+        dtype=checkpoint_dtype(folder),
     )
 
 

@@ -1,0 +1,445 @@
+"""Models larger than memory: the blocks stay on disk, one at a time is resident (DESIGN 6).
+
+A streamed model is an ordinary transformers module whose repeated blocks (decoder or encoder
+layers) hold no memory: their parameters live on the `meta` device, and a `BlockStore` attached to
+the model (`model.slimformer_blocks`) knows where each block's tensors are — in the checkpoint's
+own safetensors shards at first, in the store's scratch files once a stage has changed them. What
+lies outside the blocks (embeddings, final norm, LM head: the "skeleton") is materialised on the
+compute device in float32, as it is used at every forward pass.
+
+    with store.resident(index) as block:   # the block's tensors in float32 on the compute device
+        ...                                # calibrate, quantize, prune, run activations through it
+                                           # leaving: changed tensors written to scratch, the rest
+                                           # still read from the checkpoint; the block is meta again
+
+Memory on the device and in host RAM is therefore the skeleton + one block in float32 + what the
+caller keeps (one block's calibration activations and statistics), whatever the depth. Tensors are
+read with safetensors' memory map, so a read costs page cache (which the kernel reclaims), not
+process memory; a tensor a stage did not change is never written again.
+
+The working precision is float32 whatever the checkpoint's dtype: a bf16 checkpoint's tensors are
+upcast one block at a time as they are onloaded, and written back in bf16 when nothing changed them
+(the export reads untouched tensors from their source). What a stage did change is kept exactly as
+it left it (float32 values, int8 codes), except a weight-only layer's dequantized weight, which is
+not stored at all: it is recomputed from the codes, which are the truth.
+
+A forward pass of the whole streamed model (`stream_forward`) runs every input through one
+resident block at a time: inputs of the first block are captured once, advanced block by block,
+and the model's own head (final norm, LM head, pooling) is then run on the last block's outputs by
+replaying them through the model with its blocks stubbed out.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from workers.compression.layer_selection import block_prefix
+from workers.compression.quant import ATTRIBUTE, QuantizedWeight, dequantize
+
+STORE_ATTRIBUTE = "slimformer_blocks"
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """One tensor in a safetensors file; `original`: the checkpoint's own (upcast on load)."""
+
+    path: Path
+    key: str
+    original: bool
+
+
+class BlockStore:
+    """Where a streamed model's block tensors are between uses; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sources: dict[int, dict[str, TensorSource]],
+        *,
+        device: torch.device,
+        scratch: Path | None = None,
+    ) -> None:
+        self.blocks_name = block_prefix(model).rstrip(".")
+        self.blocks: nn.ModuleList = model.get_submodule(self.blocks_name)
+        self.sources = sources
+        self.device = torch.device(device)
+        self._owns_scratch = scratch is None
+        self.scratch = Path(scratch or tempfile.mkdtemp(prefix="slimformer-blocks-"))
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self._versions: dict[int, int] = {}
+        self._resident: dict[int, dict[str, Any]] = {}  # index -> tensor identity at onload
+        weakref.finalize(self, _remove, self.scratch if self._owns_scratch else None)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    @contextmanager
+    def resident(self, index: int, *, keep_changes: bool = True) -> Iterator[nn.Module]:
+        """Block `index` materialised on the device for the body; afterwards its changes are kept
+        (written to scratch) unless `keep_changes` is False, and it holds no memory again."""
+        block = self.onload(index)
+        try:
+            yield block
+        except BaseException:
+            self.offload(index, keep_changes=False)
+            raise
+        self.offload(index, keep_changes=keep_changes)
+
+    def onload(self, index: int) -> nn.Module:
+        block = self.blocks[index]
+        if index in self._resident:
+            return block
+        state = self.read_state(index, device=self.device, working=True)
+        quantized = _take_quantized(state)
+        for name, q in quantized.items():
+            # Not stored: the dequantized weight is a function of the codes (`quant.attach`).
+            state[f"{name}.weight"] = dequantize(q).to(torch.float32)
+        block.load_state_dict(state, strict=True, assign=True)
+        for name, q in quantized.items():
+            setattr(block.get_submodule(name), ATTRIBUTE, q)
+        self._resident[index] = _identities(block)
+        return block
+
+    def offload(self, index: int, *, keep_changes: bool = True) -> None:
+        block = self.blocks[index]
+        before = self._resident.pop(index, None)
+        if before is None:
+            return
+        if keep_changes:
+            self._keep(index, block, before)
+        _to_meta(block)
+        from workers.compression.calibration import release_freed_memory
+
+        release_freed_memory(self.device)
+
+    def _keep(self, index: int, block: nn.Module, before: dict[str, Any]) -> None:
+        tensors = _state_tensors(block)
+        derived = {f"{name}.weight" for name, _ in _quantized_modules(block)}
+        changed = {
+            key: tensor.detach().to("cpu").contiguous()
+            for key, tensor in tensors.items()
+            if key not in derived and not _same(before.get(key), tensor)
+        }
+        for name, module in _quantized_modules(block):
+            changed.update(
+                {
+                    k: v.cpu().contiguous()
+                    for k, v in getattr(module, ATTRIBUTE)
+                    .to_tensors(f"{name}.{ATTRIBUTE}.")
+                    .items()
+                }
+            )
+        old = self.sources[index]
+        keys = (set(tensors) - derived) | {k for k in changed if f".{ATTRIBUTE}." in k}
+        sources = {key: old[key] for key in keys if key in old and key not in changed}
+        if changed:
+            version = self._versions.get(index, 0) + 1
+            path = self.scratch / f"block-{index}-v{version}.safetensors"
+            save_file(changed, path)
+            self._versions[index] = version
+            sources.update({key: TensorSource(path, key, original=False) for key in changed})
+        self.sources[index] = sources
+        self._drop_unreferenced(index, old)
+
+    def _drop_unreferenced(self, index: int, old: dict[str, TensorSource]) -> None:
+        live = {source.path for source in self.sources[index].values()}
+        for path in {source.path for source in old.values() if not source.original} - live:
+            path.unlink(missing_ok=True)
+
+    def read_state(
+        self, index: int, *, device: torch.device | str = "cpu", working: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Block `index`'s stored tensors (quantized layers as codes, without their dequantized
+        weight). `working`: the checkpoint's floating tensors upcast to float32."""
+        state = {}
+        by_file: dict[Path, list[tuple[str, TensorSource]]] = {}
+        for key, source in self.sources[index].items():
+            by_file.setdefault(source.path, []).append((key, source))
+        for path, entries in by_file.items():
+            with safe_open(path, "pt") as stored:
+                for key, source in entries:
+                    tensor = stored.get_tensor(source.key)
+                    if working and source.original and tensor.is_floating_point():
+                        tensor = tensor.to(torch.float32)
+                    state[key] = tensor.to(device)
+        return state
+
+    def replace_state(self, index: int, state: dict[str, torch.Tensor]) -> None:
+        """Make `state` (as `calibration.block_state` returns it) block `index`'s stored tensors:
+        a finished block put back from a resume checkpoint."""
+        block = self.onload(index)
+        from workers.compression.calibration import restore_block_state
+
+        restore_block_state(block, state)
+        self.offload(index)
+
+    def close(self) -> None:
+        for index in list(self._resident):
+            self.offload(index, keep_changes=False)
+        if self._owns_scratch:
+            _remove(self.scratch)
+
+
+def _remove(path: Path | None) -> None:
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def store_of(model: nn.Module) -> BlockStore | None:
+    """The model's block store, or None for a model held whole in memory."""
+    return getattr(model, STORE_ATTRIBUTE, None)
+
+
+def _state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's parameters and persistent buffers by state-dict name (the objects themselves)."""
+    tensors = {}
+    for prefix, child in module.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        for name, param in child._parameters.items():
+            if param is not None:
+                tensors[dot + name] = param
+        for name, buffer in child._buffers.items():
+            if buffer is not None and name not in child._non_persistent_buffers_set:
+                tensors[dot + name] = buffer
+    return tensors
+
+
+def _identities(block: nn.Module) -> dict[str, Any]:
+    return {key: (weakref.ref(t), t._version) for key, t in _state_tensors(block).items()}
+
+
+def _same(before: Any, tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is the very tensor onloaded, unchanged since (no in-place write)."""
+    if before is None:
+        return False
+    ref, version = before
+    return ref() is tensor and tensor._version == version
+
+
+def _quantized_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in block.named_modules() if getattr(m, ATTRIBUTE, None) is not None]
+
+
+def _take_quantized(state: dict[str, torch.Tensor]) -> dict[str, QuantizedWeight]:
+    """Remove the weight-only layers' codes from `state`; {layer name: its QuantizedWeight}."""
+    marker = f".{ATTRIBUTE}."
+    prefixes = {key[: key.index(marker) + len(marker)] for key in state if marker in key}
+    quantized = {}
+    for prefix in sorted(prefixes):
+        quantized[prefix[: -len(marker)]] = QuantizedWeight.from_tensors(state, prefix)
+        for key in [k for k in state if k.startswith(prefix)]:
+            del state[key]
+    return quantized
+
+
+def _to_meta(block: nn.Module) -> None:
+    """Drop the block's tensors (parameters, persistent buffers, attached codes): meta again."""
+    for _, child in block.named_modules():
+        for name, param in list(child._parameters.items()):
+            if param is not None:
+                child._parameters[name] = nn.Parameter(
+                    torch.empty_like(param, device="meta"), requires_grad=param.requires_grad
+                )
+        for name, buffer in list(child._buffers.items()):
+            if buffer is not None and name not in child._non_persistent_buffers_set:
+                child._buffers[name] = torch.empty_like(buffer, device="meta")
+        if getattr(child, ATTRIBUTE, None) is not None:
+            delattr(child, ATTRIBUTE)
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """{tensor name: the safetensors file holding it}, from the index or the single file."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return {name: folder / filename for name, filename in weight_map.items()}
+    files = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as stored:
+            files.update({key: path for key in stored.keys()})  # noqa: SIM118
+    return files
+
+
+def checkpoint_dtype(folder: Path) -> torch.dtype:
+    """The dtype the checkpoint's floating tensors are stored in (the most common one, by bytes)."""
+    totals: dict[str, int] = {}
+    for path in set(checkpoint_files(folder).values()):
+        with open(path, "rb") as stream:
+            length = int.from_bytes(stream.read(8), "little")
+            header = json.loads(stream.read(length))
+        for key, entry in header.items():
+            if key != "__metadata__" and entry["dtype"] in _FLOAT_DTYPES:
+                start, end = entry["data_offsets"]
+                totals[entry["dtype"]] = totals.get(entry["dtype"], 0) + end - start
+    if not totals:
+        return torch.float32
+    return _FLOAT_DTYPES[max(totals, key=totals.get)]
+
+
+_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def build_streamed(
+    model_class: Any,
+    config: Any,
+    folder: Path,
+    *,
+    device: torch.device,
+    scratch: Path | None = None,
+) -> nn.Module:
+    """The model of `folder` with its skeleton in float32 on `device` and its blocks on disk."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = model_class.from_config(config, dtype=torch.float32)
+    files = checkpoint_files(folder)
+    blocks_name = block_prefix(model)
+    expected = set(model.state_dict())
+    tied = getattr(model, "all_tied_weights_keys", {}) or {}
+    stored = set(files)
+    missing = [k for k in expected - stored if not (k in tied and tied[k] in stored)]
+    unexpected = sorted(stored - expected)
+    if missing or unexpected:
+        from workers.compression.loading import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"weights do not match {type(model).__name__}: "
+            f"unexpected {unexpected[:5]}, missing {sorted(missing)[:5]}"
+        )
+    sources: dict[int, dict[str, TensorSource]] = {
+        i: {} for i in range(len(model.get_submodule(blocks_name.rstrip("."))))
+    }
+    skeleton: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for key, path in files.items():
+        by_file.setdefault(path, []).append(key)
+    for path, keys in sorted(by_file.items()):
+        with safe_open(path, "pt") as checkpoint:
+            for key in keys:
+                if key.startswith(blocks_name):
+                    index, relative = key[len(blocks_name) :].split(".", 1)
+                    sources[int(index)][relative] = TensorSource(path, key, original=True)
+                else:
+                    tensor = checkpoint.get_tensor(key)
+                    if tensor.is_floating_point():
+                        tensor = tensor.to(torch.float32)
+                    skeleton[key] = tensor.to(device)
+    model.load_state_dict(skeleton, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    for name, buffer in list(model.named_buffers()):
+        if buffer.device.type != "meta" and not name.startswith(blocks_name):
+            owner, _, attribute = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attribute] = buffer.to(device)
+    model.eval()
+    store = BlockStore(model, sources, device=device, scratch=scratch)
+    setattr(model, STORE_ATTRIBUTE, store)
+    return model
+
+
+# --- running the whole model one block at a time ----------------------------------------------
+
+
+class _FirstBlockReached(Exception):
+    pass
+
+
+@dataclass
+class _Call:
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+
+def _capture(model: nn.Module, blocks: nn.ModuleList, call_kwargs: dict) -> _Call:
+    captured: list[_Call] = []
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(_Call(hidden, tuple(args[1:]), kwargs))
+        raise _FirstBlockReached
+
+    handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        model(**call_kwargs)
+    except _FirstBlockReached:
+        return captured[0]
+    finally:
+        handle.remove()
+    raise RuntimeError("the model finished a forward pass without calling its first block")
+
+
+class _Skip(nn.Module):
+    """Stands in for a block when replaying: hands its input on."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+class _Emit(nn.Module):
+    """Stands in for the last block when replaying: returns what the real blocks computed."""
+
+    def __init__(self, hidden: torch.Tensor, as_tuple: bool) -> None:
+        super().__init__()
+        self.hidden, self.as_tuple = hidden, as_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return (self.hidden,) if self.as_tuple else self.hidden
+
+
+@torch.no_grad()
+def stream_forward(
+    model: nn.Module,
+    calls: list[dict],
+    finish: Callable[[int, Any], Any],
+    *,
+    on_step: Callable[[], None] | None = None,
+) -> list[Any]:
+    """`finish(i, model(**calls[i]))` for every call, computed one resident block at a time;
+    only the hidden states of all calls (and what `finish` returns) are kept between blocks."""
+    store = store_of(model)
+    assert store is not None, "stream_forward needs a streamed model"
+    blocks = store.blocks
+    captured = [_capture(model, blocks, kwargs) for kwargs in calls]
+    as_tuple = False
+    for index in range(len(blocks)):
+        if on_step is not None:
+            on_step()
+        with store.resident(index, keep_changes=False) as block:
+            for call in captured:
+                output = block(call.hidden, *call.args, **call.kwargs)
+                as_tuple = isinstance(output, tuple)
+                call.hidden = output[0] if as_tuple else output
+    results = []
+    real = list(blocks)
+    parent_name, _, attribute = store.blocks_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    try:
+        for number, (kwargs, call) in enumerate(zip(calls, captured, strict=True)):
+            stubs = [_Skip() for _ in real[:-1]] + [_Emit(call.hidden, as_tuple)]
+            setattr(parent, attribute, nn.ModuleList(stubs))
+            results.append(finish(number, model(**kwargs)))
+            call.hidden = None
+    finally:
+        setattr(parent, attribute, store.blocks)
+    with suppress(AttributeError):
+        del real
+    return results
