@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +39,9 @@ class Settings(BaseSettings):
     default_max_attempts: int = 3
     default_max_runtime_s: int = 7200
     progress_min_interval_s: float = 0.5  # throttle for progress events
+    # Run a job's model one block at a time with the rest on disk (workers/compression/streaming.py):
+    # "auto" when the whole model would not fit the worker's memory, or "always" / "never".
+    streaming: Literal["auto", "always", "never"] = "auto"
     idempotency_ttl_s: int = 48 * 3600
     broker_polling_interval_s: float = 0.2  # filesystem broker only
 

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -88,9 +89,19 @@ class Service:
             time.sleep(0.2)
         raise RuntimeError("API did not start")
 
-    def start_worker(self, name: str | None = None) -> subprocess.Popen:
+    def start_worker(
+        self, name: str | None = None, *, memory_cgroup: Path | None = None
+    ) -> subprocess.Popen:
+        """A worker process; with `memory_cgroup` (a cgroup v1 memory folder) it and everything
+        it starts run inside that cgroup's memory limit from the first instruction."""
         name = name or f"w{len(self.workers)}"
-        process = self._spawn("worker", "--hostname", f"{name}@%h", log=f"worker-{name}.log")
+        process = self._spawn(
+            "worker",
+            "--hostname",
+            f"{name}@%h",
+            log=f"worker-{name}.log",
+            preexec=None if memory_cgroup is None else partial(_join_cgroup, memory_cgroup),
+        )
         self.workers.append(process)
         return process
 
@@ -99,7 +110,7 @@ class Service:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
 
-    def _spawn(self, *args: str, log: str) -> subprocess.Popen:
+    def _spawn(self, *args: str, log: str, preexec=None) -> subprocess.Popen:  # noqa: ANN001
         handle = (self.data_dir / log).open("ab")
         process = subprocess.Popen(
             [sys.executable, "-m", "slimformer.cli", *args],
@@ -108,6 +119,7 @@ class Service:
             stdout=handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=preexec,
         )
         self.processes.append(process)
         return process
@@ -131,6 +143,11 @@ class Service:
             f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}"
             for path in sorted(self.data_dir.glob("*.log"))
         )
+
+
+def _join_cgroup(folder: Path) -> None:
+    """In the child, before exec: move this process into the cgroup."""
+    (folder / "cgroup.procs").write_text(str(os.getpid()))
 
 
 def service_env(data_dir: Path, **overrides: str) -> tuple[dict[str, str], callable]:

@@ -8,7 +8,6 @@ import logging
 
 from sqlalchemy import select
 
-from app.datasets.service import RecordCounter
 from app.db.session import session_scope
 from app.db.tables import Dataset, Model
 from app.ids import new_id
@@ -19,6 +18,7 @@ from workers.compression.examples import (
     BuiltinModel,
     builtin_dataset_jsonl,
 )
+from workers.compression.records import count_records
 from workers.compression.shapes import describe_folder
 
 log = logging.getLogger("slimformer.seed")
@@ -66,8 +66,6 @@ def seed_builtins() -> None:
             if unchanged and store.exists(key):
                 continue  # nothing to write: the usual case at every start after the first
             stored = store.put_bytes(key, body)
-            counter = RecordCounter("jsonl")
-            counter.feed(body)
             if row is None:
                 row = Dataset(
                     id=new_id("dset"),
@@ -80,7 +78,7 @@ def seed_builtins() -> None:
                 session.add(row)
             # New, or the package changed: (re)fill the row from what was stored.
             row.sha256, row.size_bytes = stored.sha256, stored.size_bytes
-            row.num_records, row.storage_key = counter.finish(), stored.key
+            row.num_records, row.storage_key = count_records([body], "jsonl"), stored.key
 
 
 def _describe(model: Model, builtin: BuiltinModel) -> None:

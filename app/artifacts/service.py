@@ -2,27 +2,23 @@ from __future__ import annotations
 
 import re
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.artifacts import repository
 from app.artifacts.schemas import ArtifactOut
 from app.db.tables import Artifact
 from app.errors import APIError, not_found
 
 
 def get_artifact(*, session: Session, project_id: str, artifact_id: str) -> Artifact:
-    artifact = session.scalar(
-        select(Artifact).where(Artifact.id == artifact_id, Artifact.project_id == project_id)
-    )
+    artifact = repository.get_owned(session=session, project_id=project_id, artifact_id=artifact_id)
     if artifact is None:
         raise not_found("artifact", artifact_id)
     return artifact
 
 
 def list_for_job(*, session: Session, job_id: str) -> list[Artifact]:
-    return list(
-        session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.id))
-    )
+    return repository.for_job(session=session, job_id=job_id)
 
 
 def to_out(artifact: Artifact) -> ArtifactOut:

@@ -56,11 +56,8 @@ async def create_dataset(
     )
     try:
         fmt = service.format_for(upload.filename, upload.fields.get("format"))
-        counter = service.RecordCounter(fmt)
         with store.open(upload.stored.key) as handle:
-            for chunk in iter(lambda: handle.read(CHUNK), b""):
-                counter.feed(chunk)
-        num_records = counter.finish()
+            num_records = service.number_of_records(iter(lambda: handle.read(CHUNK), b""), fmt)
         name = (upload.fields.get("name") or upload.filename or dataset_id).strip()[:200]
         body_hash = request_hash({"name": name, "format": fmt, "sha256": upload.stored.sha256})
         existing = replay_upload(

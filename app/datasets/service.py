@@ -2,71 +2,32 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterable
 
-from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from app.datasets import repository
 from app.datasets.schemas import DatasetOut
 from app.db.session import after_commit
-from app.db.tables import Dataset, Job, utcnow
+from app.db.tables import Dataset, utcnow
 from app.errors import APIError, not_found
-from app.jobs.lifecycle import LIVE
+from app.jobs.repository import live_jobs_referencing
 from app.pagination import page
 from app.storage import StoredObject, get_store
+from workers.compression.records import FORMATS, RecordError, count_records
 
-FORMATS = ("txt", "jsonl")
 
-
-class RecordCounter:
-    """Fed the upload chunk by chunk; counts records and refuses a malformed JSONL line at once."""
-
-    def __init__(self, fmt: str) -> None:
-        self.format = fmt
-        self.records = 0
-        self._line_number = 0
-        self._pending = b""
-
-    def feed(self, chunk: bytes) -> None:
-        lines = (self._pending + chunk).split(b"\n")
-        self._pending = lines.pop()
-        for line in lines:
-            self._line(line)
-
-    def finish(self) -> int:
-        if self._pending:
-            self._line(self._pending)
-            self._pending = b""
-        if self.records == 0:
-            raise APIError("invalid_request", "The dataset has no records", param="file")
-        return self.records
-
-    def _line(self, raw: bytes) -> None:
-        self._line_number += 1
-        try:
-            line = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise APIError(
-                "invalid_request", f"Line {self._line_number} is not UTF-8", param="file"
-            ) from None
-        if not line:
-            return
-        if self.format == "jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise APIError(
-                    "invalid_request",
-                    f"Line {self._line_number} is not JSON: {exc.msg}",
-                    param="file",
-                ) from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise APIError(
-                    "invalid_request",
-                    f"Line {self._line_number} needs a string 'text' field",
-                    param="file",
-                )
-        self.records += 1
+def number_of_records(chunks: Iterable[bytes], fmt: str) -> int:
+    """Reads an upload once, as it is stored: how many records it holds. A malformed line (the
+    same parser the worker reads it with later) or no record at all is a 422 naming the file."""
+    try:
+        records = count_records(chunks, fmt)
+    except RecordError as exc:
+        message = f"Line {exc.line}: {exc.reason}" if exc.line is not None else str(exc)
+        raise APIError("invalid_request", message, param="file") from None
+    if records == 0:
+        raise APIError("invalid_request", "The dataset has no records", param="file")
+    return records
 
 
 def format_for(filename: str | None, requested: str | None) -> str:
@@ -79,18 +40,8 @@ def format_for(filename: str | None, requested: str | None) -> str:
     return "txt"
 
 
-def dataset_visible_to(*, session: Session, project_id: str, dataset_id: str) -> Dataset | None:
-    return session.scalar(
-        select(Dataset).where(
-            Dataset.id == dataset_id,
-            Dataset.deleted_at.is_(None),
-            or_(Dataset.project_id == project_id, Dataset.project_id.is_(None)),
-        )
-    )
-
-
 def get_dataset(*, session: Session, project_id: str, dataset_id: str) -> Dataset:
-    dataset = dataset_visible_to(session=session, project_id=project_id, dataset_id=dataset_id)
+    dataset = repository.get_visible(session=session, project_id=project_id, dataset_id=dataset_id)
     if dataset is None:
         raise not_found("dataset", dataset_id)
     return dataset
@@ -99,10 +50,7 @@ def get_dataset(*, session: Session, project_id: str, dataset_id: str) -> Datase
 def list_datasets(
     *, session: Session, project_id: str, limit: int, after: str | None
 ) -> tuple[list[Dataset], bool]:
-    statement = select(Dataset).where(
-        Dataset.deleted_at.is_(None),
-        or_(Dataset.project_id == project_id, Dataset.project_id.is_(None)),
-    )
+    statement = repository.visible(project_id)
     return page(session, statement, id_column=Dataset.id, limit=limit, after=after)
 
 
@@ -137,17 +85,7 @@ def create_dataset(
 def delete_dataset(*, session: Session, dataset: Dataset) -> None:
     if dataset.project_id is None:
         raise APIError("conflict", "Built-in datasets cannot be deleted")
-    live = list(
-        session.scalars(
-            select(Job.id).where(
-                Job.status.in_(LIVE),
-                or_(
-                    Job.calibration["dataset_id"].as_string() == dataset.id,
-                    Job.evaluation["dataset_id"].as_string() == dataset.id,
-                ),
-            )
-        )
-    )
+    live = live_jobs_referencing(session=session, dataset_id=dataset.id)
     if live:
         raise APIError("conflict", f"Dataset is used by live jobs: {', '.join(live[:5])}")
     dataset.deleted_at = utcnow()

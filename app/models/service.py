@@ -4,31 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from app import broker
 from app.db.session import after_commit
 from app.db.tables import Model, utcnow
 from app.errors import APIError, not_found
+from app.jobs.repository import live_jobs_referencing
+from app.models import repository
 from app.models.schemas import ModelOut, ModelRegister
 from app.pagination import page
 from app.settings import get_settings
 from app.storage import StoredObject, get_store
 
 
-def model_visible_to(*, session: Session, project_id: str, model_id: str) -> Model | None:
-    return session.scalar(
-        select(Model).where(
-            Model.id == model_id,
-            Model.deleted_at.is_(None),
-            or_(Model.project_id == project_id, Model.project_id.is_(None)),
-        )
-    )
-
-
 def get_model(*, session: Session, project_id: str, model_id: str) -> Model:
-    model = model_visible_to(session=session, project_id=project_id, model_id=model_id)
+    model = repository.get_visible(session=session, project_id=project_id, model_id=model_id)
     if model is None:
         raise not_found("model", model_id)
     return model
@@ -37,10 +28,9 @@ def get_model(*, session: Session, project_id: str, model_id: str) -> Model:
 def list_models(
     *, session: Session, project_id: str, limit: int, after: str | None
 ) -> tuple[list[Model], bool]:
-    statement = select(Model).where(
-        Model.deleted_at.is_(None), or_(Model.project_id == project_id, Model.project_id.is_(None))
+    return page(
+        session, repository.visible(project_id), id_column=Model.id, limit=limit, after=after
     )
-    return page(session, statement, id_column=Model.id, limit=limit, after=after)
 
 
 def create_uploaded(
@@ -96,11 +86,9 @@ def _allowed_path(raw: str) -> Path:
 
 
 def delete_model(*, session: Session, model: Model) -> None:
-    from app.jobs.service import jobs_using_model
-
     if model.project_id is None:
         raise APIError("conflict", "Built-in models cannot be deleted")
-    live = jobs_using_model(session, model.id)
+    live = live_jobs_referencing(session=session, model_id=model.id)
     if live:
         raise APIError("conflict", f"Model is used by live jobs: {', '.join(live[:5])}")
     model.deleted_at = utcnow()

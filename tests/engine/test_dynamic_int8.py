@@ -7,14 +7,14 @@ import torch
 from torch import nn
 
 from workers.compression import compress
-from workers.compression.methods.dynamic_int8 import (
+from workers.compression.methods.dynamic_int8 import quantize_weight
+from workers.compression.progress import ProgressUpdate
+from workers.compression.recipe import DynamicInt8Config, Recipe
+from workers.compression.runtime.int8 import (
     DynamicInt8Linear,
     int8_linear,
     int8_weight_and_scale,
-    quantize_weight,
 )
-from workers.compression.progress import ProgressUpdate
-from workers.compression.recipe import DynamicInt8Config, Recipe
 
 
 def linear_names(model: nn.Module, kind: type) -> list[str]:

@@ -1,5 +1,5 @@
 """save_model -> load_artifact on tiny models: same outputs, same bytes, the compressed-tensors
-layout."""
+layout; the two-phase write (write_draft -> verify -> publish) gives the same folder."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ from workers.compression.export import (
     ExportVerificationError,
     load_artifact,
     save_model,
-    update_metadata,
+    verify,
     verify_export,
+    write_draft,
 )
-from workers.compression.loading import UnsupportedModelError
-from workers.compression.methods.dynamic_int8 import DynamicInt8Linear
-from workers.compression.recipe import DynamicInt8Config, Recipe
+from workers.compression.formats import register_layout
+from workers.compression.formats.int_quantized import IntQuantized
+from workers.compression.loading import LoadedModel, UnsupportedModelError
+from workers.compression.recipe import DynamicInt8Config, Recipe, RtnConfig
+from workers.compression.runtime.int8 import DynamicInt8Linear
 
 RECIPE = {"stages": [{"method": "dynamic_int8"}]}
 METRICS = {"baseline": {"size_bytes": 100}, "compressed": {"size_bytes": 40}, "settings": {"x": 1}}
@@ -37,6 +40,12 @@ def save(loaded, folder):
         metrics=METRICS,
         inputs=INPUTS,
         versions={"torch": "pinned"},
+    )
+
+
+def draft(loaded, folder):
+    return write_draft(
+        loaded, loaded.model, folder, recipe=RECIPE, inputs=INPUTS, versions={"torch": "pinned"}
     )
 
 
@@ -145,25 +154,6 @@ def test_saving_twice_gives_identical_bytes(llama, tmp_path):
         assert a.read_bytes() == b.read_bytes(), a.name
 
 
-def test_updating_metadata_equals_saving_with_the_final_metrics(llama, tmp_path):
-    quantize(llama)
-    final = save(llama, tmp_path / "final")
-    save_model(
-        llama,
-        llama.model,
-        tmp_path / "early",
-        recipe=RECIPE,
-        metrics={},
-        inputs=INPUTS,
-        versions={"torch": "pinned"},
-    )
-    update_metadata(llama, tmp_path / "early", recipe=RECIPE, metrics=METRICS, inputs=INPUTS)
-    early = sorted(p for p in (tmp_path / "early").rglob("*") if p.is_file())
-    assert [p.name for p in early] == [p.name for p in final]
-    for a, b in zip(early, final, strict=True):
-        assert a.read_bytes() == b.read_bytes(), a.name
-
-
 def test_a_tampered_artifact_fails_verification(llama, tmp_path):
     quantize(llama)
     save(llama, tmp_path / "artifact")
@@ -203,3 +193,79 @@ def test_int8_artifacts_refuse_a_gpu_device(llama, tmp_path):
     with pytest.raises(ValueError, match="CPU"):
         load_artifact(tmp_path / "artifact", device="cuda")
     assert isinstance(load_artifact(tmp_path / "artifact").model.lm_head, nn.Linear)
+
+
+def test_a_published_draft_is_the_folder_save_model_writes(llama, tmp_path):
+    quantize(llama)
+    saved = save(llama, tmp_path / "saved")
+    written = draft(llama, tmp_path / "drafted")
+    # Private until published: a hidden sibling of the target, without card or metadata yet.
+    assert written.path.parent == tmp_path and written.path.name.startswith(".drafted.")
+    assert not (tmp_path / "drafted").exists()
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {
+        p.name for p in written.path.iterdir()
+    }
+    assert not {"README.md", "slimformer.json"} & {p.name for p in written.path.iterdir()}
+    # Loaded as load_artifact loads the published folder: the dynamic_int8 layers are torch's
+    # again, though no slimformer.json says so yet.
+    artifact = written.load()
+    assert len([m for m in artifact.model.modules() if isinstance(m, DynamicInt8Linear)]) == 14
+    ids = torch.randint(6, 128, (2, 12))
+    with torch.inference_mode():
+        assert torch.equal(artifact.model(input_ids=ids).logits, llama.model(input_ids=ids).logits)
+
+    published = written.publish(metrics=METRICS)
+    assert not written.path.exists() and published[0].parent == tmp_path / "drafted"
+    assert [p.name for p in published] == [p.name for p in saved]
+    for a, b in zip(published, saved, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    metadata = json.loads((tmp_path / "drafted" / "slimformer.json").read_text())
+    assert metadata["torch_dynamic_int8_layers"] == sorted(
+        name for name, m in llama.model.named_modules() if isinstance(m, DynamicInt8Linear)
+    )
+    with pytest.raises(RuntimeError, match="published or discarded"):
+        written.publish(metrics=METRICS)  # the card and metadata are written once
+
+
+def test_a_discarded_draft_leaves_nothing(llama, tmp_path):
+    quantize(llama)
+    written = draft(llama, tmp_path / "artifact")
+    assert written.path.is_dir()
+    written.discard()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="published or discarded"):
+        written.publish(metrics=METRICS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_returns_the_artifact_it_measured(llama, tmp_path):
+    # Weight-only int4: the CPU kernels compute in bfloat16, so the artifact's outputs differ
+    # from the in-memory model's and the report's difference is the loaded artifact's own.
+    compress(llama.model, Recipe(stages=[RtnConfig(bits=4, group_size=32)]))
+    written = draft(llama, tmp_path / "artifact")
+    ids = torch.randint(6, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    check = verify(written, llama.model, "causal-lm", ids)
+    assert isinstance(check.artifact, LoadedModel) and check.artifact.folder == written.path
+    assert check.report["runtime"] == check.artifact.model.slimformer_runtime
+    assert check.report["runtime"]["kernels"] == {"int4": 14}
+    assert check.report["weights_exact_layers"] == 14
+    with torch.inference_mode():
+        difference = (
+            (check.artifact.model(input_ids=ids).logits - llama.model(input_ids=ids).logits)
+            .abs()
+            .max()
+            .item()
+        )
+    assert 0 < check.report["max_abs_diff"] == difference
+    assert not (written.path / "slimformer.json").exists()  # verifying writes nothing
+
+    written.publish(metrics=METRICS)
+    on_folder = verify(tmp_path / "artifact", llama.model, "causal-lm", ids)
+    assert on_folder.artifact.folder == tmp_path / "artifact"
+    assert on_folder.report == check.report
+    assert verify_export(tmp_path / "artifact", llama.model, "causal-lm", ids) == check.report
+
+
+def test_a_format_has_one_layout():
+    with pytest.raises(ValueError, match="already has a layout"):
+        register_layout(IntQuantized())

@@ -18,10 +18,11 @@ from workers.compression import compress
 from workers.compression.export import (
     ExportVerificationError,
     load_artifact,
-    read_packed_layers,
     save_model,
     verify_export,
 )
+from workers.compression.formats.pack_quantized import read_packed_layers
+from workers.compression.formats.sparse_bitmask import bitmask_tensors, two_four_tensors
 from workers.compression.loading import UnsupportedModelError
 from workers.compression.quant import dequantize
 from workers.compression.recipe import (
@@ -31,7 +32,6 @@ from workers.compression.recipe import (
     SparseGptConfig,
     WandaConfig,
 )
-from workers.compression.sparse_export import bitmask_tensors, two_four_tensors
 from workers.compression.sparsity import mask_for
 
 IDS = torch.randint(6, 128, (2, 12), generator=torch.Generator().manual_seed(0))

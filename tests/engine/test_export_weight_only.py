@@ -24,15 +24,14 @@ from workers.compression.export import (
     ExportVerificationError,
     UnsupportedExportError,
     load_artifact,
-    pack_int32,
     save_model,
-    unpack_int32,
     verify_export,
 )
+from workers.compression.formats.pack_quantized import pack_int32, unpack_int32
 from workers.compression.loading import load_model
 from workers.compression.quant import ATTRIBUTE, QuantizedWeight, dequantize
 from workers.compression.recipe import DynamicInt8Config, Recipe, RtnConfig
-from workers.compression.runtime import (
+from workers.compression.runtime.weight_only import (
     Int4WeightLinear,
     Int8WeightLinear,
     cpu_kernels,

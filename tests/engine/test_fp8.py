@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM
 from tests.engine.test_w8a8 import IDS, outputs, save
 from workers.compression import compress
 from workers.compression.export import load_artifact, verify_export
-from workers.compression.methods.fp8 import FP8, Fp8Linear, fp8_linear
+from workers.compression.methods.fp8 import fp8_linear
 from workers.compression.recipe import Fp8Config, Recipe
+from workers.compression.runtime.fp8 import FP8, Fp8Linear
 
 
 def test_fp8_weights_keep_relative_precision():

@@ -15,8 +15,8 @@ from workers.compression.evaluation import Evaluator
 from workers.compression.examples import builtin_dataset_jsonl, builtin_model_folder
 from workers.compression.export import save_model, verify_export
 from workers.compression.loading import load_model
-from workers.compression.methods.dynamic_int8 import FULL_RANGE_ACTIVATIONS
 from workers.compression.recipe import DynamicInt8Config, EvaluationSettings, Recipe
+from workers.compression.runtime.int8 import FULL_RANGE_ACTIVATIONS
 
 pytestmark = pytest.mark.real_model
 

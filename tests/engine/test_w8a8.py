@@ -19,15 +19,10 @@ from workers.compression import compress
 from workers.compression.calibration import run_blockwise
 from workers.compression.export import load_artifact, save_model, verify_export
 from workers.compression.methods.smoothquant import input_channel_max
-from workers.compression.methods.w8a8 import (
-    StaticW8A8Handler,
-    W8A8Linear,
-    activation_scale,
-    int8_matmul,
-    w8a8_linear,
-)
+from workers.compression.methods.w8a8 import StaticW8A8Handler, w8a8_linear
 from workers.compression.recipe import Recipe, SmoothQuantConfig
 from workers.compression.registry import StageContext, method_for
+from workers.compression.runtime.int8 import W8A8Linear, activation_scale, int8_matmul
 from workers.compression.smoothing import block_balances
 
 IDS = torch.randint(6, 128, (2, 12), generator=torch.Generator().manual_seed(0))

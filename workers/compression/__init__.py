@@ -1,6 +1,6 @@
 """The compression engine: a plain library (torch + transformers), no HTTP, database or Celery.
 
-Importing the package does not import torch, so the API can read `recipe` and `builtins` cheaply;
+Importing the package does not import torch, so the API can read `recipe` and `records` cheaply;
 `compress` and `Result` load the engine on first use.
 """
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from workers.compression.layer_selection import block_prefix
 from workers.compression.quant import ATTRIBUTE, QuantizedWeight
+from workers.compression.streaming import BlockStore, store_of
 
 # Calibration samples of one length are run through a block together, up to this many tokens:
 # big enough to keep the matrix multiplies efficient, small enough that one chunk's activations
@@ -229,6 +230,7 @@ def run_blockwise(
     default loads it into the block as it is, so a handler that replaces modules (w8a8, structured
     pruning) passes one that first rebuilds them in their new form."""
     blocks_name, blocks = model_blocks(model)
+    store = store_of(model)  # a streamed model: one block resident at a time, the rest on disk
     inputs = capture_block_inputs(model, calibration)
     summaries: dict[int, dict] = {}
     first = 0
@@ -237,7 +239,8 @@ def run_blockwise(
         if [tuple(h.shape) for h in saved.hidden] != [tuple(h.shape) for h in inputs.hidden]:
             raise ValueError("the checkpoint's hidden states do not match this calibration data")
         for index in range(saved.next_block):
-            (restore or _restore_as_is)(index, blocks[index], saved.block_states[index])
+            with _resident(store, blocks, index) as block:
+                (restore or _restore_as_is)(index, block, saved.block_states[index])
         summaries.update(saved.summaries)
         device = model_device(model)
         inputs.hidden = [hidden.to(device) for hidden in saved.hidden]
@@ -246,21 +249,32 @@ def run_blockwise(
     started = time.perf_counter()
     for index in range(first, len(blocks)):
         name = f"{blocks_name}.{index}"
-        summaries[index] = handler(index, name, blocks[index], inputs)
-        if not handler_advances:
-            inputs.advance(blocks[index])
-        if checkpoint is not None:
-            checkpoint.save(
-                next_block=index + 1,
-                block_state=block_state(blocks[index]),
-                summary=summaries[index],
-                hidden=list(inputs.hidden),
-            )
+        with _resident(store, blocks, index) as block:
+            summaries[index] = handler(index, name, block, inputs)
+            if not handler_advances:
+                inputs.advance(block)
+            if checkpoint is not None:
+                checkpoint.save(
+                    next_block=index + 1,
+                    block_state=block_state(block),
+                    summary=summaries[index],
+                    hidden=list(inputs.hidden),
+                )
         release_freed_memory(model_device(model))
         done = index + 1 - first
         remaining = (time.perf_counter() - started) / done * (len(blocks) - index - 1)
         progress(index + 1, len(blocks), f"calibrated {name}, about {remaining:.0f} s left")
     return [summaries[index] for index in range(len(blocks))]
+
+
+@contextmanager
+def _resident(store: BlockStore | None, blocks: nn.ModuleList, index: int) -> Iterator[nn.Module]:
+    """Block `index`, onloaded for the body and its changes kept when the model is streamed."""
+    if store is None:
+        yield blocks[index]
+        return
+    with store.resident(index) as block:
+        yield block
 
 
 def _restore_as_is(index: int, block: nn.Module, state: dict[str, torch.Tensor]) -> None:

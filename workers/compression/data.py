@@ -2,32 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
-
-def read_records(path: Path, fmt: str) -> list[dict]:
-    """Records from an uploaded dataset: `txt` is one record per non-empty line, `jsonl` one JSON
-    object with a string `text` per non-empty line."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    if fmt == "txt":
-        return [{"text": line.strip()} for line in lines if line.strip()]
-    if fmt != "jsonl":
-        raise ValueError(f"unknown dataset format {fmt!r}; expected 'txt' or 'jsonl'")
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"line {number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f'line {number}: expected an object with a string "text"')
-        records.append(record)
-    return records
+# The engine reads dataset files here; the parser is shared with the API's upload check.
+from workers.compression.records import read_records as read_records
 
 
 def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:

@@ -38,7 +38,8 @@ def compress(
 ) -> Result:
     """Run the recipe's stages in order on `model`, in place.
 
-    `calibration` is a list of [1, seq_len] input_ids tensors for the methods that need them.
+    `calibration` is a list of [1, seq_len] input_ids tensors for the stages that need them
+    (`needs_calibration`); without it such a recipe is refused before its first stage runs.
     `progress` is called between steps; an exception it raises stops the run and propagates (that
     is how a job is cancelled), leaving the model part-way through the current stage.
     `checkpoints(stage_index)` gives layer-by-layer stages a place to record finished blocks, so a
@@ -47,10 +48,13 @@ def compress(
     models. `after_stage(index, model)` runs after every stage but the last; what it returns (the
     job measures quality there) is kept in that stage's summary as `metrics`.
     """
+    if not calibration:
+        # Refused before any stage runs, so the model is left as it came.
+        needing = next((stage for stage in recipe.stages if stage.needs_calibration), None)
+        if needing is not None:
+            raise ValueError(f"{needing.method} needs calibration data")
     summaries = []
-    needs_original = any(
-        stage.method == "distill" and stage.student is None for stage in recipe.stages
-    )
+    needs_original = any(stage.needs_original() for stage in recipe.stages)
     original = copy.deepcopy(model) if needs_original else None
     for index, stage in enumerate(recipe.stages):
         context = StageContext(

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from workers.compression.data import special_tokens_around, token_stream
 from workers.compression.recipe import EvaluationSettings, default_metrics
+from workers.compression.streaming import store_of, stream_forward
 
 EMBEDDING_BATCH_SIZE = 32
 
@@ -197,18 +198,31 @@ class Evaluator:
 
     def _perplexity(self, model: nn.Module) -> float:
         self._check_length(model, self.settings.seq_len, "perplexity")
-        total_nll, total_tokens = 0.0, 0
-        for ids, labels in self.windows:
-            self._step()
-            logits = model(input_ids=ids.to(self.device), use_cache=False).logits
+
+        def window_nll(index: int, output) -> tuple[float, int]:
             # Position t predicts token t+1; the sum (not the mean) weights windows by tokens.
-            targets = labels[0, 1:].to(self.device)
+            targets = self.windows[index][1][0, 1:].to(self.device)
             nll = F.cross_entropy(
-                logits[0, :-1].float(), targets, ignore_index=-100, reduction="sum"
+                output.logits[0, :-1].float(), targets, ignore_index=-100, reduction="sum"
             )
-            total_nll += nll.item()
-            total_tokens += int((targets != -100).sum())
-        return math.exp(total_nll / total_tokens)
+            return nll.item(), int((targets != -100).sum())
+
+        calls = [{"input_ids": ids.to(self.device), "use_cache": False} for ids, _ in self.windows]
+        scored = self._forward_each(model, calls, window_nll)
+        return math.exp(sum(nll for nll, _ in scored) / sum(tokens for _, tokens in scored))
+
+    def _forward_each(self, model: nn.Module, calls: list[dict], finish, *, entry=None) -> list:
+        """`finish(i, entry(**calls[i]))` for every call (`entry`: the model, or a part of it such
+        as its base model). A streamed model runs every call through one resident block at a time
+        (`streaming.stream_forward`), so its evaluation needs one block of memory, not the model."""
+        entry = model if entry is None else entry
+        if store_of(model) is not None:
+            return stream_forward(model, calls, finish, on_step=self._step, entry=entry)
+        results = []
+        for index, kwargs in enumerate(calls):
+            self._step()
+            results.append(finish(index, entry(**kwargs)))
+        return results
 
     def _probe_split(self, records: list[dict]) -> None:
         """`accuracy` is a linear probe: fitted once on the baseline's embeddings of 80% of the
@@ -247,11 +261,9 @@ class Evaluator:
         return {"accuracy": correct.mean().item(), "accuracy_examples": len(test_texts)}
 
     def _embeddings(self, model: nn.Module, texts: list[str] | None = None) -> torch.Tensor:
-        encoder = model.base_model  # the hidden states, without an LM head on top
         texts = self.embedding_texts if texts is None else texts
-        embeddings = []
+        calls = []
         for start in range(0, len(texts), EMBEDDING_BATCH_SIZE):
-            self._step()
             batch = self.tokenizer(
                 texts[start : start + EMBEDDING_BATCH_SIZE],
                 padding=True,
@@ -259,13 +271,21 @@ class Evaluator:
                 max_length=self.embedding_len,
                 return_tensors="pt",
             )
-            mask = batch["attention_mask"].to(self.device)
-            hidden = encoder(input_ids=batch["input_ids"].to(self.device), attention_mask=mask)
-            hidden = hidden.last_hidden_state.float()
-            weights = mask.unsqueeze(-1).float()
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-            embeddings.append(F.normalize(pooled, dim=-1).cpu())
-        return torch.cat(embeddings)
+            calls.append(
+                {
+                    "input_ids": batch["input_ids"].to(self.device),
+                    "attention_mask": batch["attention_mask"].to(self.device),
+                }
+            )
+
+        def pooled(index: int, output) -> torch.Tensor:
+            hidden = output.last_hidden_state.float()
+            weights = calls[index]["attention_mask"].unsqueeze(-1).float()
+            mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+            return F.normalize(mean, dim=-1).cpu()
+
+        # The hidden states, without an LM head on top.
+        return torch.cat(self._forward_each(model, calls, pooled, entry=model.base_model))
 
     def _embedding_cosine(self, model: nn.Module) -> dict:
         self._check_length(model, self.embedding_len, "embedding")
@@ -279,6 +299,13 @@ class Evaluator:
         }
 
     def _latency(self, model: nn.Module) -> dict:
+        if store_of(model) is not None:
+            # Never a made-up number: a model streamed block by block is not the deployed form.
+            return {
+                "latency": "not_measured",
+                "latency_reason": "the model is larger than this worker's memory budget and was "
+                "run one block at a time; deploy it where it fits to measure latency",
+            }
         latency = self.settings.latency
         self._check_length(model, latency.seq_len, "latency")
         ids = self.latency_input.to(self.device)

@@ -4,21 +4,16 @@ By default a stage touches every nn.Linear inside the model's blocks: the repeat
 decoder layers. That leaves out the embeddings, a causal LM's `lm_head` (its output logits are the
 most quantization-sensitive tensor, and it is usually tied to the embedding) and BERT's pooler.
 `modules` replaces that default with type names (`Linear`) or name patterns; `ignore` then removes
-names. A pattern matches a full module name with fnmatch, or its dotted tail: `q_proj` matches
-`model.layers.0.self_attn.q_proj`, `lm_head` matches `lm_head`.
+names (`architectures.matches`). The rules are `architectures.select_layers`, which the API also
+applies to a model's Linear names at submission; here they meet the module tree.
 """
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
-
 from torch import nn
 
+from workers.compression.architectures import select_layers
 from workers.compression.recipe import StageConfig
-
-
-def matches(name: str, pattern: str) -> bool:
-    return fnmatchcase(name, pattern) or fnmatchcase(name, "*." + pattern)
 
 
 def block_prefix(model: nn.Module) -> str:
@@ -40,26 +35,19 @@ def block_prefix(model: nn.Module) -> str:
 def linear_layers(model: nn.Module, stage: StageConfig) -> tuple[list[str], list[str]]:
     """(targeted, skipped): names of the nn.Linear modules the stage touches and of those it
     leaves alone, in module order."""
-    if stage.modules is None:
-        prefix = block_prefix(model)
-
-        def wanted(name: str, module: nn.Module) -> bool:
-            return name.startswith(prefix)
-    else:
-
-        def wanted(name: str, module: nn.Module) -> bool:
-            return any(
-                type(module).__name__ == pattern or matches(name, pattern)
-                for pattern in stage.modules
-            )
-
-    targeted, skipped = [], []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        ignored = any(matches(name, pattern) for pattern in stage.ignore)
-        (targeted if wanted(name, module) and not ignored else skipped).append(name)
-    return targeted, skipped
+    layer_types = {
+        name: type(module).__name__
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+    return select_layers(
+        layer_types,
+        modules=stage.modules,
+        ignore=stage.ignore,
+        # Only the default needs the blocks, and a model without them is fine when `modules` names
+        # the layers.
+        blocks=block_prefix(model) if stage.modules is None else None,
+    )
 
 
 def untie_targeted(model: nn.Module, stage: StageConfig) -> list[str]:

@@ -14,7 +14,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-RUNTIME_BYTES = 1_200_000_000  # python, torch, transformers, tokenizers: measured ~1.1 GB RSS
+# Python, torch, transformers, tokenizers, Celery and the engine imported: 330 MB RSS measured in
+# a fresh process (torch 2.13 CPU, transformers 5.24); twice that for allocator caches and threads.
+RUNTIME_BYTES = 660_000_000
 FLOAT32 = 4
 
 
@@ -38,20 +40,37 @@ def estimate_memory(
     evaluation_seq_len: int,
     device: str,
     training_tokens: int = 0,
+    streamed: bool = False,
+    hessians: bool = True,
+    stored_bytes_per_parameter: float = FLOAT32,
 ) -> Estimate:
-    """`training_tokens`: tokens of one (micro-)batch of a distillation stage (0: no training)."""
+    """`training_tokens`: tokens of one (micro-)batch of a distillation stage (0: no training).
+    `streamed`: the model's blocks stay on disk and one at a time is resident (`streaming.py`):
+    the weights term is what lies outside the blocks (its embeddings and head in the checkpoint's
+    own dtype, `stored_bytes_per_parameter`) plus the largest block in float32. `hessians`: a
+    stage collects a Hessian per layer (GPTQ, AWQ, SparseGPT)."""
     widths = Counter(shape[1] for shape in linear_shapes.values())
     hidden = widths.most_common(1)[0][0] if widths else 1024
     vocabulary = max((shape[0] for shape in linear_shapes.values()), default=hidden)
     largest_input = max((shape[1] for shape in linear_shapes.values()), default=hidden)
+    weights = {"weights": parameters * FLOAT32}
+    if streamed:
+        outside, block = resident_parameters(parameters, linear_shapes)
+        weights = {
+            "weights_outside_blocks": int(outside * min(FLOAT32, stored_bytes_per_parameter)),
+            "one_block": block * FLOAT32,
+        }
     breakdown = {
-        "weights": parameters * FLOAT32,
+        **weights,
         "calibration_block_activations": 2
         * calibration_samples
         * calibration_seq_len
         * hidden
         * FLOAT32,
-        "layer_statistics": largest_input * largest_input * FLOAT32 * 2,
+        # A Hessian-like statistic of the widest layer input, for the methods that calibrate.
+        "layer_statistics": largest_input * largest_input * FLOAT32 * 2
+        if calibration_samples and hessians
+        else 0,
         "evaluation_activations": evaluation_seq_len * (vocabulary + 8 * hidden) * FLOAT32 * 2,
         "runtime": RUNTIME_BYTES if device == "cpu" else 0,
     }
@@ -65,6 +84,22 @@ def estimate_memory(
             training_tokens * (6 * vocabulary + 24 * blocks * hidden) * FLOAT32
         )
     return Estimate(int(sum(breakdown.values()) * 1.2), available_memory(device), breakdown)
+
+
+def resident_parameters(parameters: int, linear_shapes: dict[str, list[int]]) -> tuple[int, int]:
+    """(parameters outside the repeated blocks, parameters of the largest block) of a model of
+    `parameters` in all, from its Linear shapes (norms and biases are a rounding error here)."""
+    from workers.compression.architectures import block_prefix_from_names
+
+    prefix = block_prefix_from_names(list(linear_shapes))
+    if prefix is None:
+        return parameters, 0
+    per_block: Counter = Counter()
+    for name, (out_features, in_features) in linear_shapes.items():
+        if name.startswith(prefix):
+            per_block[name[len(prefix) :].split(".", 1)[0]] += out_features * in_features
+    largest = max(per_block.values(), default=0)
+    return max(0, parameters - sum(per_block.values())), largest
 
 
 def available_memory(device: str) -> int | None:
@@ -83,13 +118,15 @@ def available_memory(device: str) -> int | None:
                     candidates.append(int(line.split()[1]) * 1024)
     except OSError:
         pass
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    cgroup = _memory_cgroup()
+    if cgroup is not None:
+        folder, limit_file, usage_file = cgroup
         try:
-            limit = Path(path).read_text().strip()
+            limit = (folder / limit_file).read_text().strip()
         except OSError:
-            continue
+            limit = ""
         if limit.isdigit() and int(limit) < 1 << 60:
-            used = _cgroup_usage()
+            used = _cgroup_usage(folder, usage_file)
             candidates.append(int(limit) - used if used is not None else int(limit))
     override = os.environ.get("SLIMFORMER_MEMORY_LIMIT_BYTES")
     if override:
@@ -97,10 +134,37 @@ def available_memory(device: str) -> int | None:
     return min(candidates) if candidates else None
 
 
-def _cgroup_usage() -> int | None:
-    for path in ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes"):
-        try:
-            return int(Path(path).read_text().strip())
-        except (OSError, ValueError):
-            continue
+def _memory_cgroup() -> tuple[Path, str, str] | None:
+    """This process's memory cgroup folder and its limit and usage files (cgroup v2 or v1)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "memory":  # v1
+            return (
+                Path("/sys/fs/cgroup/memory") / path.lstrip("/"),
+                "memory.limit_in_bytes",
+                ("memory.usage_in_bytes"),
+            )
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2, the unified hierarchy
+            return Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.max", "memory.current"
     return None
+
+
+def _cgroup_usage(folder: Path, usage_file: str) -> int | None:
+    """What the cgroup uses, less the file cache the kernel would reclaim before refusing memory
+    (a streamed model reads its shards through the page cache)."""
+    try:
+        used = int((folder / usage_file).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+    except (OSError, ValueError):
+        return used
+    reclaimable = int(stat.get("total_inactive_file", stat.get("inactive_file", 0)))
+    return max(0, used - reclaimable)

@@ -1,30 +1,52 @@
 """Recipe specs: one small, versioned config class per method, discriminated on `method`.
 
-This module imports only pydantic, so the API can validate recipes without loading torch. The
-function that applies each config lives in `workers.compression.methods` and is registered against
-the class.
+This module imports only pydantic (and the torch-free `architectures`), so the API can validate
+recipes without loading torch. The function that applies each config lives in
+`workers.compression.methods` and is registered against the class.
 Adding a method = one config class here (listed in STAGE_CONFIGS) + one registered function + tests.
 """
 
 from __future__ import annotations
 
-import re
-from fnmatch import fnmatchcase
 from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from workers.compression.architectures import (
+    FFN_NARROWING,
+    FFN_WIDENING,
+    block_prefix_from_names,
+    name_in_block,
+    select_layers,
+)
+
 
 class StageConfig(BaseModel):
-    """Fields every quantizing or pruning stage takes."""
+    """Fields every quantizing or pruning stage takes, and the facts about a stage that recipe
+    validation, the API and the engine read instead of tables of method names. Read them on a
+    stage (an instance): where a field decides one (w8a8's `activations`, structured's `criterion`)
+    the subclass answers with a property."""
 
     model_config = ConfigDict(extra="forbid")
 
     # Where the result can run: "cpu" when its kernels exist only there (then the whole job, baseline
     # included, is measured on the CPU so the two numbers compare), None for any device.
     runs_on: ClassVar[str | None] = None
+    # The quantized storage its layers end in (one compressed-tensors format per family); one
+    # artifact holds one format, so one recipe uses one family. None: the weights stay float.
+    family: ClassVar[str | None] = None
     # Whether the stage needs the job's calibration batches.
     needs_calibration: ClassVar[bool] = False
+    # Changes or removes float weights: it must come before any quantizing stage (it would undo
+    # the quantized weights).
+    rescales_weights: ClassVar[bool] = False
+    # Makes the model smaller, so a later `distill` without a student has something to recover.
+    shrinks: ClassVar[bool] = False
+    # Collects a Hessian (XᵀX of each layer's inputs, in² floats) per layer: preflight counts it.
+    collects_hessians: ClassVar[bool] = False
+    # Runs on a streamed model (`streaming.py`: one block resident, the rest on disk), so a model
+    # larger than the worker's memory can take it.
+    streams: ClassVar[bool] = True
 
     method: str
     version: Literal[1] = 1
@@ -37,11 +59,21 @@ class StageConfig(BaseModel):
         "inside the model's blocks",
     )
 
+    def needs_original(self) -> bool:
+        """Whether the stage reads the model as the recipe received it (the engine keeps a copy)."""
+        return False
+
+    def referenced_ids(self) -> dict[str, list[str]]:
+        """Other registered models and datasets the stage reads, for the API to check they exist."""
+        return {"model_ids": [], "dataset_ids": []}
+
 
 class DynamicInt8Config(StageConfig):
     """INT8 weights (per output channel by default), activations quantized at run time (CPU)."""
 
     runs_on: ClassVar[str | None] = "cpu"  # torch's dynamic int8 kernels are CPU kernels
+    streams: ClassVar[bool] = False  # torch's packed int8 Linear has no tensors to offload
+    family: ClassVar[str | None] = "int8 weights and activations"
 
     method: Literal["dynamic_int8"] = "dynamic_int8"
     per_channel: bool = True
@@ -51,7 +83,7 @@ class WeightOnlyConfig(StageConfig):
     """Weight-only integer quantization: `bits`, groups of `group_size` input channels sharing a
     scale (-1: one group per output channel), symmetric or with a zero point."""
 
-    needs_calibration: ClassVar[bool] = False
+    family: ClassVar[str | None] = "weight-only integer"
 
     bits: int = Field(default=4, ge=2, le=8)
     group_size: int = Field(default=128, ge=-1, le=8192)
@@ -76,6 +108,7 @@ class GptqConfig(WeightOnlyConfig):
     the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs."""
 
     needs_calibration: ClassVar[bool] = True
+    collects_hessians: ClassVar[bool] = True
 
     method: Literal["gptq"] = "gptq"
     act_order: bool = False
@@ -89,6 +122,8 @@ class AwqConfig(WeightOnlyConfig):
     from a grid of `grid` points in [0, 1)."""
 
     needs_calibration: ClassVar[bool] = True
+    collects_hessians: ClassVar[bool] = True
+    rescales_weights: ClassVar[bool] = True
 
     method: Literal["awq"] = "awq"
     grid: int = Field(default=20, ge=1, le=100)
@@ -99,6 +134,7 @@ class SmoothQuantConfig(StageConfig):
     per-channel rescaling, s_j = max|X_j|^alpha / max|W_j|^(1 - alpha); quantizes nothing itself."""
 
     needs_calibration: ClassVar[bool] = True
+    rescales_weights: ClassVar[bool] = True
 
     method: Literal["smoothquant"] = "smoothquant"
     alpha: float = Field(default=0.5, ge=0, le=1)
@@ -107,6 +143,8 @@ class SmoothQuantConfig(StageConfig):
 class W8A8Config(StageConfig):
     """INT8 weights per output channel and INT8 activations: one calibrated scale per layer input
     (`static`) or one per token computed at run time (`dynamic`)."""
+
+    family: ClassVar[str | None] = "int8 weights and activations"
 
     method: Literal["w8a8"] = "w8a8"
     activations: Literal["static", "dynamic"] = "static"
@@ -120,12 +158,17 @@ class Fp8Config(StageConfig):
     """FP8 (E4M3) weights with one scale per output channel; activations stay in the model's float
     type (`none`) or are cast to FP8 per token at run time (`dynamic`)."""
 
+    family: ClassVar[str | None] = "fp8"
+
     method: Literal["fp8"] = "fp8"
     activations: Literal["none", "dynamic"] = "none"
 
 
 class SparsityConfig(StageConfig):
     """Fields of the unstructured / semi-structured pruning stages."""
+
+    rescales_weights: ClassVar[bool] = True
+    shrinks: ClassVar[bool] = True
 
     sparsity: float = Field(default=0.5, gt=0, lt=1)
     pattern: Literal["unstructured", "2:4"] = "unstructured"
@@ -156,6 +199,7 @@ class SparseGptConfig(SparsityConfig):
     update the remaining weights to compensate."""
 
     needs_calibration: ClassVar[bool] = True
+    collects_hessians: ClassVar[bool] = True
 
     method: Literal["sparsegpt"] = "sparsegpt"
     damping: float = Field(default=0.01, gt=0, le=1)
@@ -164,6 +208,10 @@ class SparseGptConfig(SparsityConfig):
 
 class StructuredConfig(StageConfig):
     """Remove whole attention heads and FFN channels; the weights and config really shrink."""
+
+    rescales_weights: ClassVar[bool] = True
+    shrinks: ClassVar[bool] = True
+    streams: ClassVar[bool] = False  # rewrites the config and shapes: not yet block by block
 
     method: Literal["structured"] = "structured"
     attention_heads: float = Field(default=0.0, ge=0, lt=1)
@@ -221,6 +269,9 @@ class DistillConfig(StageConfig):
     trained on text to match it. Without `student`, the model as it comes in (after an earlier
     `structured` or pruning stage) is the student and the model the job started from teaches it."""
 
+    rescales_weights: ClassVar[bool] = True
+    streams: ClassVar[bool] = False  # training holds the whole model and its gradients
+
     method: Literal["distill"] = "distill"
     student: StudentSpec | None = None
     dataset_id: str | None = Field(
@@ -241,6 +292,16 @@ class DistillConfig(StageConfig):
     eval_every: int | None = Field(default=None, ge=1, description="None: 5 times per run")
     checkpoint_every: int = Field(default=50, ge=1)
     seed: int = Field(default=0, ge=0)
+
+    def needs_original(self) -> bool:
+        return self.student is None
+
+    def referenced_ids(self) -> dict[str, list[str]]:
+        student_model = self.student.model_id if self.student is not None else None
+        return {
+            "model_ids": [student_model] if student_model is not None else [],
+            "dataset_ids": [self.dataset_id] if self.dataset_id is not None else [],
+        }
 
     @model_validator(mode="after")
     def _micro_batches_divide(self) -> DistillConfig:
@@ -266,34 +327,8 @@ STAGE_CONFIGS: tuple[type[StageConfig], ...] = (
     DistillConfig,
 )
 
-# Quantizing methods by the compressed-tensors format their layers are stored in; one artifact
-# holds one format, so one recipe uses one family.
-QUANT_FAMILIES: dict[str, str] = {
-    "dynamic_int8": "int8 weights and activations",
-    "w8a8": "int8 weights and activations",
-    "rtn": "weight-only integer",
-    "gptq": "weight-only integer",
-    "awq": "weight-only integer",
-    "fp8": "fp8",
-}
-# Methods that rescale or remove float weights: they must come before any quantizing stage.
-BEFORE_QUANTIZATION = (
-    "smoothquant",
-    "awq",
-    "magnitude",
-    "wanda",
-    "sparsegpt",
-    "structured",
-    "distill",
-)
-# What a `distill` stage without a student recovers from: something earlier made the model smaller.
-SHRINKING = ("structured", "magnitude", "wanda", "sparsegpt")
 METHOD_NAMES = frozenset(config.model_fields["method"].default for config in STAGE_CONFIGS)
-
-if len(STAGE_CONFIGS) == 1:
-    Stage = STAGE_CONFIGS[0]
-else:  # pragma: no cover - becomes the only branch once a second method lands
-    Stage = Annotated[Union[STAGE_CONFIGS], Field(discriminator="method")]  # noqa: UP007
+Stage = Annotated[Union[STAGE_CONFIGS], Field(discriminator="method")]  # noqa: UP007
 
 
 class Recipe(BaseModel):
@@ -305,8 +340,8 @@ class Recipe(BaseModel):
     def _one_export_format(self) -> Recipe:
         families: dict[str, str] = {}
         for stage in self.stages:
-            if stage.method in QUANT_FAMILIES:
-                families.setdefault(QUANT_FAMILIES[stage.method], stage.method)
+            if stage.family is not None:
+                families.setdefault(stage.family, stage.method)
         if len(families) > 1:
             first, second = list(families.values())[:2]
             raise ValueError(
@@ -319,20 +354,25 @@ class Recipe(BaseModel):
     def _float_methods_first(self) -> Recipe:
         quantized_by = None
         for stage in self.stages:
-            if stage.method in BEFORE_QUANTIZATION and quantized_by is not None:
+            if stage.rescales_weights and quantized_by is not None:
                 raise ValueError(
                     f"{stage.method} changes float weights, so it must come before {quantized_by} "
                     "(it would undo the quantized weights)"
                 )
-            if stage.method in QUANT_FAMILIES:
+            if stage.family is not None:
                 quantized_by = quantized_by or stage.method
         for index, stage in enumerate(self.stages):
-            if stage.method != "distill" or stage.student is not None:
+            if not stage.needs_original():
                 continue
-            if not any(earlier.method in SHRINKING for earlier in self.stages[:index]):
+            if not any(earlier.shrinks for earlier in self.stages[:index]):
+                shrinking = (
+                    config.model_fields["method"].default
+                    for config in STAGE_CONFIGS
+                    if config.shrinks
+                )
                 raise ValueError(
                     "distill without a student trains the model as it comes in against the "
-                    f"original: put a shrinking stage ({', '.join(SHRINKING)}) before it, or give "
+                    f"original: put a shrinking stage ({', '.join(shrinking)}) before it, or give "
                     "student.num_layers or student.model_id"
                 )
         if any(
@@ -383,67 +423,44 @@ class EvaluationSettings(BaseModel):
     latency: LatencySettings = Field(default_factory=LatencySettings)
 
 
-def name_matches(name: str, pattern: str) -> bool:
-    """A pattern matches a full module name with fnmatch, or its dotted tail (`q_proj`)."""
-    return fnmatchcase(name, pattern) or fnmatchcase(name, "*." + pattern)
-
-
-_BLOCK_INDEX = re.compile(r"^((?:[^.]+\.)*?)(\d+)\.")
-
-
 def selected_linear_names(stage: StageConfig, linear_names: list[str]) -> list[str]:
-    """The torch-free mirror of `targets.linear_layers` for a list of Linear module names, so the
-    API can check a recipe against a model's shapes without loading it. The blocks are the
-    prefix followed by the most distinct indices (`model.layers.`, `encoder.layer.`)."""
-    if stage.modules is None:
-        indices: dict[str, set[str]] = {}
-        for name in linear_names:
-            match = _BLOCK_INDEX.match(name)
-            if match:
-                indices.setdefault(match.group(1), set()).add(match.group(2))
-        if not indices:
-            return []
-        prefix = max(indices, key=lambda key: len(indices[key]))
-        wanted = [name for name in linear_names if name.startswith(prefix)]
-    else:
-        wanted = [
-            name
-            for name in linear_names
-            if any(pattern == "Linear" or name_matches(name, pattern) for pattern in stage.modules)
-        ]
-    return [name for name in wanted if not any(name_matches(name, p) for p in stage.ignore)]
+    """The Linear layers a stage targets, from their names alone (what
+    `layer_selection.linear_layers` finds on the module tree), so the API can check a recipe
+    against a model's shapes without loading it."""
+    targeted, _ = select_layers(
+        dict.fromkeys(linear_names, "Linear"),
+        modules=stage.modules,
+        ignore=stage.ignore,
+        blocks=block_prefix_from_names(linear_names),
+    )
+    return targeted
 
 
 def group_size_conflicts(stage: StageConfig, linear_shapes: dict[str, list[int]]) -> list[str]:
     """Targeted layers whose input width the stage's group size does not divide."""
-    group_size = getattr(stage, "group_size", None)
-    if group_size is None or group_size == -1:
+    if not isinstance(stage, WeightOnlyConfig) or stage.group_size == -1:
         return []
     return [
         name
         for name in selected_linear_names(stage, list(linear_shapes))
-        if linear_shapes[name][1] % group_size
+        if linear_shapes[name][1] % stage.group_size
     ]
-
-
-# The FFN layers `structured` narrows, by name (Llama and BERT): outputs of the first, inputs of
-# the second. Mirrors `methods.structured.LAYOUTS` for the torch-free check at submission.
-_FFN_WIDENING = ("mlp.gate_proj", "mlp.up_proj", "intermediate.dense")
-_FFN_NARROWING = ("mlp.down_proj",)
-_BERT_FFN_OUTPUT = re.compile(r"(^|\.)\d+\.output\.dense$")  # not attention.output.dense
 
 
 def shapes_after(stage: StageConfig, linear_shapes: dict[str, list[int]]) -> dict[str, list[int]]:
     """The Linear shapes a stage leaves behind, where it changes them at all: `structured`
-    removing FFN channels (the same number in every block, rounded as the stage rounds)."""
-    fraction = getattr(stage, "ffn_channels", 0.0) if stage.method == "structured" else 0.0
-    if not fraction:
+    removing FFN channels (the same number in every block, rounded as the stage rounds). Removed
+    heads are not predicted: the head size is not in the shapes."""
+    if not isinstance(stage, StructuredConfig) or not stage.ffn_channels:
         return linear_shapes
+    fraction = stage.ffn_channels
+    blocks = block_prefix_from_names(list(linear_shapes))
     shapes = {}
     for name, (out_features, in_features) in linear_shapes.items():
-        if name.endswith(_FFN_WIDENING):
+        inner = name_in_block(name, blocks) if blocks is not None else None
+        if inner in FFN_WIDENING:
             out_features -= int(fraction * out_features + 0.5)
-        elif name.endswith(_FFN_NARROWING) or _BERT_FFN_OUTPUT.search(name):
+        elif inner in FFN_NARROWING:
             in_features -= int(fraction * in_features + 0.5)
         shapes[name] = [out_features, in_features]
     return shapes
@@ -453,4 +470,3 @@ def default_metrics(task: str) -> list[str]:
     if task == "causal-lm":
         return ["perplexity", "latency", "size"]
     return ["embedding_cosine", "latency", "size"]
-

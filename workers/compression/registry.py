@@ -29,6 +29,7 @@ class StageContext:
     """What a method gets besides the model and its config."""
 
     method: str
+    # Never empty for a stage whose config `needs_calibration`: the engine refuses the recipe first.
     calibration: list[torch.Tensor] | None
     stage_index: int
     num_stages: int

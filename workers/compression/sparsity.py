@@ -16,7 +16,7 @@ w² / [U_jj]² for SparseGPT), in one of two patterns:
 Ties are broken by position (the first of equal scores are pruned), so a mask depends only on
 its scores.
 
-What a pruned model holds in memory (what `sparse_export` reads): every pruned layer stays an
+What a pruned model holds in memory (what `formats/sparse_bitmask` reads): every pruned layer stays an
 `nn.Linear` whose pruned weights are exact zeros, and carries its pattern ("unstructured" or "2:4")
 as `module.slimformer_sparsity`, so that the export knows which layers to store compressed.
 """

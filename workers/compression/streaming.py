@@ -36,18 +36,19 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
+from torch.nn import functional as F
 
 from workers.compression.layer_selection import block_prefix
 from workers.compression.quant import ATTRIBUTE, QuantizedWeight, dequantize
+from workers.compression.shards import write_file
 
 STORE_ATTRIBUTE = "slimformer_blocks"
 
@@ -126,29 +127,29 @@ class BlockStore:
         release_freed_memory(self.device)
 
     def _keep(self, index: int, block: nn.Module, before: dict[str, Any]) -> None:
-        tensors = _state_tensors(block)
-        derived = {f"{name}.weight" for name, _ in _quantized_modules(block)}
-        changed = {
-            key: tensor.detach().to("cpu").contiguous()
-            for key, tensor in tensors.items()
-            if key not in derived and not _same(before.get(key), tensor)
+        tensors = _tracked_tensors(block)
+        changed_keys = {
+            key for key, tensor in tensors.items() if not _same(before.get(key), tensor)
         }
+        changed = {
+            key: tensors[key].detach().to("cpu").contiguous()
+            for key in changed_keys
+            if f".{ATTRIBUTE}." not in key
+        }
+        keys = {key for key in tensors if f".{ATTRIBUTE}." not in key}
         for name, module in _quantized_modules(block):
-            changed.update(
-                {
-                    k: v.cpu().contiguous()
-                    for k, v in getattr(module, ATTRIBUTE)
-                    .to_tensors(f"{name}.{ATTRIBUTE}.")
-                    .items()
-                }
-            )
+            # A quantized layer is stored whole: codes, scale, zero point and format together.
+            prefix = f"{name}.{ATTRIBUTE}."
+            layer = getattr(module, ATTRIBUTE).to_tensors(prefix)
+            keys |= set(layer)
+            if any(key.startswith(prefix) for key in changed_keys):
+                changed.update({k: v.cpu().contiguous() for k, v in layer.items()})
         old = self.sources[index]
-        keys = (set(tensors) - derived) | {k for k in changed if f".{ATTRIBUTE}." in k}
         sources = {key: old[key] for key in keys if key in old and key not in changed}
         if changed:
             version = self._versions.get(index, 0) + 1
             path = self.scratch / f"block-{index}-v{version}.safetensors"
-            save_file(changed, path)
+            write_file(path, changed)
             self._versions[index] = version
             sources.update({key: TensorSource(path, key, original=False) for key in changed})
         self.sources[index] = sources
@@ -217,8 +218,32 @@ def _state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _tracked_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
+    """What the store keeps of a block, by key: its state tensors, except the dequantized weight
+    of a weight-only layer (derived from its codes), plus those layers' codes, scales and zero
+    points under `<layer>.<ATTRIBUTE>.`, as `QuantizedWeight.to_tensors` names them."""
+    tensors = _state_tensors(block)
+    for name, module in _quantized_modules(block):
+        quantized = getattr(module, ATTRIBUTE)
+        del tensors[f"{name}.weight"]
+        prefix = f"{name}.{ATTRIBUTE}."
+        tensors[f"{prefix}codes"] = quantized.codes
+        tensors[f"{prefix}scale"] = quantized.scale
+        if quantized.zero_point is not None:
+            tensors[f"{prefix}zero_point"] = quantized.zero_point
+    return tensors
+
+
 def _identities(block: nn.Module) -> dict[str, Any]:
-    return {key: (weakref.ref(t), t._version) for key, t in _state_tensors(block).items()}
+    return {key: (weakref.ref(t), _version(t)) for key, t in _tracked_tensors(block).items()}
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    # Tensors made under inference mode keep no version counter; nothing writes to them in place.
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def _same(before: Any, tensor: torch.Tensor) -> bool:
@@ -226,7 +251,7 @@ def _same(before: Any, tensor: torch.Tensor) -> bool:
     if before is None:
         return False
     ref, version = before
-    return ref() is tensor and tensor._version == version
+    return ref() is tensor and _version(tensor) == version
 
 
 def _quantized_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -256,8 +281,13 @@ def _to_meta(block: nn.Module) -> None:
         for name, buffer in list(child._buffers.items()):
             if buffer is not None and name not in child._non_persistent_buffers_set:
                 child._buffers[name] = torch.empty_like(buffer, device="meta")
-        if getattr(child, ATTRIBUTE, None) is not None:
-            delattr(child, ATTRIBUTE)
+        quantized = getattr(child, ATTRIBUTE, None)
+        if quantized is not None:
+            # Kept as a description (bits, group size, shapes) for the export to read its scheme.
+            quantized.codes = torch.empty_like(quantized.codes, device="meta")
+            quantized.scale = torch.empty_like(quantized.scale, device="meta")
+            if quantized.zero_point is not None:
+                quantized.zero_point = torch.empty_like(quantized.zero_point, device="meta")
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -309,7 +339,9 @@ def build_streamed(
 
     with init_empty_weights(include_buffers=False):
         model = model_class.from_config(config, dtype=torch.float32)
-    files = checkpoint_files(folder)
+    # Older checkpoints store buffers that are computed now (BERT's `position_ids`): not loaded.
+    computed = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+    files = {k: v for k, v in checkpoint_files(folder).items() if k not in computed}
     blocks_name = block_prefix(model)
     expected = set(model.state_dict())
     tied = getattr(model, "all_tied_weights_keys", {}) or {}
@@ -338,12 +370,13 @@ def build_streamed(
                     sources[int(index)][relative] = TensorSource(path, key, original=True)
                 else:
                     tensor = checkpoint.get_tensor(key)
-                    if tensor.is_floating_point():
+                    if tensor.is_floating_point() and tensor.numel() < NATIVE_SKELETON_NUMEL:
                         tensor = tensor.to(torch.float32)
                     skeleton[key] = tensor.to(device)
     model.load_state_dict(skeleton, strict=False, assign=True)
     if tied:
         model.tie_weights()
+    _compute_in_float32(model)
     for name, buffer in list(model.named_buffers()):
         if buffer.device.type != "meta" and not name.startswith(blocks_name):
             owner, _, attribute = name.rpartition(".")
@@ -352,6 +385,32 @@ def build_streamed(
     store = BlockStore(model, sources, device=device, scratch=scratch)
     setattr(model, STORE_ATTRIBUTE, store)
     return model
+
+
+# Outside the blocks, tensors this large (the embeddings and the LM head: a quarter of a 1B
+# model) stay in the checkpoint's dtype and compute in float32 (`_compute_in_float32`); smaller ones
+# (norms, position embeddings) are simply upcast.
+NATIVE_SKELETON_NUMEL = 1 << 20
+_HEAD_ROWS = 8192  # output rows of the head upcast at a time: 8192 x hidden x 4 bytes
+
+
+def _compute_in_float32(model: nn.Module) -> None:
+    """Embeddings and head kept in a narrower dtype still compute in float32: the input
+    embedding's output is upcast (exact: a lookup), and the head multiplies by its weight upcast
+    a slice of rows at a time (never the whole matrix in float32)."""
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None and embeddings.weight.dtype != torch.float32:
+        embeddings.register_forward_hook(lambda module, args, output: output.float())
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Linear) and head.weight.dtype != torch.float32:
+        head.forward = _float32_linear.__get__(head)  # this instance only
+
+
+def _float32_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    parts = [F.linear(x, rows.float()) for rows in self.weight.split(_HEAD_ROWS)]
+    out = torch.cat(parts, dim=-1)
+    return out if self.bias is None else out + self.bias.float()
 
 
 # --- running the whole model one block at a time ----------------------------------------------
@@ -412,15 +471,20 @@ def stream_forward(
     finish: Callable[[int, Any], Any],
     *,
     on_step: Callable[[], None] | None = None,
+    entry: nn.Module | None = None,
+    blocks: int | None = None,
 ) -> list[Any]:
-    """`finish(i, model(**calls[i]))` for every call, computed one resident block at a time;
-    only the hidden states of all calls (and what `finish` returns) are kept between blocks."""
+    """`finish(i, entry(**calls[i]))` for every call (`entry`: the model, or the part of it that
+    holds the blocks, e.g. its base model), computed one resident block at a time; only the hidden
+    states of all calls (and what `finish` returns) are kept between blocks. `blocks`: run only
+    the first that many blocks, as a model of that depth would."""
     store = store_of(model)
     assert store is not None, "stream_forward needs a streamed model"
-    blocks = store.blocks
-    captured = [_capture(model, blocks, kwargs) for kwargs in calls]
+    entry = model if entry is None else entry
+    all_blocks = store.blocks
+    captured = [_capture(entry, all_blocks, kwargs) for kwargs in calls]
     as_tuple = False
-    for index in range(len(blocks)):
+    for index in range(len(all_blocks) if blocks is None else blocks):
         if on_step is not None:
             on_step()
         with store.resident(index, keep_changes=False) as block:
@@ -429,17 +493,85 @@ def stream_forward(
                 as_tuple = isinstance(output, tuple)
                 call.hidden = output[0] if as_tuple else output
     results = []
-    real = list(blocks)
     parent_name, _, attribute = store.blocks_name.rpartition(".")
     parent = model.get_submodule(parent_name)
     try:
         for number, (kwargs, call) in enumerate(zip(calls, captured, strict=True)):
-            stubs = [_Skip() for _ in real[:-1]] + [_Emit(call.hidden, as_tuple)]
+            stubs = [_Skip() for _ in range(len(all_blocks) - 1)] + [_Emit(call.hidden, as_tuple)]
             setattr(parent, attribute, nn.ModuleList(stubs))
-            results.append(finish(number, model(**kwargs)))
+            results.append(finish(number, entry(**kwargs)))
             call.hidden = None
     finally:
-        setattr(parent, attribute, store.blocks)
-    with suppress(AttributeError):
-        del real
+        setattr(parent, attribute, all_blocks)
     return results
+
+
+def resident_layers(
+    model: nn.Module, names: list[str], *, keep_changes: bool = True
+) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for each of `names` in order, its block resident while it is handled: a
+    layer-local stage (RTN, magnitude pruning, dynamic int8, FP8) walks a streamed model this way.
+    On a model held whole in memory it is `model.get_submodule` in a loop."""
+    store = store_of(model)
+    prefix = f"{store.blocks_name}." if store is not None else None
+    current: int | None = None
+    try:
+        for name in names:
+            if prefix is None or not name.startswith(prefix):
+                yield name, model.get_submodule(name)
+                continue
+            index_text, relative = name[len(prefix) :].split(".", 1)
+            index = int(index_text)
+            if index != current:
+                if current is not None:
+                    store.offload(current, keep_changes=keep_changes)
+                store.onload(index)
+                current = index
+            yield name, store.blocks[index].get_submodule(relative)
+    except BaseException:
+        if current is not None:
+            store.offload(current, keep_changes=False)
+        raise
+    if current is not None:
+        store.offload(current, keep_changes=keep_changes)
+
+
+@contextmanager
+def parked_skeleton(model: nn.Module) -> Iterator[None]:
+    """For the body, what lies outside the blocks holds no memory either: written to the store's
+    scratch and put back after (a check that loads a second model beside this one needs the room)."""
+    store = store_of(model)
+    assert store is not None
+    prefix = f"{store.blocks_name}."
+    tensors = {k: v for k, v in _state_tensors(model).items() if not k.startswith(prefix)}
+    first_key: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for key, tensor in tensors.items():
+        aliases[key] = first_key.setdefault(id(tensor), key)  # tied weights are stored once
+    unique = {key: tensors[key].detach().cpu().contiguous() for key in set(aliases.values())}
+    path = store.scratch / "skeleton.safetensors"
+    write_file(path, unique)
+    del unique
+    for key, tensor in tensors.items():
+        _assign(model, key, torch.empty_like(tensor, device="meta"))
+    del tensors
+    from workers.compression.calibration import release_freed_memory
+
+    release_freed_memory(store.device)
+    try:
+        yield
+    finally:
+        with safe_open(path, "pt") as stored:
+            loaded = {key: stored.get_tensor(key).to(store.device) for key in stored.keys()}  # noqa: SIM118
+        for key, source in aliases.items():
+            _assign(model, key, loaded[source])
+        path.unlink(missing_ok=True)
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    owner_name, _, name = key.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if name in owner._parameters:
+        owner._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[name] = tensor

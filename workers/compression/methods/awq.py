@@ -221,8 +221,6 @@ class AwqBlockHandler:
 
 @register_method(AwqConfig)
 def awq(model: nn.Module, config: AwqConfig, context: StageContext) -> dict:
-    if not context.calibration:
-        raise ValueError("awq needs calibration data")
     targeted, skipped = weight_only_targets(model, config)
     outside = outside_blocks(model, targeted)
     if outside:

@@ -235,8 +235,6 @@ class GptqBlockHandler:
 
 @register_method(GptqConfig)
 def gptq(model: nn.Module, config: GptqConfig, context: StageContext) -> dict:
-    if not context.calibration:
-        raise ValueError("gptq needs calibration data")
     targeted, skipped = weight_only_targets(model, config)
     outside = outside_blocks(model, targeted)
     if outside:

@@ -14,6 +14,7 @@ from workers.compression.layer_selection import linear_layers
 from workers.compression.recipe import MagnitudeConfig, SparsityConfig
 from workers.compression.registry import StageContext, register_method
 from workers.compression.sparsity import ATTRIBUTE, mask_for, prune_, sparsity_of
+from workers.compression.streaming import resident_layers
 
 
 def sparsity_targets(
@@ -49,8 +50,7 @@ def pruning_summary(
     """What a pruning stage reports, counted from the weights themselves (so a run resumed from a
     checkpoint reports the same), and the marks the sparse export reads."""
     layer_sparsity, nonzero, total = {}, 0, 0
-    for name in targeted:
-        linear = model.get_submodule(name)
+    for name, linear in resident_layers(model, targeted, keep_changes=False):
         setattr(linear, ATTRIBUTE, config.pattern)
         counts = sparsity_of(linear.weight.detach())
         layer_sparsity[name] = round(counts["sparsity"], 6)
@@ -71,8 +71,7 @@ def pruning_summary(
 @register_method(MagnitudeConfig)
 def magnitude(model: nn.Module, config: MagnitudeConfig, context: StageContext) -> dict:
     targeted, skipped = sparsity_targets(model, config, blockwise=False)
-    for step, name in enumerate(targeted, start=1):
-        linear = model.get_submodule(name)
+    for step, (name, linear) in enumerate(resident_layers(model, targeted), start=1):
         scores = linear.weight.detach().abs()
         prune_(
             linear,

@@ -12,6 +12,7 @@ from workers.compression.layer_selection import linear_layers
 from workers.compression.quant import attach, quantize_groups, relative_error, resolve_group_size
 from workers.compression.recipe import RtnConfig, WeightOnlyConfig
 from workers.compression.registry import StageContext, register_method
+from workers.compression.streaming import resident_layers
 
 
 def weight_only_targets(model: nn.Module, config: WeightOnlyConfig) -> tuple[list[str], list[str]]:
@@ -29,8 +30,7 @@ def weight_only_targets(model: nn.Module, config: WeightOnlyConfig) -> tuple[lis
 def rtn(model: nn.Module, config: RtnConfig, context: StageContext) -> dict:
     targeted, skipped = weight_only_targets(model, config)
     errors = []
-    for step, name in enumerate(targeted, start=1):
-        linear = model.get_submodule(name)
+    for step, (name, linear) in enumerate(resident_layers(model, targeted), start=1):
         original = linear.weight.detach().clone()
         quantized = quantize_groups(
             original,

@@ -112,8 +112,6 @@ class SmoothQuantBlockHandler:
 
 @register_method(SmoothQuantConfig)
 def smoothquant(model: nn.Module, config: SmoothQuantConfig, context: StageContext) -> dict:
-    if not context.calibration:
-        raise ValueError("smoothquant needs calibration data")
     targeted, _ = linear_layers(model, config)
     handler = SmoothQuantBlockHandler(config, model.config, set(targeted))
     blocks_name, blocks = model_blocks(model)

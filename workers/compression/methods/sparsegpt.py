@@ -141,8 +141,6 @@ class SparseGptBlockHandler:
 
 @register_method(SparseGptConfig)
 def sparsegpt(model: nn.Module, config: SparseGptConfig, context: StageContext) -> dict:
-    if not context.calibration:
-        raise ValueError("sparsegpt needs calibration data")
     targeted, skipped = sparsity_targets(model, config, blockwise=True)
     per_block = run_blockwise(
         model,

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from workers.compression.architectures import LAYOUTS, Layout
 from workers.compression.calibration import (
     BlockCheckpoint,
     BlockInputs,
@@ -47,46 +48,6 @@ from workers.compression.evaluation import parameter_count
 from workers.compression.layer_selection import linear_layers
 from workers.compression.recipe import StructuredConfig
 from workers.compression.registry import StageContext, register_method
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where one architecture's block keeps the layers structured pruning cuts (names inside the
-    block), and why its heads cannot be removed, if they cannot."""
-
-    query: str
-    key: str
-    value: str
-    attention_output: str
-    ffn_inputs: tuple[str, ...]  # their rows are the FFN channels
-    ffn_output: str  # its columns are the FFN channels
-    mlp: str | None = None  # a module that keeps its own `intermediate_size`
-    heads_refused: str | None = None
-
-
-LAYOUTS: dict[str, Layout] = {
-    "llama": Layout(
-        query="self_attn.q_proj",
-        key="self_attn.k_proj",
-        value="self_attn.v_proj",
-        attention_output="self_attn.o_proj",
-        ffn_inputs=("mlp.gate_proj", "mlp.up_proj"),
-        ffn_output="mlp.down_proj",
-        mlp="mlp",
-    ),
-    "bert": Layout(
-        query="attention.self.query",
-        key="attention.self.key",
-        value="attention.self.value",
-        attention_output="attention.output.dense",
-        ffn_inputs=("intermediate.dense",),
-        ffn_output="output.dense",
-        # BertSelfAttention computes its head size as hidden_size / num_attention_heads, so a
-        # checkpoint with fewer heads of the same size does not load in transformers.
-        heads_refused="BERT derives its head size from hidden_size / num_attention_heads, so a "
-        "BERT with fewer heads would not load in transformers; prune ffn_channels only",
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -423,8 +384,6 @@ def rewrite_config(model: nn.Module, plan: Plan) -> None:
 @register_method(StructuredConfig)
 def structured(model: nn.Module, config: StructuredConfig, context: StageContext) -> dict:
     plan = plan_for(model, config)
-    if config.criterion == "activation" and not context.calibration:
-        raise ValueError("structured with criterion `activation` needs calibration data")
     parameters_before = parameter_count(model)
     blocks_name, blocks = model_blocks(model)
 

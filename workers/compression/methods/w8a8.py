@@ -11,11 +11,8 @@ Static scales are calibrated layer by layer (`calibration.run_blockwise`): a blo
 observed on what the already-quantized blocks before it produce. Outlier channels make one scale
 per tensor coarse for every other channel; a `smoothquant` stage first flattens them.
 
-`W8A8Linear` is both the in-memory layer and the runtime one `export.load_artifact` builds, so the
-job measures what users run. On x86 CPUs with VNNI, static layers use fbgemm's int8 kernel with a
-float output (`quantized::linear_with_input_q_dq_qweight_dq_output_fp32`); otherwise, and for
-per-token scales, `torch._int_mm`. Both compute the integer product exactly, so they agree with
-each other and with compressed-tensors' reference up to float rounding of the rescale.
+The layers become `W8A8Linear` (`runtime/int8.py`), both the in-memory layer and the runtime one
+`export.load_artifact` builds, so the job measures what users run.
 """
 
 from __future__ import annotations
@@ -31,101 +28,11 @@ from workers.compression.calibration import (
     run_blockwise,
 )
 from workers.compression.layer_selection import linear_layers
-from workers.compression.methods.dynamic_int8 import FULL_RANGE_ACTIVATIONS
 from workers.compression.quant import quantize_groups
 from workers.compression.recipe import W8A8Config
 from workers.compression.registry import StageContext, register_method
-
-# Symmetric int8 as compressed-tensors defines it: scale = max|x| / ((127 - (-128)) / 2), codes
-# clamped to [-128, 127].
-_HALF_RANGE = 127.5
-_LOW, _HIGH = -128, 127
-
-
-def activation_scale(absmax: torch.Tensor) -> torch.Tensor:
-    """The int8 scale for values up to `absmax` (any shape), never zero."""
-    return (absmax.float() / _HALF_RANGE).clamp(min=torch.finfo(torch.float32).tiny)
-
-
-def quantize_activations(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.round(x.float() / scale).clamp_(_LOW, _HIGH).to(torch.int8)
-
-
-def int8_matmul(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
-    """qx [m, k] int8 @ qw [n, k]ᵀ int8 → int32 [m, n], exactly."""
-    if qx.device.type == "cpu" or (
-        qx.shape[0] > 16 and qx.shape[1] % 8 == 0 and qw.shape[0] % 8 == 0
-    ):
-        return torch._int_mm(qx, qw.t())
-    # CUDA's int8 kernel wants more than 16 rows and multiples of 8; float64 is exact here.
-    return (qx.double() @ qw.double().t()).to(torch.int32)
-
-
-class W8A8Linear(nn.Module):
-    """y = x Wᵀ + b with int8 weights and int8 activations (see the module docstring)."""
-
-    def __init__(
-        self,
-        weight: torch.Tensor,
-        weight_scale: torch.Tensor,
-        input_scale: torch.Tensor | None,
-        bias: torch.Tensor | None,
-    ) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight.to(torch.int8))
-        self.register_buffer("weight_scale", weight_scale.float().reshape(-1, 1))
-        if input_scale is not None:
-            self.register_buffer("input_scale", input_scale.float().reshape(1))
-        else:
-            self.input_scale = None
-        if bias is not None:
-            self.register_buffer("bias", bias.detach().float())
-        else:
-            self.bias = None
-        self._packed = None  # fbgemm's prepacked weight, built on the first CPU call
-
-    @property
-    def dynamic(self) -> bool:
-        return self.input_scale is None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if self.dynamic:
-            scale = activation_scale(x2.detach().abs().amax(dim=1, keepdim=True))
-        else:
-            scale = self.input_scale
-        if not self.dynamic and x2.device.type == "cpu" and FULL_RANGE_ACTIVATIONS:
-            y = self._fbgemm(x2.float())
-        else:
-            product = int8_matmul(quantize_activations(x2, scale), self.weight)
-            y = product.float() * (scale * self.weight_scale.reshape(1, -1))
-            if self.bias is not None:
-                y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def _fbgemm(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:
-            qweight = torch.quantize_per_channel(
-                self.weight.float() * self.weight_scale,
-                self.weight_scale.reshape(-1).double(),
-                torch.zeros(self.out_features, dtype=torch.long),
-                axis=0,
-                dtype=torch.qint8,
-            )
-            self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
-        # Symmetric int8 codes [-128, 127] are fbgemm's uint8 codes with zero point 128.
-        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            x, self.input_scale.item(), 128, self._packed
-        )
-
-    def _apply(self, fn, recurse=True):
-        self._packed = None  # moved or cast: pack again from the buffers
-        return super()._apply(fn, recurse)
-
-    def extra_repr(self) -> str:
-        activations = "dynamic per token" if self.dynamic else "static per tensor"
-        return f"in_features={self.in_features}, out_features={self.out_features}, activations={activations}"
+from workers.compression.runtime.int8 import W8A8Linear, activation_scale
+from workers.compression.streaming import resident_layers
 
 
 def w8a8_linear(linear: nn.Linear, input_scale: torch.Tensor | None) -> W8A8Linear:
@@ -196,13 +103,11 @@ def w8a8(model: nn.Module, config: W8A8Config, context: StageContext) -> dict:
         "skipped": skipped,
     }
     if config.activations == "dynamic":
-        for step, name in enumerate(targeted, start=1):
-            model.set_submodule(name, w8a8_linear(model.get_submodule(name), None))
+        for step, (name, linear) in enumerate(resident_layers(model, targeted), start=1):
+            model.set_submodule(name, w8a8_linear(linear, None))
             context.report(step, len(targeted), f"quantized {name}")
         return summary
 
-    if not context.calibration:
-        raise ValueError("w8a8 with static activations needs calibration data")
     outside = outside_blocks(model, targeted)
     if outside:
         raise ValueError(

@@ -80,8 +80,6 @@ class WandaBlockHandler:
 
 @register_method(WandaConfig)
 def wanda(model: nn.Module, config: WandaConfig, context: StageContext) -> dict:
-    if not context.calibration:
-        raise ValueError("wanda needs calibration data")
     targeted, skipped = sparsity_targets(model, config, blockwise=True)
     run_blockwise(
         model,

@@ -18,11 +18,11 @@ These are compressed-tensors' BitmaskCompressor and Sparse24BitMaskCompressor la
 0.14; the bit packing is still its `utils.pack_bitmasks`). At 50% sparsity a float32 layer takes
 53% of its dense size (half the values, one bit per weight, one int64 per row).
 
-Who reads them: `load_artifact` (below, `decompress_sparse_layers`). compressed-tensors 0.20.1
+Who reads them: `load_artifact` (with `decompress_sparse_layers`, below). compressed-tensors 0.20.1
 removed its sparse compressors, and transformers 5.24 ignores `sparsity_config`: it loads such a
 folder with the pruned layers' weights *missing* (randomly initialised, with only a warning). Save
 with `sparse_storage="dense"` for a folder that plain transformers reads: the zeros are then
-stored as they are, with no `quantization_config`.
+stored as they are, with no `quantization_config` (the `dense` layout).
 
 One artifact holds one format: in a quantized model the pruned layers keep their zeros inside the
 quantized format (round-to-nearest maps 0 to 0 exactly) and no sparse layout is written.
@@ -30,63 +30,138 @@ quantized format (round-to-nearest maps 0 to 0 exactly) and no sparse layout is 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy
 import torch
 from torch import nn
 
+from workers.compression.formats.layout import (
+    COMPRESSED_TENSORS,
+    ExportVerificationError,
+    Layout,
+)
 from workers.compression.loading import UnsupportedModelError
 from workers.compression.sparsity import ATTRIBUTE, follows_two_of_four
 
 BITMASK_FORMAT = "sparse-bitmask"
 TWO_FOUR_FORMAT = "sparse-24-bitmask"
-STORAGES = ("bitmask", "dense")
-# Tensor names of a quantized layer (compressed-tensors formats): a model holding any is quantized.
-_QUANTIZED_SUFFIXES = (".weight_scale", ".weight_packed")
 
 
-def sparse_weight_tensors(
-    tensors: dict[str, torch.Tensor], model: nn.Module, *, storage: str = "bitmask"
-) -> dict | None:
-    """Replace, in `tensors` (what is about to be written, from `model`), the dense weight of every
-    pruned layer by its bitmask layout; the `sparsity_config` for config.json, or None when nothing
-    is stored sparse (`storage="dense"`, no pruned layer, or a quantized model)."""
-    if storage not in STORAGES:
-        raise ValueError(f"sparse storage must be one of {STORAGES}, got {storage!r}")
-    if storage == "dense" or any(key.endswith(_QUANTIZED_SUFFIXES) for key in tensors):
-        return None
-    pruned = {
-        name: getattr(module, ATTRIBUTE)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and getattr(module, ATTRIBUTE, None) is not None
-        # A weight written under another name (tied to the embedding) stays dense there.
-        and f"{name}.weight" in tensors
-        and tensors[f"{name}.weight"].is_floating_point()
-    }
-    if not pruned:
-        return None
-    two_four = all(
-        pattern == "2:4" and follows_two_of_four(tensors[f"{name}.weight"])
-        for name, pattern in pruned.items()
-    )
-    for name in pruned:
-        weight = tensors.pop(f"{name}.weight")
-        tensors.update(
-            two_four_tensors(name, weight) if two_four else bitmask_tensors(name, weight)
+class SparseBitmask(Layout):
+    kind = "sparse"
+    formats = (BITMASK_FORMAT, TWO_FOUR_FORMAT)
+    float_storage = "bitmask"
+
+    def layers(self, model):
+        return {
+            name: module
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and getattr(module, ATTRIBUTE, None) is not None
+        }
+
+    def replaces(self, key, layer):
+        return False  # the weights are read back out of the float tensors in `write`
+
+    def write(self, model, layers, tensors, config):
+        """Replace the dense weight of every pruned layer by its bitmask layout; "dense" when no
+        pruned layer has a weight of its own to store (one tied to the embedding is written
+        there, dense)."""
+        pruned = {
+            name: getattr(module, ATTRIBUTE)
+            for name, module in layers.items()
+            if f"{name}.weight" in tensors and tensors[f"{name}.weight"].is_floating_point()
+        }
+        if not pruned:
+            return "dense"
+        two_four = all(
+            pattern == "2:4" and follows_two_of_four(tensors[f"{name}.weight"])
+            for name, pattern in pruned.items()
         )
-    zeros = sum(p.numel() - int(torch.count_nonzero(p)) for p in model.parameters())
-    total = sum(p.numel() for p in model.parameters())
-    return {
-        "format": TWO_FOUR_FORMAT if two_four else BITMASK_FORMAT,
-        "global_sparsity": round(zeros / total, 6),
-        "ignore": [],
-        "registry_requires_subclass": False,
-        "sparsity_structure": "2:4" if two_four else "unstructured",
-        "targets": sorted(pruned),
-    }
+        for name in pruned:
+            weight = tensors.pop(f"{name}.weight")
+            tensors.update(
+                two_four_tensors(name, weight) if two_four else bitmask_tensors(name, weight)
+            )
+        zeros = sum(p.numel() - int(torch.count_nonzero(p)) for p in model.parameters())
+        total = sum(p.numel() for p in model.parameters())
+        storage_format = TWO_FOUR_FORMAT if two_four else BITMASK_FORMAT
+        config["quantization_config"] = {
+            "quant_method": COMPRESSED_TENSORS,
+            "sparsity_config": {
+                "format": storage_format,
+                "global_sparsity": round(zeros / total, 6),
+                "ignore": [],
+                "registry_requires_subclass": False,
+                "sparsity_structure": "2:4" if two_four else "unstructured",
+                "targets": sorted(pruned),
+            },
+        }
+        return storage_format
+
+    def check_scheme(self, quantization):
+        """The sparse layout of a config.json `quantization_config` (None: it has none), or a
+        refusal when this module cannot read it."""
+        sparsity = (quantization or {}).get("sparsity_config") or {}
+        storage_format = sparsity.get("format")
+        if storage_format in (None, "dense"):
+            return None
+        if (
+            quantization.get("quant_method") != COMPRESSED_TENSORS
+            or storage_format not in self.formats
+        ):
+            raise UnsupportedModelError(
+                f"unsupported sparsity_config: {quantization.get('quant_method')} {storage_format}"
+            )
+        if quantization.get("config_groups"):
+            raise UnsupportedModelError(
+                f"{storage_format} combined with quantization is not supported"
+            )
+        return storage_format
+
+    def read(self, state, quantization, context):
+        decompress_sparse_layers(state, quantization)
+        return {}  # the pruned layers load as the float Linears they are
+
+    def verify(self, folder, quantization, loaded, model):
+        """The layers stored sparse load bit for bit as the in-memory model's."""
+        if self.check_scheme(quantization) is None:
+            return {}
+        names = quantization["sparsity_config"]["targets"]
+        differing = [
+            name
+            for name in names
+            if not torch.equal(
+                loaded.get_submodule(name).weight.detach().cpu(),
+                model.get_submodule(name).weight.detach().cpu(),
+            )
+        ]
+        if differing:
+            raise ExportVerificationError(
+                f"stored sparse weights differ from the model's: {differing}"
+            )
+        return {"sparse_layers_exact": len(names)} if names else {}
+
+    def describe(self, quantization, model_class, slimformer_load):
+        sparsity = quantization["sparsity_config"]
+        layers = len(sparsity["targets"])
+        if sparsity["format"] == TWO_FOUR_FORMAT:
+            kind = (
+                "2:4 sparse: the 2 kept weights of every 4 inputs and a bitmask of where they sit"
+            )
+        else:
+            kind = "sparse: the nonzero weights, a bitmask of where they sit and each row's offset"
+        layout = (
+            f"float32 safetensors with {layers} pruned Linear layers stored in compressed-tensors' "
+            f"`{sparsity['format']}` layout ({kind}); {sparsity['global_sparsity']:.1%} of all "
+            "parameters are zero."
+        )
+        how = (
+            "With Slimformer, which expands the pruned layers to dense float weights:\n\n"
+            + slimformer_load
+            + "\n\ntransformers 5 with compressed-tensors 0.20 does not read sparse layouts: it would "
+            f"load the pruned layers uninitialised. For plain `{model_class}.from_pretrained`, export "
+            'the model with `sparse_storage="dense"` (same weights, zeros stored as they are).'
+        )
+        return layout, how
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -126,33 +201,10 @@ def two_four_tensors(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]
     }
 
 
-def sparse_storage_format(quantization: dict) -> str | None:
-    """The sparse layout of a config.json `quantization_config` (None: it has none), or a
-    refusal when this module cannot read it."""
-    sparsity = quantization.get("sparsity_config") or {}
-    storage_format = sparsity.get("format")
-    if storage_format in (None, "dense"):
-        return None
-    if quantization.get("quant_method") != "compressed-tensors" or storage_format not in (
-        BITMASK_FORMAT,
-        TWO_FOUR_FORMAT,
-    ):
-        raise UnsupportedModelError(
-            f"unsupported sparsity_config: {quantization.get('quant_method')} {storage_format}"
-        )
-    if quantization.get("config_groups"):
-        raise UnsupportedModelError(f"{storage_format} combined with quantization is not supported")
-    return storage_format
-
-
-def decompress_sparse_layers(
-    state: dict[str, torch.Tensor], quantization: dict | None
-) -> list[str]:
+def decompress_sparse_layers(state: dict[str, torch.Tensor], quantization: dict) -> None:
     """Replace, in a loaded state dict, every layer stored in a bitmask layout by its dense
-    `<name>.weight`, after checking the layout; the names of those layers."""
-    storage_format = sparse_storage_format(quantization or {})
-    if storage_format is None:
-        return []
+    `<name>.weight`, after checking the layout."""
+    storage_format = quantization["sparsity_config"]["format"]
     names = sorted(key.removesuffix(".bitmask") for key in state if key.endswith(".bitmask"))
     for name in names:
         shape = state.pop(f"{name}.shape", None)
@@ -184,48 +236,3 @@ def decompress_sparse_layers(
         weight = torch.zeros(rows, cols, dtype=compressed.dtype)
         weight[mask] = compressed.flatten()
         state[f"{name}.weight"] = weight
-    return names
-
-
-def sparse_layer_mismatches(
-    folder: Path, loaded: nn.Module, model: nn.Module
-) -> tuple[int, list[str]]:
-    """(how many layers the artifact in `folder` stores sparse, those whose weight as `loaded` from
-    it is not bit for bit the in-memory `model`'s) for `verify_export`."""
-    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    quantization = config.get("quantization_config") or {}
-    if sparse_storage_format(quantization) is None:
-        return 0, []
-    names = quantization["sparsity_config"]["targets"]
-    differing = [
-        name
-        for name in names
-        if not torch.equal(
-            loaded.get_submodule(name).weight.detach().cpu(),
-            model.get_submodule(name).weight.detach().cpu(),
-        )
-    ]
-    return len(names), differing
-
-
-def model_card_text(quantization: dict, model_class: str, slimformer_load: str) -> tuple[str, str]:
-    """(layout, how to load) for the model card of an artifact with a sparse layout."""
-    sparsity = quantization["sparsity_config"]
-    layers = len(sparsity["targets"])
-    if sparsity["format"] == TWO_FOUR_FORMAT:
-        kind = "2:4 sparse: the 2 kept weights of every 4 inputs and a bitmask of where they sit"
-    else:
-        kind = "sparse: the nonzero weights, a bitmask of where they sit and each row's offset"
-    layout = (
-        f"float32 safetensors with {layers} pruned Linear layers stored in compressed-tensors' "
-        f"`{sparsity['format']}` layout ({kind}); {sparsity['global_sparsity']:.1%} of all "
-        "parameters are zero."
-    )
-    how = (
-        "With Slimformer, which expands the pruned layers to dense float weights:\n\n"
-        + slimformer_load
-        + "\n\ntransformers 5 with compressed-tensors 0.20 does not read sparse layouts: it would "
-        f"load the pruned layers uninitialised. For plain `{model_class}.from_pretrained`, export "
-        'the model with `sparse_storage="dense"` (same weights, zeros stored as they are).'
-    )
-    return layout, how

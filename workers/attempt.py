@@ -1,0 +1,332 @@
+"""One attempt at a job: claimed once, fenced on its attempt number, ended exactly one way.
+
+claim (conditional update queued -> running, attempt + 1)  ->  heartbeat thread renews the lease and
+watches for cancel / max_runtime  ->  the work (`workers.runner.execute`)  ->  store artifacts under
+this attempt's prefix  ->  in ONE transaction: artifact rows + running -> succeeded, fenced on the
+attempt. A worker that lost its lease (the reaper handed the job to someone else) fails the fence,
+deletes its files and leaves. Every other ending (cancel, timeout, a refusal, an engine error) goes
+through `app.jobs.lifecycle.transition` too, and removes what the attempt stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import func, insert, update
+
+from app.db.session import session_scope
+from app.db.tables import Artifact, Job, utcnow
+from app.ids import new_id
+from app.jobs.lifecycle import add_event, lease_deadline, transition
+from app.settings import get_settings
+from app.storage import get_store
+
+log = logging.getLogger("slimformer.runner")
+
+
+class Interrupted(Exception):
+    """Raised at the next step once the heartbeat saw a cancel, a timeout or a lost lease."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class JobFailure(Exception):
+    def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+
+@dataclass
+class JobContext:
+    """What the running attempt knows; `check()` is the cooperative-cancellation point."""
+
+    job_id: str
+    attempt: int
+    max_runtime_s: int
+    stage_names: list[str] = field(default_factory=list)
+    interrupt: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    clear_checkpoints: Callable[[], object] = lambda: None
+    _last_progress: float = 0.0
+
+    def check(self) -> None:
+        if self.interrupt is not None:
+            raise Interrupted(self.interrupt)
+
+    def progress(
+        self,
+        stage_index: int,
+        step: int,
+        total_steps: int,
+        message: str,
+        *,
+        force: bool = False,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        self.check()
+        now = time.monotonic()
+        if not force and now - self._last_progress < get_settings().progress_min_interval_s:
+            return
+        self._last_progress = now
+        num_stages = len(self.stage_names)
+        within = step / total_steps if total_steps else 0.0
+        fraction = min(1.0, (stage_index + within) / num_stages)
+        elapsed = now - self.started
+        eta = elapsed * (1 - fraction) / fraction if fraction > 0.02 else None
+        progress = {
+            "stage": self.stage_names[stage_index],
+            "stage_index": stage_index,
+            "num_stages": num_stages,
+            "step": step,
+            "total_steps": total_steps,
+            "fraction": round(fraction, 4),
+            "eta_s": round(eta, 1) if eta else None,
+            "message": message,
+            "updated_at": utcnow().isoformat(),
+        }
+        with session_scope() as session:
+            seq = add_event(
+                session,
+                job_id=self.job_id,
+                type="progress",
+                message=message,
+                data={**progress, "details": data} if data else progress,
+                values={"progress": progress},
+                attempt=self.attempt,
+            )
+        if seq is None:
+            self.interrupt = "lease_lost"
+            self.check()
+
+    def log(
+        self,
+        message: str,
+        data: dict[str, Any] | None = None,
+        *,
+        type: str = "log",
+        level: str = "info",
+    ) -> None:
+        with session_scope() as session:
+            add_event(
+                session,
+                job_id=self.job_id,
+                type=type,
+                message=message,
+                data=data,
+                level=level,
+                attempt=self.attempt,
+            )
+
+
+# What an attempt runs: (context, a private scratch folder) -> (metrics, files to store), each file
+# {"path", "filename", "kind", "format", "sha256"}.
+Work = Callable[[JobContext, Path], tuple[dict, list[dict]]]
+
+
+class Heartbeat(threading.Thread):
+    """Renews the lease every lease_s / 4 and turns cancel / max_runtime into an interrupt."""
+
+    def __init__(self, context: JobContext) -> None:
+        super().__init__(name=f"heartbeat-{context.job_id}", daemon=True)
+        self.context = context
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        settings = get_settings()
+        while not self.stopped.wait(settings.lease_s / 4):
+            try:
+                self.beat(settings.lease_s)
+            except Exception:  # noqa: BLE001 - one failed beat is fine; the lease has slack
+                log.warning("heartbeat for %s failed", self.context.job_id, exc_info=True)
+
+    def beat(self, lease_s: float) -> None:
+        context = self.context
+        with session_scope() as session:
+            status = session.execute(
+                update(Job)
+                .where(
+                    Job.id == context.job_id,
+                    Job.attempt == context.attempt,
+                    Job.status.in_(("running", "cancelling")),
+                )
+                .values(lease_until=lease_deadline(lease_s))
+                .returning(Job.status)
+                .execution_options(synchronize_session=False)
+            ).scalar_one_or_none()
+        if status is None:
+            context.interrupt = "lease_lost"
+        elif status == "cancelling":
+            context.interrupt = context.interrupt or "cancelled"
+        elif time.monotonic() - context.started > context.max_runtime_s:
+            context.interrupt = context.interrupt or "timeout"
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def claim(job_id: str) -> JobContext | None:
+    settings = get_settings()
+    now = utcnow()
+    with session_scope() as session:
+        if not transition(
+            session,
+            job_id=job_id,
+            to="running",
+            from_=("queued",),
+            extra_where=Job.attempt < Job.max_attempts,
+            values={
+                "attempt": Job.attempt + 1,
+                "lease_until": lease_deadline(settings.lease_s),
+                "worker": worker_name(),
+                "started_at": func.coalesce(Job.started_at, now),
+                "error": None,
+            },
+            message=f"status: running on {worker_name()}",
+            data={"worker": worker_name()},
+        ):
+            return None
+        job = session.get(Job, job_id)
+        assert job is not None
+        return JobContext(job_id=job_id, attempt=job.attempt, max_runtime_s=job.max_runtime_s)
+
+
+def run_attempt(job_id: str, work: Work) -> None:
+    """Claim the job, run `work` under a heartbeat, and record how the attempt ended."""
+    context = claim(job_id)
+    if context is None:
+        log.info("job %s is not queued (someone else has it, or it is finished): leaving", job_id)
+        return
+    heartbeat = Heartbeat(context)
+    heartbeat.start()
+    prefix = f"jobs/{job_id}/attempt-{context.attempt}"
+    scratch = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=_scratch_root()))
+    try:
+        metrics, files = work(context, scratch)
+        context.check()
+        _succeed(context, prefix, metrics, files)
+    except (Interrupted, SoftTimeLimitExceeded) as exc:
+        reason = exc.reason if isinstance(exc, Interrupted) else "timeout"
+        get_store().delete_prefix(prefix)
+        if reason != "lease_lost":  # the attempt that owns the job now resumes from them
+            context.clear_checkpoints()
+        _interrupted(context, reason)
+    except JobFailure as exc:
+        get_store().delete_prefix(prefix)
+        context.clear_checkpoints()
+        _fail(context, exc.code, exc.message, retryable=exc.retryable)
+    except Exception as exc:  # noqa: BLE001 - any other error fails the job with its message
+        log.exception("job %s failed", job_id)
+        get_store().delete_prefix(prefix)
+        context.clear_checkpoints()
+        _fail(context, "engine_error", f"{type(exc).__name__}: {exc}", retryable=False)
+    finally:
+        heartbeat.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _scratch_root() -> Path:
+    root = get_settings().cache_dir / "scratch"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _succeed(context: JobContext, prefix: str, metrics: dict, files: list[dict]) -> None:
+    store = get_store()
+    stored = []
+    for item in files:
+        obj = store.put_file(f"{prefix}/{item['filename']}", item["path"])
+        if obj.sha256 != item["sha256"]:
+            raise RuntimeError(f"{item['filename']}: stored bytes do not match what was written")
+        stored.append((item, obj))
+    with session_scope() as session:
+        job = session.get(Job, context.job_id)
+        assert job is not None
+        for item, obj in stored:
+            session.execute(
+                insert(Artifact).values(
+                    id=new_id("art"),
+                    job_id=context.job_id,
+                    project_id=job.project_id,
+                    kind=item["kind"],
+                    format=item["format"],
+                    filename=item["filename"],
+                    size_bytes=obj.size_bytes,
+                    sha256=obj.sha256,
+                    storage_key=obj.key,
+                    created_at=utcnow(),
+                )
+            )
+        progress = {
+            **(job.progress or {}),
+            "fraction": 1.0,
+            "eta_s": 0,
+            "message": "done",
+            "updated_at": utcnow().isoformat(),
+        }
+        moved = transition(
+            session,
+            job_id=context.job_id,
+            to="succeeded",
+            from_=("running",),
+            attempt=context.attempt,
+            values={"metrics": metrics, "progress": progress},
+            message="status: succeeded",
+        )
+        if not moved:
+            # Cancelled meanwhile, or the lease went to another worker: this attempt leaves no trace.
+            session.rollback()
+    if not moved:
+        store.delete_prefix(prefix)
+        _interrupted(context, "cancelled")
+
+
+def _interrupted(context: JobContext, reason: str) -> None:
+    if reason == "cancelled":
+        with session_scope() as session:
+            transition(
+                session,
+                job_id=context.job_id,
+                to="cancelled",
+                from_=("cancelling",),
+                attempt=context.attempt,
+                message="status: cancelled; nothing kept",
+            )
+    elif reason == "timeout":
+        message = f"ran past max_runtime_s={context.max_runtime_s}"
+        _fail(context, "timeout", message, retryable=False)
+    # lease_lost: another attempt owns the job now; touch nothing.
+
+
+def _fail(context: JobContext, code: str, message: str, *, retryable: bool) -> None:
+    with session_scope() as session:
+        moved = transition(
+            session,
+            job_id=context.job_id,
+            to="failed",
+            from_=("running",),
+            attempt=context.attempt,
+            level="error",
+            values={"error": {"code": code, "message": message, "retryable": retryable}},
+            message=f"status: failed ({code}): {message}",
+        )
+    if not moved:  # a cancel arrived meanwhile: it wins
+        _interrupted(context, "cancelled")

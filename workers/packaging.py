@@ -1,0 +1,87 @@
+"""Turning a compressed model into the job's artifacts: written once, load-tested, packed.
+
+The export is written as a draft (weights, config, tokenizer), loaded back the documented way and
+compared with the model in memory; the caller measures that same loaded artifact (what users will
+run) and only then is the model card and `slimformer.json` written, once, with the final metrics,
+and the folder packed into a deterministic `model.tar.gz` beside `report.json`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+
+def write_export(loaded: Any, model: Any, scratch: Path, *, recipe: dict, inputs: dict) -> Any:
+    """The compressed model as an unpublished export draft under `scratch`."""
+    from workers.compression.export import write_draft
+
+    # Pruned layers are stored dense: transformers 5.24 / compressed-tensors 0.20.1 cannot read the
+    # sparse bitmask layouts and would load such a folder with random weights, warning only.
+    return write_draft(
+        loaded, model, scratch / "model", recipe=recipe, inputs=inputs, sparse_storage="dense"
+    )
+
+
+def package(draft: Any, scratch: Path, *, recipe: dict, metrics: dict, inputs: dict) -> list[dict]:
+    """Publish the draft with its final card, then the files to store: the packed folder and
+    report.json."""
+    draft.publish(metrics=metrics)
+    return [
+        pack(draft.folder, scratch / "model.tar.gz"),
+        write_report(metrics, recipe, inputs, scratch / "report.json"),
+    ]
+
+
+def pack(folder: Path, target: Path) -> dict:
+    """A deterministic .tar.gz: sorted names, zeroed times and owners (same bytes for same input)."""
+    with (
+        open(target, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as zipped,
+        tarfile.open(fileobj=zipped, mode="w") as tar,
+    ):
+        for path in sorted(folder.rglob("*")):
+            info = tar.gettarinfo(str(path), arcname=f"model/{path.relative_to(folder)}")
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            info.mode = 0o755 if path.is_dir() else 0o644
+            if path.is_file():
+                with path.open("rb") as handle:
+                    tar.addfile(info, handle)
+            else:
+                tar.addfile(info)
+    return {
+        "path": target,
+        "filename": "model.tar.gz",
+        "kind": "model",
+        "format": "hf-safetensors+tar.gz",
+        "sha256": _sha256(target),
+    }
+
+
+def write_report(metrics: dict, recipe: dict, inputs: dict, target: Path) -> dict:
+    body = json.dumps(
+        {"recipe": recipe, "metrics": metrics, "inputs": inputs},
+        indent=2,
+        sort_keys=True,
+        default=str,
+    ).encode()
+    target.write_bytes(body)
+    return {
+        "path": target,
+        "filename": "report.json",
+        "kind": "report",
+        "format": "json",
+        "sha256": hashlib.sha256(body).hexdigest(),
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
