@@ -104,8 +104,12 @@ def run_job(service: Service, model: dict, body: dict) -> dict:
     return job
 
 
-def peak_bytes(cgroup: Path) -> int:
-    return int((cgroup / "memory.max_usage_in_bytes").read_text())
+def assert_confined(service: Service, cgroup: Path) -> None:
+    """The worker (and so the job) ran under the limit: it is in the cgroup, and the cgroup's
+    limit is still the one set (usage never exceeds a limit; exceeding it is the OOM killer)."""
+    members = {int(pid) for pid in (cgroup / "cgroup.procs").read_text().split()}
+    assert service.workers[0].pid in members
+    assert int((cgroup / "memory.limit_in_bytes").read_text()) <= LIMIT_BYTES
 
 
 def test_rtn_on_a_model_larger_than_the_worker_memory(
@@ -119,7 +123,7 @@ def test_rtn_on_a_model_larger_than_the_worker_memory(
             "evaluation": EVALUATION,
         },
     )
-    assert peak_bytes(memory_cgroup) <= LIMIT_BYTES
+    assert_confined(big_service, memory_cgroup)
     metrics = job["metrics"]
     for side in ("baseline", "compressed"):
         assert metrics[side]["perplexity"] > 1  # measured, block by block
@@ -184,7 +188,7 @@ def test_a_calibrated_method_on_a_model_larger_than_the_worker_memory(
             "evaluation": EVALUATION,
         },
     )
-    assert peak_bytes(memory_cgroup) <= LIMIT_BYTES
+    assert_confined(big_service, memory_cgroup)
     metrics = job["metrics"]
     assert metrics["stages"][0]["method"] == "smoothquant"
     assert metrics["export_check"]["max_abs_diff"] <= metrics["export_check"]["tolerance"]

@@ -72,7 +72,9 @@ def estimate_memory(
         if calibration_samples and hessians
         else 0,
         "evaluation_activations": evaluation_seq_len * (vocabulary + 8 * hidden) * FLOAT32 * 2,
-        "runtime": RUNTIME_BYTES if device == "cpu" else 0,
+        # What the runtime takes beyond what this process holds already (that is counted as
+        # used, not free, in what `available_memory` reads).
+        "runtime": max(0, RUNTIME_BYTES - _own_resident_bytes()) if device == "cpu" else 0,
     }
     if training_tokens:
         # A frozen teacher copy, the student's gradients and two AdamW moments (all float32, the
@@ -157,7 +159,8 @@ def _memory_cgroup() -> tuple[Path, str, str] | None:
 
 def _cgroup_usage(folder: Path, usage_file: str) -> int | None:
     """What the cgroup uses, less the file cache the kernel would reclaim before refusing memory
-    (a streamed model reads its shards through the page cache)."""
+    (a streamed model reads and writes its shards through the page cache, which the cgroup is
+    charged for)."""
     try:
         used = int((folder / usage_file).read_text().strip())
     except (OSError, ValueError):
@@ -166,5 +169,22 @@ def _cgroup_usage(folder: Path, usage_file: str) -> int | None:
         stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
     except (OSError, ValueError):
         return used
-    reclaimable = int(stat.get("total_inactive_file", stat.get("inactive_file", 0)))
-    return max(0, used - reclaimable)
+    # Clean file pages (v1 `total_cache`, v2 `file`) are dropped before anything is refused;
+    # dirty ones must be written first, so they count as used.
+    cache = int(stat.get("total_cache", stat.get("file", 0)))
+    dirty = sum(
+        int(stat.get(key, 0))
+        for key in ("total_dirty", "total_writeback", "file_dirty", "file_writeback")
+    )
+    return max(0, used - max(0, cache - dirty))
+
+
+def _own_resident_bytes() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -1,0 +1,248 @@
+"""Peak memory and wall time of streamed compression against model size (issue 11).
+
+For each (model, method) row, in a fresh process: load the model streamed (blocks on disk, one
+resident; `workers/compression/streaming.py`), compress, write the export (shards, block by block)
+and check it (every shard read back; the largest prefix of blocks that fits loaded and run). Each
+phase reports its wall time and its own peak RSS (the kernel's high-water mark, reset before the
+phase: `/proc/self/clear_refs`), so the numbers say where the memory goes. Models: SmolLM2-135M
+(the built-in, float32) and random Llama-shaped bf16 models written by `bench.synthetic`
+(`llama-1b`: Llama-3.2-1B's shapes, 2.47 GB; `llama-7b`: Llama-2-7B's, 13.5 GB). Quality is not
+measured here (random weights); the built-in quality tests and `bench.quant_peers` measure it.
+
+    .venv/bin/python -m bench.stream_scaling                                  # every row
+    .venv/bin/python -m bench.stream_scaling --models smollm2 --methods gptq --samples 64 --seq-len 512
+    .venv/bin/python -m bench.stream_scaling --whole ...     # the same rows, model held whole (for the ratio)
+
+Writes bench/results/stream_scaling.{json,md}; rows of an earlier run are kept unless rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+METHODS = {
+    "rtn": [{"method": "rtn", "bits": 4, "group_size": 128}],
+    "gptq": [{"method": "gptq", "bits": 4, "group_size": 128}],
+    "smoothquant+w8a8": [
+        {"method": "smoothquant", "alpha": 0.5},
+        {"method": "w8a8", "activations": "dynamic"},
+    ],
+    "sparsegpt": [{"method": "sparsegpt", "sparsity": 0.5}],
+}
+MODELS = ("smollm2", "llama-1b", "llama-7b")
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> None:
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def model_folder(name: str, work: Path) -> Path:
+    from workers.compression.examples import builtin_model_folder
+
+    cache = work / "cache"
+    if name == "smollm2":
+        return builtin_model_folder("SmolLM2-135M-Instruct", cache)
+    from bench.synthetic import SHAPES, write_model
+
+    folder = work / name
+    if not (folder / "config.json").is_file():
+        tokenizer = builtin_model_folder("SmolLM2-135M-Instruct", cache)
+        write_model(folder, SHAPES[name], tokenizer_from=tokenizer)
+    return folder
+
+
+def run_row(args: argparse.Namespace) -> dict:
+    """One row, in this process."""
+    import torch
+
+    from workers.compression import compress
+    from workers.compression.data import calibration_batches
+    from workers.compression.examples import builtin_dataset_jsonl
+    from workers.compression.export import verify, write_draft
+    from workers.compression.loading import load_model
+    from workers.compression.recipe import Recipe
+
+    torch.set_num_threads(args.threads)
+    folder = model_folder(args.model, args.work)
+    stages = METHODS[args.method]
+    recipe = Recipe.model_validate({"stages": stages})
+    phases: dict[str, dict] = {}
+
+    def phase(name: str, started: float) -> None:
+        phases[name] = {
+            "seconds": round(time.perf_counter() - started, 2),
+            "peak_rss_bytes": _status("VmHWM"),
+        }
+
+    _reset_peak()
+    started = time.perf_counter()
+    loaded = load_model(folder, device="cpu", streamed=not args.whole, scratch=args.work / "blocks")
+    texts = [
+        json.loads(line)["text"]
+        for line in builtin_dataset_jsonl("enwiki-calibration").splitlines()
+    ]
+    calibration = (
+        calibration_batches(
+            texts, loaded.tokenizer, num_samples=args.samples, seq_len=args.seq_len, seed=0
+        )
+        if recipe.needs_calibration
+        else None
+    )
+    phase("load", started)
+
+    _reset_peak()
+    started = time.perf_counter()
+    result = compress(loaded.model, recipe, calibration)
+    phase("compress", started)
+
+    _reset_peak()
+    started = time.perf_counter()
+    out = args.work / f"out-{args.model}-{args.method}"
+    draft = write_draft(
+        loaded, result.model, out, recipe={"stages": stages}, inputs={}, sparse_storage="dense"
+    )
+    phase("export", started)
+    size = sum(path.stat().st_size for path in draft.path.glob("*.safetensors"))
+
+    _reset_peak()
+    started = time.perf_counter()
+    sample = calibration[0][:, :64] if calibration else torch.tensor([[1, 450, 4996, 17354]])
+    check = verify(draft, result.model, loaded.task, sample)
+    phase("check", started)
+    draft.discard()
+    on_disk = sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
+    return {
+        "model": args.model,
+        "method": args.method,
+        "streamed": not args.whole,
+        "stages": stages,
+        "parameters": sum(p.numel() for p in result.model.parameters()),
+        "checkpoint_bytes": on_disk,
+        "checkpoint_dtype": str(loaded.dtype).removeprefix("torch."),
+        "calibration": {"samples": args.samples, "seq_len": args.seq_len} if calibration else None,
+        "threads": args.threads,
+        "phases": phases,
+        "peak_rss_bytes": max(p["peak_rss_bytes"] for p in phases.values()),
+        "wall_s": round(sum(p["seconds"] for p in phases.values()), 2),
+        "artifact_bytes": size,
+        "export_check": {k: v for k, v in check.report.items() if k != "runtime"},
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _mb(value: int) -> str:
+    return f"{value / 1e6:,.0f}"
+
+
+def write_results(rows: list[dict], argv: list[str]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    body = {
+        "command": "python -m bench.stream_scaling " + " ".join(argv),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "load_average": os.getloadavg(),
+        },
+        "rows": rows,
+    }
+    (RESULTS / "stream_scaling.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    lines = [
+        "# Streamed compression: peak RSS and wall time against model size",
+        "",
+        f"`{body['command']}` on {body['machine']['cores']} cores (shared; load average "
+        f"{body['machine']['load_average'][0]:.1f} at the end). Peak RSS is the process's own high "
+        "water mark per phase (load / compress / export / check), in MB; the row's peak is the "
+        "largest. Random weights for the Llama shapes: no quality here.",
+        "",
+        "| model | params | checkpoint MB | method | mode | peak RSS MB (load / compress / export / check) | wall s (load / compress / export / check) | artifact MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        p = row["phases"]
+        order = ("load", "compress", "export", "check")
+        lines.append(
+            f"| {row['model']} | {row['parameters'] / 1e9:.2f}B | {_mb(row['checkpoint_bytes'])} "
+            f"({row['checkpoint_dtype']}) | {row['method']} | "
+            f"{'streamed' if row['streamed'] else 'whole'} | **{_mb(row['peak_rss_bytes'])}** "
+            f"({' / '.join(_mb(p[k]['peak_rss_bytes']) for k in order)}) | {row['wall_s']:.0f} "
+            f"({' / '.join(str(round(p[k]['seconds'])) for k in order)}) | "
+            f"{_mb(row['artifact_bytes'])} |"
+        )
+    (RESULTS / "stream_scaling.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--whole", action="store_true", help="hold the model whole (not streamed)")
+    parser.add_argument("--work", type=Path, default=Path(".slimformer/bench-scaling"))
+    parser.add_argument("--row", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.work = args.work.resolve()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.row:
+        args.model, args.method = args.row
+        args.out.write_text(json.dumps(run_row(args)))
+        return
+
+    previous = RESULTS / "stream_scaling.json"
+    rows = json.loads(previous.read_text())["rows"] if previous.is_file() else []
+    for model in args.models:
+        for method in args.methods:
+            out = args.work / f"row-{model}-{method}.json"
+            command = [
+                sys.executable, "-m", "bench.stream_scaling", "--row", model, method,
+                "--out", str(out), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
+                "--threads", str(args.threads), "--work", str(args.work),
+            ] + (["--whole"] if args.whole else [])  # fmt: skip
+            print(f"{model} {method} ...", flush=True)
+            done = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if done.returncode != 0:
+                print(f"{model} {method}: exit {done.returncode}", flush=True)
+                continue
+            row = json.loads(out.read_text())
+            rows = [
+                r
+                for r in rows
+                if (r["model"], r["method"], r["streamed"]) != (model, method, row["streamed"])
+            ]
+            rows.append(row)
+            print(
+                f"  peak RSS {row['peak_rss_bytes'] / 1e6:,.0f} MB, {row['wall_s']:.0f} s",
+                flush=True,
+            )
+            write_results(rows, argv)
+
+
+if __name__ == "__main__":
+    main()
