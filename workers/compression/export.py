@@ -23,7 +23,6 @@ Bytes are deterministic: tensors, config and metadata depend only on the model a
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -60,6 +59,7 @@ from workers.compression.loading import (
     read_architecture,
     task_of,
 )
+from workers.compression.model_inspection import sha256_file
 from workers.compression.shards import weight_files
 from workers.compression.streaming import store_of
 
@@ -571,15 +571,7 @@ def _write_json(path: Path, value) -> None:
 def _file_hashes(folder: Path) -> dict[str, str]:
     """{relative path: sha256} of every file in `folder` but slimformer.json."""
     return {
-        path.relative_to(folder).as_posix(): _sha256(path)
+        path.relative_to(folder).as_posix(): sha256_file(path)
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != METADATA_FILE
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
