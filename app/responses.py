@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
+
+
+class RowOut(BaseModel):
+    """A resource as responses return it, read from its table row: `ModelOut.model_validate(row)`."""
+
+    model_config = ConfigDict(from_attributes=True)
 
 
 def resource_response(

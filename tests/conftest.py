@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -206,20 +207,28 @@ def service_env(data_dir: Path, **overrides: str) -> tuple[dict[str, str], calla
     return env, cleanup
 
 
-@pytest.fixture(scope="session")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """One API and one worker for the whole session (tests that kill things make their own)."""
-    data_dir = tmp_path_factory.mktemp("service")
+@contextmanager
+def running_service(data_dir: Path, *, worker: bool = True) -> Iterator[Service]:
+    """A migrated service with its API up and, unless `worker` is False, one worker; stopped and
+    its backend dropped on the way out."""
     env, cleanup = service_env(data_dir)
     svc = Service(env=env, data_dir=data_dir, base_url=f"http://127.0.0.1:{free_port()}")
     try:
         svc.cli("migrate")
         svc.start_api()
-        svc.start_worker()
+        if worker:
+            svc.start_worker()
         yield svc
     finally:
         svc.stop()
         cleanup()
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """One API and one worker for the whole session (tests that kill things make their own)."""
+    with running_service(tmp_path_factory.mktemp("service")) as svc:
+        yield svc
 
 
 def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 300) -> dict:

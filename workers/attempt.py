@@ -25,6 +25,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import func, insert, update
+from sqlalchemy.orm import Session
 
 from app.db.session import session_scope
 from app.db.tables import Artifact, Job, utcnow
@@ -68,6 +69,13 @@ class JobContext:
     def check(self) -> None:
         if self.interrupt is not None:
             raise Interrupted(self.interrupt)
+
+    def move(self, session: Session, *, to: str, from_: tuple[str, ...], **fields: Any) -> bool:
+        """This attempt's transition of its job, fenced on the attempt: a worker that lost its
+        lease moves nothing. Returns whether it moved."""
+        return transition(
+            session, job_id=self.job_id, to=to, from_=from_, attempt=self.attempt, **fields
+        )
 
     def progress(
         self,
@@ -295,12 +303,10 @@ def _succeed(context: JobContext, prefix: str, metrics: dict, files: list[dict])
             "message": "done",
             "updated_at": utcnow().isoformat(),
         }
-        moved = transition(
+        moved = context.move(
             session,
-            job_id=context.job_id,
             to="succeeded",
             from_=("running",),
-            attempt=context.attempt,
             values={"metrics": metrics, "progress": progress},
             message="status: succeeded",
         )
@@ -315,12 +321,10 @@ def _succeed(context: JobContext, prefix: str, metrics: dict, files: list[dict])
 def _interrupted(context: JobContext, reason: str) -> None:
     if reason == "cancelled":
         with session_scope() as session:
-            transition(
+            context.move(
                 session,
-                job_id=context.job_id,
                 to="cancelled",
                 from_=("cancelling",),
-                attempt=context.attempt,
                 message="status: cancelled; nothing kept",
             )
     elif reason == "timeout":
@@ -331,12 +335,10 @@ def _interrupted(context: JobContext, reason: str) -> None:
 
 def _fail(context: JobContext, code: str, message: str, *, retryable: bool) -> None:
     with session_scope() as session:
-        moved = transition(
+        moved = context.move(
             session,
-            job_id=context.job_id,
             to="failed",
             from_=("running",),
-            attempt=context.attempt,
             level="error",
             values={"error": {"code": code, "message": message, "retryable": retryable}},
             message=f"status: failed ({code}): {message}",

@@ -15,6 +15,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from workers.compression.model_inspection import sha256_file
+
 
 def write_export(loaded: Any, model: Any, scratch: Path, *, recipe: dict, inputs: dict) -> Any:
     """The compressed model as an unpublished export draft under `scratch`."""
@@ -58,7 +60,7 @@ def pack(folder: Path, target: Path) -> dict:
         "filename": "model.tar.gz",
         "kind": "model",
         "format": "hf-safetensors+tar.gz",
-        "sha256": _sha256(target),
+        "sha256": sha256_file(target),
     }
 
 
@@ -77,11 +79,3 @@ def write_report(metrics: dict, recipe: dict, inputs: dict, target: Path) -> dic
         "format": "json",
         "sha256": hashlib.sha256(body).hexdigest(),
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

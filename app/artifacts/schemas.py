@@ -5,8 +5,10 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from app.responses import RowOut
 
-class ArtifactOut(BaseModel):
+
+class ArtifactOut(RowOut):
     id: str
     object: Literal["artifact"] = "artifact"
     job_id: str

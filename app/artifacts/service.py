@@ -22,16 +22,7 @@ def list_for_job(*, session: Session, job_id: str) -> list[Artifact]:
 
 
 def to_out(artifact: Artifact) -> ArtifactOut:
-    return ArtifactOut(
-        id=artifact.id,
-        job_id=artifact.job_id,
-        kind=artifact.kind,
-        format=artifact.format,
-        filename=artifact.filename,
-        size_bytes=artifact.size_bytes,
-        sha256=artifact.sha256,
-        created_at=artifact.created_at,
-    )
+    return ArtifactOut.model_validate(artifact)
 
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")

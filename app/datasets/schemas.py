@@ -5,8 +5,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from app.responses import RowOut
 
-class DatasetOut(BaseModel):
+
+class DatasetOut(RowOut):
     id: str
     object: Literal["dataset"] = "dataset"
     name: str

@@ -96,17 +96,7 @@ def delete_dataset(*, session: Session, dataset: Dataset) -> None:
 
 
 def to_out(dataset: Dataset) -> DatasetOut:
-    return DatasetOut(
-        id=dataset.id,
-        name=dataset.name,
-        status=dataset.status,
-        format=dataset.format,
-        num_records=dataset.num_records,
-        size_bytes=dataset.size_bytes,
-        sha256=dataset.sha256,
-        source=dataset.source,
-        created_at=dataset.created_at,
-    )
+    return DatasetOut.model_validate(dataset)
 
 
 def etag(dataset: Dataset) -> str:

@@ -102,26 +102,15 @@ def job_events(
         start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
         return EventSourceResponse(_stream(job.id, start, request), ping=15)
     rows, has_more = service.list_events(session=session, job_id=job.id, after=after, limit=limit)
-    body = JobEventList(data=[_event_out(row) for row in rows], has_more=has_more)
+    body = JobEventList(data=[JobEventOut.model_validate(row) for row in rows], has_more=has_more)
     return Response(body.model_dump_json(), media_type="application/json")
-
-
-def _event_out(row) -> JobEventOut:  # noqa: ANN001 - a JobEvent row
-    return JobEventOut(
-        seq=row.seq,
-        type=row.type,
-        level=row.level,
-        message=row.message,
-        data=row.data,
-        created_at=row.created_at,
-    )
 
 
 def _poll(job_id: str, after: int) -> tuple[list[JobEventOut], str | None]:
     with session_scope() as session:
         rows, _ = service.list_events(session=session, job_id=job_id, after=after, limit=500)
         status = session.get(Job, job_id)
-        return [_event_out(row) for row in rows], status.status if status else None
+        return [JobEventOut.model_validate(row) for row in rows], status.status if status else None
 
 
 async def _stream(job_id: str, after: int, request: Request) -> AsyncIterator[ServerSentEvent]:

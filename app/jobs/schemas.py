@@ -5,6 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.responses import RowOut
 from workers.compression.recipe import EvaluationSettings, Recipe
 
 
@@ -103,7 +104,7 @@ class JobOut(BaseModel):
     updated_at: datetime
 
 
-class JobEventOut(BaseModel):
+class JobEventOut(RowOut):
     seq: int
     type: str
     level: str

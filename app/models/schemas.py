@@ -5,6 +5,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.responses import RowOut
+
 
 class PathSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -25,7 +27,7 @@ class ModelRegister(BaseModel):
     source: Annotated[PathSource | HubSource, Field(discriminator="type")]
 
 
-class ModelOut(BaseModel):
+class ModelOut(RowOut):
     id: str
     object: Literal["model"] = "model"
     name: str

@@ -99,19 +99,7 @@ def delete_model(*, session: Session, model: Model) -> None:
 
 
 def to_out(model: Model) -> ModelOut:
-    return ModelOut(
-        id=model.id,
-        name=model.name,
-        status=model.status,
-        architecture=model.architecture,
-        task=model.task,
-        parameters=model.parameters,
-        size_bytes=model.size_bytes,
-        sha256=model.sha256,
-        source=model.source,
-        created_at=model.created_at,
-        error=model.error,
-    )
+    return ModelOut.model_validate(model)
 
 
 def etag(model: Model) -> str:

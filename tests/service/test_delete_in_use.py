@@ -12,23 +12,15 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import Service, builtin_id, free_port, service_env
+from tests.conftest import Service, builtin_id, running_service
 
 pytestmark = pytest.mark.service
 
 
 @pytest.fixture(scope="module")
 def idle_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    data_dir = tmp_path_factory.mktemp("idle-service")
-    env, cleanup = service_env(data_dir)
-    svc = Service(env=env, data_dir=data_dir, base_url=f"http://127.0.0.1:{free_port()}")
-    try:
-        svc.cli("migrate")
-        svc.start_api()
+    with running_service(tmp_path_factory.mktemp("idle-service"), worker=False) as svc:
         yield svc
-    finally:
-        svc.stop()
-        cleanup()
 
 
 def submit_distill(client: httpx.Client, stage: dict, **fields: object) -> dict:

@@ -7,10 +7,9 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 from torch import nn
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
+from tests.engine.conftest import tiny_bert, tiny_llama
 from workers.compression.architectures import LAYOUTS, block_prefix_from_names
 from workers.compression.engine import compress
 from workers.compression.layer_selection import block_prefix, linear_layers
@@ -24,35 +23,10 @@ from workers.compression.recipe import (
     shapes_after,
 )
 
-
-def tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_bert() -> nn.Module:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    )
-    return BertModel(config).eval()
-
-
-MODELS = {"llama": tiny_llama, "bert": tiny_bert}
+MODELS = {
+    "llama": lambda: tiny_llama(layers=3).model,
+    "bert": lambda: tiny_bert(layers=3).model,
+}
 
 
 def linear_shapes(model: nn.Module) -> dict[str, list[int]]:

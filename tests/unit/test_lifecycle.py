@@ -6,51 +6,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.artifacts.service import parse_range
-from app.db.migrate import upgrade
-from app.db.tables import Job, JobEvent, Model, Project
+from app.db.tables import Job, JobEvent
 from app.errors import APIError
 from app.ids import new_id
 from app.jobs.lifecycle import ALLOWED, TERMINAL, IllegalTransition, add_event, transition
+from tests.unit.conftest import add_job, add_model, migrated_session
 
 
 @pytest.fixture
 def session(tmp_path: Path) -> Iterator[Session]:
-    url = f"sqlite:///{tmp_path / 'lifecycle.db'}"
-    upgrade(url)
-    engine = create_engine(url)
-    with Session(engine) as session:
-        session.add(Project(id="prj_1", name="p"))
-        session.add(
-            Model(
-                id="mdl_1", project_id="prj_1", name="m", status="ready", source={"type": "upload"}
-            )
-        )
+    with migrated_session(tmp_path / "lifecycle.db") as session:
+        add_model(session, "mdl_1")
         session.flush()
         yield session
-    engine.dispose()
 
 
 def new_job(session: Session, status: str = "queued") -> str:
-    job_id = new_id("job")
-    session.add(
-        Job(
-            id=job_id,
-            project_id="prj_1",
-            model_id="mdl_1",
-            status=status,
-            recipe={},
-            export={},
-            job_metadata={},
-            max_runtime_s=60,
-            max_attempts=3,
-        )
-    )
-    session.flush()
-    return job_id
+    return add_job(session, model_id="mdl_1", status=status)
 
 
 def test_terminal_states_never_change(session: Session) -> None:

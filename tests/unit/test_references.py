@@ -8,33 +8,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
-from app.db.migrate import upgrade
-from app.db.tables import Dataset, Job, Model, Project
-from app.ids import new_id
+from app.db.tables import Dataset
 from app.jobs.lifecycle import LIVE, TERMINAL
 from app.jobs.repository import live_jobs_referencing
+from tests.unit import conftest
+from tests.unit.conftest import add_model, migrated_session
 
 
 @pytest.fixture
 def session(tmp_path: Path) -> Iterator[Session]:
-    url = f"sqlite:///{tmp_path / 'references.db'}"
-    upgrade(url)
-    engine = create_engine(url)
-    with Session(engine) as session:
-        session.add(Project(id="prj_1", name="p"))
+    with migrated_session(tmp_path / "references.db") as session:
         for model_id in ("mdl_teacher", "mdl_student", "mdl_other"):
-            session.add(
-                Model(
-                    id=model_id,
-                    project_id="prj_1",
-                    name=model_id,
-                    status="ready",
-                    source={"type": "upload"},
-                )
-            )
+            add_model(session, model_id)
         for dataset_id in ("dset_cal", "dset_eval", "dset_train", "dset_other"):
             session.add(
                 Dataset(
@@ -48,39 +35,15 @@ def session(tmp_path: Path) -> Iterator[Session]:
             )
         session.flush()
         yield session
-    engine.dispose()
 
 
 def distill(**fields: object) -> dict:
     return {"method": "distill", **fields}
 
 
-def add_job(
-    session: Session,
-    *,
-    status: str = "queued",
-    stages: list[dict] | None = None,
-    calibration: dict | None = None,
-    evaluation: dict | None = None,
-) -> str:
-    job_id = new_id("job")
-    session.add(
-        Job(
-            id=job_id,
-            project_id="prj_1",
-            model_id="mdl_teacher",
-            status=status,
-            recipe={"stages": stages or [{"method": "dynamic_int8"}]},
-            calibration=calibration,
-            evaluation=evaluation,
-            export={},
-            job_metadata={},
-            max_runtime_s=60,
-            max_attempts=3,
-        )
-    )
-    session.flush()
-    return job_id
+def add_job(session: Session, **fields: object) -> str:
+    """A job compressing the teacher."""
+    return conftest.add_job(session, model_id="mdl_teacher", **fields)
 
 
 def test_every_place_a_job_names_an_id_counts(session: Session) -> None:

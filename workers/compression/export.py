@@ -23,7 +23,6 @@ Bytes are deterministic: tensors, config and metadata depend only on the model a
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -38,12 +37,11 @@ import safetensors.torch
 import torch
 import transformers
 from torch import nn
-from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from workers.compression import formats
 from workers.compression.architectures import block_prefix_from_names
-from workers.compression.export_streamed import check_streamed, write_streamed
+from workers.compression.export_streamed import agreement_report, check_streamed, write_streamed
 from workers.compression.formats.layout import (
     WEIGHTS_FILE,
     ExportVerificationError,
@@ -60,6 +58,7 @@ from workers.compression.loading import (
     read_architecture,
     task_of,
 )
+from workers.compression.model_inspection import sha256_file
 from workers.compression.shards import weight_files
 from workers.compression.streaming import store_of
 
@@ -412,25 +411,15 @@ def verify(
     with torch.inference_mode():
         expected = _outputs(model_in_memory, loaded_task, ids)
         actual = _outputs(artifact.model, loaded_task, ids)
-    max_abs_diff = (expected - actual).abs().max().item()
-    cosine = F.cosine_similarity(
-        expected.double().flatten(), actual.double().flatten(), dim=0
-    ).item()
-    runtime = getattr(artifact.model, "slimformer_runtime", None)
     layout, _ = formats.layout_reading(quantization)
-    relative = layout.relative_tolerance((runtime or {}).get("kernels", {}))
-    tolerance = relative * max(1.0, expected.abs().max().item())
-    report = {
-        "max_abs_diff": max_abs_diff,
-        "cosine": cosine,
-        "tolerance": tolerance,
-        "loaded_as": type(artifact.model).__name__,
-    }
-    if runtime is not None:
-        report["runtime"] = runtime
-    report.update(exact)
-    if not max_abs_diff <= tolerance:  # also catches NaN
-        raise ExportVerificationError(f"exported model disagrees with the original: {report}")
+    report = agreement_report(
+        expected,
+        actual,
+        layout,
+        getattr(artifact.model, "slimformer_runtime", None),
+        facts={"loaded_as": type(artifact.model).__name__},
+        exact=exact,
+    )
     return ExportCheck(report=report, artifact=artifact)
 
 
@@ -571,15 +560,7 @@ def _write_json(path: Path, value) -> None:
 def _file_hashes(folder: Path) -> dict[str, str]:
     """{relative path: sha256} of every file in `folder` but slimformer.json."""
     return {
-        path.relative_to(folder).as_posix(): _sha256(path)
+        path.relative_to(folder).as_posix(): sha256_file(path)
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != METADATA_FILE
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -145,26 +145,40 @@ def check_streamed(
         runtime = getattr(artifact.model, "slimformer_runtime", None)
         del artifact
         release_freed_memory(store.device)
-    max_abs_diff = (expected_out - actual).abs().max().item()
-    cosine = F.cosine_similarity(
-        expected_out.double().flatten(), actual.double().flatten(), dim=0
-    ).item()
-    relative = layout.relative_tolerance((runtime or {}).get("kernels", {}))
-    tolerance = relative * max(1.0, expected_out.abs().max().item())
-    report = {
-        "max_abs_diff": max_abs_diff,
-        "cosine": cosine,
-        "tolerance": tolerance,
+    facts = {
         "loaded_blocks": prefix_blocks,
         "blocks": len(store),
         "checked": "every shard's tensors against the architecture and the scheme; the first "
         f"{prefix_blocks} of {len(store)} blocks loaded and run against the engine's model",
         "shards": len(weight_files(folder)),
     }
+    exact = {"weights_exact_layers": exact_layers} if exact_layers else {}
+    return agreement_report(expected_out, actual, layout, runtime, facts=facts, exact=exact)
+
+
+def agreement_report(
+    expected: torch.Tensor,
+    actual: torch.Tensor,
+    layout: Layout,
+    runtime: dict | None,
+    *,
+    facts: dict,
+    exact: dict,
+) -> dict:
+    """The load test's report: how far the artifact's outputs `actual` are from the engine's
+    `expected`, the bound the artifact's `layout` allows for the kernels its `runtime` ran, then
+    the caller's `facts`, the runtime and the layers checked `exact`. Raises ExportVerificationError
+    past the bound."""
+    max_abs_diff = (expected - actual).abs().max().item()
+    cosine = F.cosine_similarity(
+        expected.double().flatten(), actual.double().flatten(), dim=0
+    ).item()
+    relative = layout.relative_tolerance((runtime or {}).get("kernels", {}))
+    tolerance = relative * max(1.0, expected.abs().max().item())
+    report = {"max_abs_diff": max_abs_diff, "cosine": cosine, "tolerance": tolerance, **facts}
     if runtime is not None:
         report["runtime"] = runtime
-    if exact_layers:
-        report["weights_exact_layers"] = exact_layers
+    report.update(exact)
     if not max_abs_diff <= tolerance:  # also catches NaN
         raise ExportVerificationError(f"exported model disagrees with the original: {report}")
     return report

@@ -14,14 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from workers.compression.calibration import BlockCheckpoint, Handler, run_blockwise
 from workers.compression.progress import ProgressFn, ProgressUpdate
 from workers.compression.recipe import StageConfig
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-    from workers.compression.calibration import BlockCheckpoint
 
 
 @dataclass
@@ -59,6 +58,18 @@ class StageContext:
                     data=data,
                 )
             )
+
+    def run_blockwise(self, model: nn.Module, handler: Handler, **options: Any) -> list[dict]:
+        """`calibration.run_blockwise` on this stage's calibration batches, reporting its progress
+        and saving its finished blocks to its checkpoint; `options` as that function takes them."""
+        return run_blockwise(
+            model,
+            self.calibration,
+            handler,
+            progress=self.report,
+            checkpoint=self.checkpoint,
+            **options,
+        )
 
 
 @dataclass

@@ -8,24 +8,19 @@ layer's config group says. The runtime module is `Fp8Linear` (`runtime/fp8.py`).
 from __future__ import annotations
 
 from workers.compression.formats.layout import (
-    QuantizedLayout,
+    ScaledLayout,
     float_layers_text,
     group_of,
-    quantization_args,
-    read_scaled_layers,
+    symmetric_8bit_args,
 )
 from workers.compression.runtime.fp8 import Fp8Linear, fp8_matmul_available
 
 # FP8 (E4M3) per token, computed at run time; with "channel" and not dynamic, FP8 weights.
-FP8_ACTIVATIONS = quantization_args(
-    kind="float", bits=8, symmetric=True, strategy="token", observer=None, dynamic=True
-)
-FP8_WEIGHTS = quantization_args(
-    kind="float", bits=8, symmetric=True, strategy="channel", observer="minmax"
-)
+FP8_ACTIVATIONS = symmetric_8bit_args("float", "token", dynamic=True)
+FP8_WEIGHTS = symmetric_8bit_args("float", "channel")
 
 
-class FloatQuantized(QuantizedLayout):
+class FloatQuantized(ScaledLayout):
     kind = "fp8"
     formats = ("float-quantized",)
 
@@ -53,12 +48,6 @@ class FloatQuantized(QuantizedLayout):
                 and (activations.get("dynamic"), activations.get("strategy")) == (True, "token")
             )
         )
-
-    def read(self, state, quantization, context):
-        return read_scaled_layers(state)
-
-    def shape(self, stored):
-        return tuple(stored[0].shape)
 
     def build(self, name, stored, bias, quantization, context):
         dynamic = group_of(quantization, name).get("input_activations") is not None

@@ -14,27 +14,18 @@ from __future__ import annotations
 
 from torch.ao.nn.quantized import dynamic as nnqd
 
-from workers.compression.formats.layout import (
-    QuantizedLayout,
-    float_layers_text,
-    quantization_args,
-    read_scaled_layers,
-)
+from workers.compression.formats.layout import ScaledLayout, float_layers_text, symmetric_8bit_args
 from workers.compression.runtime.int8 import W8A8Linear, int8_linear, int8_weight_and_scale
 
 # Dynamic int8: activations quantized to int8 per token on the fly (vLLM; Slimformer's CPU runtime
 # does that for w8a8 layers, and uses torch's per-tensor dynamic kernels for dynamic_int8 layers).
-DYNAMIC_INT8_ACTIVATIONS = quantization_args(
-    kind="int", bits=8, symmetric=True, strategy="token", observer=None, dynamic=True
-)
+DYNAMIC_INT8_ACTIVATIONS = symmetric_8bit_args("int", "token", dynamic=True)
 # Static int8: one calibrated scale per layer input (`<name>.input_scale`).
-STATIC_INT8_ACTIVATIONS = quantization_args(
-    kind="int", bits=8, symmetric=True, strategy="tensor", observer="minmax"
-)
+STATIC_INT8_ACTIVATIONS = symmetric_8bit_args("int", "tensor")
 TORCH_DYNAMIC_LAYERS = "torch_dynamic_int8_layers"  # the slimformer.json key
 
 
-class IntQuantized(QuantizedLayout):
+class IntQuantized(ScaledLayout):
     kind = "int8"
     formats = ("int-quantized",)
 
@@ -56,9 +47,7 @@ class IntQuantized(QuantizedLayout):
         if bias is not None:
             tensors[f"{name}.bias"] = bias
         strategy = "channel" if scale.dim() == 2 else "tensor"  # [out, 1] or [1]
-        weights = quantization_args(
-            kind="int", bits=8, symmetric=True, strategy=strategy, observer="minmax"
-        )
+        weights = symmetric_8bit_args("int", strategy)
         return tensors, {"weights": weights, "input_activations": activations}
 
     def records(self, model):
@@ -83,10 +72,7 @@ class IntQuantized(QuantizedLayout):
     def read(self, state, quantization, context):
         if context.records.get(TORCH_DYNAMIC_LAYERS) and context.device.type != "cpu":
             raise ValueError("dynamic int8 models run on CPU only")
-        return read_scaled_layers(state)
-
-    def shape(self, stored):
-        return tuple(stored[0].shape)
+        return super().read(state, quantization, context)
 
     def build(self, name, stored, bias, quantization, context):
         weight, weight_scale, input_scale = stored

@@ -196,6 +196,28 @@ class QuantizedLayout(Layout):
         raise NotImplementedError
 
 
+class ScaledLayout(QuantizedLayout):
+    """A quantized layout that stores each layer as `<name>.weight` with a float32
+    `<name>.weight_scale` (and, when its activations are static, `<name>.input_scale`)."""
+
+    def read(self, state, quantization, context):
+        """{name: (weight, weight_scale, input_scale or None)}, taken out of `state`."""
+        names = sorted(
+            key.removesuffix(".weight_scale") for key in state if key.endswith(".weight_scale")
+        )
+        return {
+            name: (
+                state.pop(f"{name}.weight"),
+                state.pop(f"{name}.weight_scale"),
+                state.pop(f"{name}.input_scale", None),
+            )
+            for name in names
+        }
+
+    def shape(self, stored):
+        return tuple(stored[0].shape)
+
+
 def quantization_args(
     *,
     kind: str,
@@ -219,6 +241,19 @@ def quantization_args(
         "symmetric": symmetric,
         "type": kind,
     }
+
+
+def symmetric_8bit_args(kind: str, strategy: str, *, dynamic: bool = False) -> dict:
+    """Symmetric 8-bit `QuantizationArgs` ("int" or "float"): computed at run time when `dynamic`,
+    otherwise observed once by min/max."""
+    return quantization_args(
+        kind=kind,
+        bits=8,
+        symmetric=True,
+        strategy=strategy,
+        observer=None if dynamic else "minmax",
+        dynamic=dynamic,
+    )
 
 
 def compressed_tensors_config(
@@ -261,22 +296,6 @@ def group_of(quantization: dict, name: str) -> dict:
     if name in quantization.get("ignore", []) or len(groups) != 1:
         raise UnsupportedModelError(f"{name} is stored quantized but no single scheme targets it")
     return groups[0]
-
-
-def read_scaled_layers(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
-    """Take every layer stored as `<name>.weight` with a `<name>.weight_scale` (and, when static,
-    `<name>.input_scale`) out of `state`: {name: (weight, weight_scale, input_scale or None)}."""
-    names = sorted(
-        key.removesuffix(".weight_scale") for key in state if key.endswith(".weight_scale")
-    )
-    return {
-        name: (
-            state.pop(f"{name}.weight"),
-            state.pop(f"{name}.weight_scale"),
-            state.pop(f"{name}.input_scale", None),
-        )
-        for name in names
-    }
 
 
 def float_layers_text(quantization: dict) -> str:

@@ -34,7 +34,6 @@ from workers.compression.calibration import (
     block_layers,
     input_hessians,
     outside_blocks,
-    run_blockwise,
 )
 from workers.compression.methods.gptq import single_cpu_thread
 from workers.compression.methods.rtn import weight_only_targets
@@ -229,13 +228,7 @@ def awq(model: nn.Module, config: AwqConfig, context: StageContext) -> dict:
             "outside them (quantize them in an `rtn` stage, or `ignore` them)"
         )
     handler = AwqBlockHandler(config, model.config, targeted)
-    per_block = run_blockwise(
-        model,
-        context.calibration,
-        handler,
-        progress=context.report,
-        checkpoint=context.checkpoint,
-    )
+    per_block = context.run_blockwise(model, handler)
     layers = {name: info for block in per_block for name, info in block.get("layers", {}).items()}
     scaled = {name: info for block in per_block for name, info in block.get("scaled", {}).items()}
     return {

@@ -42,7 +42,6 @@ from workers.compression.calibration import (
     block_layers,
     input_hessians,
     outside_blocks,
-    run_blockwise,
 )
 from workers.compression.methods.rtn import weight_only_targets
 from workers.compression.quant import (
@@ -244,13 +243,7 @@ def gptq(model: nn.Module, config: GptqConfig, context: StageContext) -> dict:
             "outside them (quantize them in an `rtn` stage, or `ignore` them)"
         )
     handler = GptqBlockHandler(config, targeted)
-    per_block = run_blockwise(
-        model,
-        context.calibration,
-        handler,
-        progress=context.report,
-        checkpoint=context.checkpoint,
-    )
+    per_block = context.run_blockwise(model, handler)
     layers = {name: errors for block in per_block for name, errors in block.items()}
     return {
         "quantized_layers": len(layers),

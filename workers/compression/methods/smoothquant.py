@@ -27,7 +27,6 @@ from workers.compression.calibration import (
     BlockInputs,
     linear_inputs,
     model_blocks,
-    run_blockwise,
 )
 from workers.compression.layer_selection import linear_layers
 from workers.compression.recipe import SmoothQuantConfig
@@ -120,14 +119,7 @@ def smoothquant(model: nn.Module, config: SmoothQuantConfig, context: StageConte
             f"smoothquant knows no exact rescaling for {type(model).__name__}'s blocks among the "
             "targeted layers (supported: Llama-style decoders, BERT-style encoders)"
         )
-    per_block = run_blockwise(
-        model,
-        context.calibration,
-        handler,
-        progress=context.report,
-        checkpoint=context.checkpoint,
-        handler_advances=True,
-    )
+    per_block = context.run_blockwise(model, handler, handler_advances=True)
     smoothed = {name: info for block in per_block for name, info in block.items()}
     return {
         "alpha": config.alpha,

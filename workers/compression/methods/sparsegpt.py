@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workers.compression.calibration import BlockInputs, block_layers, input_hessians, run_blockwise
+from workers.compression.calibration import BlockInputs, block_layers, input_hessians
 from workers.compression.methods.gptq import (
     inverse_hessian_factor,
     relative_output_error,
@@ -142,13 +142,7 @@ class SparseGptBlockHandler:
 @register_method(SparseGptConfig)
 def sparsegpt(model: nn.Module, config: SparseGptConfig, context: StageContext) -> dict:
     targeted, skipped = sparsity_targets(model, config, blockwise=True)
-    per_block = run_blockwise(
-        model,
-        context.calibration,
-        SparseGptBlockHandler(config, targeted),
-        progress=context.report,
-        checkpoint=context.checkpoint,
-    )
+    per_block = context.run_blockwise(model, SparseGptBlockHandler(config, targeted))
     errors = [layer["relative_output_error"] for block in per_block for layer in block.values()]
     return {
         **pruning_summary(model, config, targeted, skipped),

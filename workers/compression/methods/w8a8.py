@@ -25,7 +25,6 @@ from workers.compression.calibration import (
     block_layers,
     linear_inputs,
     outside_blocks,
-    run_blockwise,
 )
 from workers.compression.layer_selection import linear_layers
 from workers.compression.quant import quantize_groups
@@ -115,14 +114,7 @@ def w8a8(model: nn.Module, config: W8A8Config, context: StageContext) -> dict:
             f"{', '.join(outside)} are outside them (use activations: dynamic, or `ignore` them)"
         )
     handler = StaticW8A8Handler(targeted)
-    per_block = run_blockwise(
-        model,
-        context.calibration,
-        handler,
-        progress=context.report,
-        checkpoint=context.checkpoint,
-        restore=handler.restore,
-    )
+    per_block = context.run_blockwise(model, handler, restore=handler.restore)
     input_max = {name: info["input_max"] for block in per_block for name, info in block.items()}
     largest = max(input_max, key=input_max.get)
     summary.update(

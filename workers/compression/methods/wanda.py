@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workers.compression.calibration import BlockInputs, block_layers, linear_inputs, run_blockwise
+from workers.compression.calibration import BlockInputs, block_layers, linear_inputs
 from workers.compression.methods.magnitude import pruning_summary, sparsity_targets
 from workers.compression.recipe import WandaConfig
 from workers.compression.registry import StageContext, register_method
@@ -81,13 +81,7 @@ class WandaBlockHandler:
 @register_method(WandaConfig)
 def wanda(model: nn.Module, config: WandaConfig, context: StageContext) -> dict:
     targeted, skipped = sparsity_targets(model, config, blockwise=True)
-    run_blockwise(
-        model,
-        context.calibration,
-        WandaBlockHandler(config, targeted),
-        progress=context.report,
-        checkpoint=context.checkpoint,
-    )
+    context.run_blockwise(model, WandaBlockHandler(config, targeted))
     return {
         **pruning_summary(model, config, targeted, skipped),
         "calibration_samples": len(context.calibration),
