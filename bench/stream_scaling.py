@@ -31,8 +31,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 METHODS = {
-    "rtn": [{"method": "rtn", "bits": 4, "group_size": 128}],
-    "gptq": [{"method": "gptq", "bits": 4, "group_size": 128}],
+    "rtn": [{"method": "rtn", "bits": 4, "group_size": 64}],
+    "gptq": [{"method": "gptq", "bits": 4, "group_size": 64}],
     "smoothquant+w8a8": [
         {"method": "smoothquant", "alpha": 0.5},
         {"method": "w8a8", "activations": "dynamic"},

@@ -145,8 +145,11 @@ def _write_tensor(stream, name: str, dims: tuple[int, ...], seed: int) -> None:
 
 
 def write_model(folder: Path, shape: Shape, *, tokenizer_from: Path | None = None, seed: int = 0):
-    """Write the model to `folder` (which must not exist); returns the folder."""
-    folder = Path(folder)
+    """Write the model to `folder` (which must not exist); returns the folder. It is written
+    next to it and renamed into place, so an interrupted write leaves no half model there."""
+    target = Path(folder)
+    folder = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     shards = _shards(tensor_shapes(shape))
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -182,7 +185,8 @@ def write_model(folder: Path, shape: Shape, *, tokenizer_from: Path | None = Non
         for path in Path(tokenizer_from).iterdir():
             if path.name.startswith(("tokenizer", "special_tokens")):
                 shutil.copy(path, folder / path.name)
-    return folder
+    folder.rename(target)
+    return target
 
 
 def smollm2_tokenizer_folder(cache_dir: Path) -> Path:

@@ -563,15 +563,23 @@ def parked_skeleton(model: nn.Module) -> Iterator[None]:
     finally:
         with safe_open(path, "pt") as stored:
             loaded = {key: stored.get_tensor(key).to(store.device) for key in stored.keys()}  # noqa: SIM118
+        wrapped: dict[str, torch.Tensor] = {}  # one object per stored tensor: ties stay ties
         for key, source in aliases.items():
-            _assign(model, key, loaded[source])
+            if source not in wrapped:
+                wrapped[source] = _assign(model, key, loaded[source])
+            else:
+                _assign(model, key, wrapped[source])
         path.unlink(missing_ok=True)
 
 
-def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Put `tensor` at state-dict name `key` (as a frozen Parameter where one was); what was put."""
     owner_name, _, name = key.rpartition(".")
     owner = model.get_submodule(owner_name)
     if name in owner._parameters:
-        owner._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+        if not isinstance(tensor, nn.Parameter):
+            tensor = nn.Parameter(tensor, requires_grad=False)
+        owner._parameters[name] = tensor
     else:
         owner._buffers[name] = tensor
+    return tensor
