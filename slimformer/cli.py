@@ -85,7 +85,10 @@ def worker(
     from workers.presence import DEVICE_ENV, default_queues, probe
 
     settings = get_settings()
-    description = probe()
+    try:
+        description = probe()
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
     device = description["device"]
     if queues:
         names = [name.strip() for name in queues.split(",") if name.strip()]

@@ -86,6 +86,10 @@ def test_a_gpu_job_waits_for_a_gpu_worker_while_a_cpu_job_runs(
         cpu = wait_for(client, cpu["id"], {"succeeded", "failed"})
         assert cpu["status"] == "succeeded", cpu
         assert cpu["resources"] == {"device": "cpu"}
+        events = client.get(f"/v1/jobs/{cpu['id']}/events", params={"limit": 1000}).json()["data"]
+        (running,) = [e for e in events if (e["data"] or {}).get("status") == "running"]
+        # Named after the Celery node, which is how the registry tells a busy worker.
+        assert running["data"]["worker"].startswith("cpu0@"), running
 
         # Past requeue_after_s the reaper has re-sent the gpu job's message (to the gpu queue
         # again, nobody consumes it): still queued, still saying why.
