@@ -1,4 +1,4 @@
-"""The Celery application's configuration, and the only two messages anyone sends.
+"""The Celery application's configuration, the queues, and the only two messages anyone sends.
 
 A message carries just an id: the database says what the job is. The API sends by task name, so it
 never imports the worker code (or torch).
@@ -17,7 +17,12 @@ log = logging.getLogger(__name__)
 
 RUN_JOB = "slimformer.run_job"
 VALIDATE_MODEL = "slimformer.validate_model"
-JOBS_QUEUE = "jobs"
+# Jobs are routed by device class (app/jobs/routing.py): one queue per class. Validation reads
+# archive members and safetensors headers only, so any worker takes it, and it has its own queue
+# so that it never waits behind a long job.
+CPU_QUEUE = "cpu"
+GPU_QUEUE = "gpu"
+JOB_QUEUES = (CPU_QUEUE, GPU_QUEUE)
 VALIDATE_QUEUE = "validate"
 
 
@@ -52,7 +57,7 @@ def celery_config(settings: Settings) -> dict:
         # Per-job max_runtime_s is enforced cooperatively by the heartbeat; these are the backstop.
         "task_soft_time_limit": longest_job_s,
         "task_time_limit": longest_job_s + 600,
-        "task_default_queue": settings.queue(JOBS_QUEUE),
+        "task_default_queue": settings.queue(CPU_QUEUE),
     }
     if settings.is_filesystem_broker:
         folder = settings.broker_dir
@@ -91,9 +96,12 @@ def client() -> Celery:
     return _client
 
 
-def send_run_job(job_id: str) -> bool:
-    """Best effort: on failure the job stays queued and the reaper re-sends it."""
-    return _send(RUN_JOB, job_id, JOBS_QUEUE)
+def send_run_job(job_id: str, queue: str) -> bool:
+    """Best effort: on failure the job stays queued and the reaper re-sends it. `queue` is one of
+    JOB_QUEUES, chosen by `app.jobs.routing`."""
+    if queue not in JOB_QUEUES:
+        raise ValueError(f"{queue!r} is not a job queue ({', '.join(JOB_QUEUES)})")
+    return _send(RUN_JOB, job_id, queue)
 
 
 def send_validate_model(model_id: str) -> bool:

@@ -17,6 +17,7 @@ from app.jobs.router import router as jobs_router
 from app.models.router import router as models_router
 from app.ops.router import HTTP_LATENCY
 from app.ops.router import router as ops_router
+from app.workers.router import router as workers_router
 
 STATIC = Path(__file__).parent / "static"
 
@@ -28,7 +29,14 @@ def create_app() -> FastAPI:
         description="Compress Transformer models as durable jobs. See API.md.",
     )
     install_error_handlers(app)
-    for router in (models_router, datasets_router, jobs_router, artifacts_router, ops_router):
+    for router in (
+        models_router,
+        datasets_router,
+        jobs_router,
+        artifacts_router,
+        workers_router,
+        ops_router,
+    ):
         app.include_router(router)
 
     @app.middleware("http")

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     default_max_attempts: int = 3
     default_max_runtime_s: int = 7200
     progress_min_interval_s: float = 0.5  # throttle for progress events
+    # Each worker refreshes its row in `workers` this often; one that missed this many beats in a
+    # row is lost (not counted for routing, /readyz or /metrics). API and workers must agree.
+    worker_heartbeat_s: float = 10.0
+    worker_lost_after_beats: int = 3
     # Run a job's model one block at a time with the rest on disk (workers/compression/streaming.py):
     # "auto" when the whole model would not fit the worker's memory, or "always" / "never".
     streaming: Literal["auto", "always", "never"] = "auto"
@@ -54,8 +58,12 @@ class Settings(BaseSettings):
                 "SLIMFORMER_AUTH=false with a networked database would expose every project; "
                 "set SLIMFORMER_ALLOW_INSECURE=true if that is really what you want"
             )
-        if self.lease_s <= 0 or self.reaper_interval_s <= 0:
-            raise ValueError("lease_s and reaper_interval_s must be positive")
+        if self.lease_s <= 0 or self.reaper_interval_s <= 0 or self.worker_heartbeat_s <= 0:
+            raise ValueError("lease_s, reaper_interval_s and worker_heartbeat_s must be positive")
+        if self.worker_lost_after_beats < 2:
+            raise ValueError(
+                "worker_lost_after_beats must be at least 2: one late beat is not a loss"
+            )
         return self
 
     @property
@@ -91,6 +99,10 @@ class Settings(BaseSettings):
     def cache_dir(self) -> Path:
         """Worker-local scratch: extracted models, converted built-ins. Safe to delete."""
         return (self.data_dir / "cache").resolve()
+
+    @property
+    def worker_lost_after_s(self) -> float:
+        return self.worker_heartbeat_s * self.worker_lost_after_beats
 
     def queue(self, name: str) -> str:
         return f"{self.queue_prefix}{name}"

@@ -48,18 +48,74 @@ def api(host: str, port: int) -> None:
 
 
 @cli.command()
-@click.option("--queues", default="jobs,validate", show_default=True, help="Comma-separated queues")
+@click.option(
+    "--queues",
+    default=None,
+    help="Comma-separated queues of cpu, gpu, validate [default: the queue of this worker's "
+    "device class, plus validate]",
+)
+@click.option(
+    "--cpu-jobs/--no-cpu-jobs",
+    default=False,
+    show_default=True,
+    help="A GPU worker also takes the cpu queue's jobs, run on its CPU (`serve` does: its one "
+    "worker takes every job)",
+)
 @click.option("--concurrency", default=1, show_default=True, type=int)
-@click.option("--hostname", default=None, help="Celery node name (default: worker@<host>)")
+@click.option("--hostname", default=None, help="Celery node name (default: celery@<host>)")
 @click.option(
     "--reaper/--no-reaper",
     default=True,
     show_default=True,
     help="Run the lease reaper loop in this worker",
 )
-def worker(queues: str, concurrency: int, hostname: str | None, reaper: bool) -> None:
-    """Run a Celery worker (prefork; one job per process)."""
+def worker(
+    queues: str | None, cpu_jobs: bool, concurrency: int, hostname: str | None, reaper: bool
+) -> None:
+    """Run a Celery worker (prefork; one job per process) for this machine's device class.
+
+    The device is the engine's (`SLIMFORMER_DEVICE`, else CUDA when there is one), detected in a
+    child process so that CUDA is never initialised in the worker that forks. One GPU per worker:
+    on a machine with several, start one worker per GPU, each with `CUDA_VISIBLE_DEVICES=<index>`
+    and its own `--hostname`.
+    """
+    import json
+
+    from app.broker import CPU_QUEUE, JOB_QUEUES, VALIDATE_QUEUE
+    from workers.presence import DEVICE_ENV, default_queues, probe
+
     settings = get_settings()
+    try:
+        description = probe()
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    device = description["device"]
+    if queues:
+        names = [name.strip() for name in queues.split(",") if name.strip()]
+    else:
+        names = default_queues(device) + ([CPU_QUEUE] if cpu_jobs and device != CPU_QUEUE else [])
+    unknown = sorted(set(names) - {*JOB_QUEUES, VALIDATE_QUEUE})
+    if unknown:
+        raise click.BadParameter(
+            f"unknown queue(s) {', '.join(unknown)}: choose from cpu, gpu, validate",
+            param_hint="--queues",
+        )
+    if device == "gpu" and concurrency != 1:
+        raise click.BadParameter(
+            "a GPU worker runs one job at a time: start one worker per GPU, each with "
+            "CUDA_VISIBLE_DEVICES=<index>",
+            param_hint="--concurrency",
+        )
+    if description.get("visible_gpus", 0) > 1:
+        click.echo(
+            f"slimformer worker: {description['visible_gpus']} GPUs visible and one is used; "
+            "pin one GPU per worker with CUDA_VISIBLE_DEVICES",
+            err=True,
+        )
+    click.echo(
+        f"slimformer worker: {device} ({description.get('device_name')}), queues {','.join(names)}",
+        err=True,
+    )
     args = [
         sys.executable,
         "-m",
@@ -72,7 +128,7 @@ def worker(queues: str, concurrency: int, hostname: str | None, reaper: bool) ->
         "--concurrency",
         str(concurrency),
         "--queues",
-        ",".join(settings.queue(q.strip()) for q in queues.split(",") if q.strip()),
+        ",".join(settings.queue(name) for name in names),
         "--loglevel",
         settings.log_level,
         "--without-gossip",
@@ -80,7 +136,11 @@ def worker(queues: str, concurrency: int, hostname: str | None, reaper: bool) ->
     ]
     if hostname:
         args += ["--hostname", hostname]
-    env = dict(os.environ, SLIMFORMER_REAPER="1" if reaper else "0")
+    env = dict(
+        os.environ,
+        SLIMFORMER_REAPER="1" if reaper else "0",
+        **{DEVICE_ENV: json.dumps(description)},
+    )
     os.execve(sys.executable, args, env)
 
 
@@ -108,7 +168,9 @@ def serve(host: str, port: int, data_dir: Path | None) -> None:
             err=True,
         )
     worker_process = subprocess.Popen(
-        [sys.executable, "-m", "slimformer.cli", "worker"], env=os.environ.copy(), start_new_session=True
+        [sys.executable, "-m", "slimformer.cli", "worker", "--cpu-jobs"],
+        env=os.environ.copy(),
+        start_new_session=True,
     )
     try:
         api.callback(host=host, port=port)  # type: ignore[misc]

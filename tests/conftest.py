@@ -161,6 +161,7 @@ def service_env(data_dir: Path, **overrides: str) -> tuple[dict[str, str], calla
             "SLIMFORMER_LEASE_S": "4",
             "SLIMFORMER_REAPER_INTERVAL_S": "1",
             "SLIMFORMER_REQUEUE_AFTER_S": "6",
+            "SLIMFORMER_WORKER_HEARTBEAT_S": "1",  # a killed worker is lost after 3 s
             "SLIMFORMER_MAX_UPLOAD_BYTES": str(8 * 1024 * 1024),
             "SLIMFORMER_MODEL_PATH_ROOTS": json.dumps([str(data_dir / "registered")]),
             "SLIMFORMER_PROGRESS_MIN_INTERVAL_S": "0.2",

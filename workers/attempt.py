@@ -33,6 +33,7 @@ from app.ids import new_id
 from app.jobs.lifecycle import add_event, lease_deadline, transition
 from app.settings import get_settings
 from app.storage import get_store
+from workers.presence import NODE_ENV
 
 log = logging.getLogger("slimformer.runner")
 
@@ -189,7 +190,9 @@ class Heartbeat(threading.Thread):
 
 
 def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """`<Celery node name>:<pid>` (the registry matches running jobs to workers by the node name);
+    outside a Celery worker, the machine's hostname."""
+    return f"{os.environ.get(NODE_ENV) or socket.gethostname()}:{os.getpid()}"
 
 
 def claim(job_id: str) -> JobContext | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 
 from app.broker import make_celery
 from app.db.session import dispose_engines
@@ -13,15 +13,31 @@ celery_app = make_celery()
 celery_app.conf.imports = ("workers.tasks",)
 
 
+@worker_init.connect
+def _name_the_node(sender: object = None, **_: object) -> None:
+    # Before the pool forks: its children name the jobs they claim after this node
+    # (`workers.attempt.worker_name`), which is how the registry tells busy workers from idle ones.
+    from workers.presence import NODE_ENV
+
+    hostname = getattr(sender, "hostname", None)
+    if hostname:
+        os.environ[NODE_ENV] = hostname
+
+
 @worker_process_init.connect
 def _fresh_connections(**_: object) -> None:
     # A forked child must not share the parent's database connections. CUDA is only ever
-    # initialised here, in the child, by the first job: never in the parent that forks.
+    # initialised here, in the child, by the first job: never in the parent that forks (the
+    # device probe runs in a process of its own, `workers.presence.probe`).
     dispose_engines()
 
 
 @worker_ready.connect
-def _start_reaper(**_: object) -> None:
+def _start_background(sender: object = None, **_: object) -> None:
+    from workers import presence
+
+    consumed = list(sender.app.amqp.queues.consume_from or {})  # type: ignore[union-attr]
+    presence.start(sender.hostname, consumed)  # type: ignore[union-attr]
     if os.environ.get("SLIMFORMER_REAPER", "1") == "1":
         from workers.reaper import start_reaper_thread
 
@@ -29,7 +45,9 @@ def _start_reaper(**_: object) -> None:
 
 
 @worker_shutdown.connect
-def _stop_reaper(**_: object) -> None:
+def _stop_background(**_: object) -> None:
+    from workers import presence
     from workers.reaper import stop_reaper_thread
 
     stop_reaper_thread()
+    presence.stop()

@@ -1,14 +1,16 @@
 """The reaper: hands back jobs whose worker died, and re-sends messages the broker lost.
 
 It runs as a thread in each worker's main process (several workers may run it at once: every action
-is a conditional update, so two reapers cannot both act on the same job).
+is a conditional update, so two reapers cannot both act on the same job). A job it re-queues or
+re-sends is routed as at submission (`app.jobs.routing`), with the workers live now; a queued job's
+progress message is kept saying whether a worker for its queue is live.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
@@ -18,8 +20,13 @@ from app import broker
 from app.db.session import after_commit, session_scope
 from app.db.tables import Job, Model, utcnow
 from app.idempotency import purge_expired
-from app.jobs.lifecycle import transition
+from app.jobs import routing
+from app.jobs.lifecycle import add_event, transition
 from app.settings import get_settings
+from app.workers import repository as workers
+
+# Lost workers stay listed (as lost) this long, so an operator can see what died, then go.
+LOST_WORKERS_KEPT_S = 24 * 3600
 
 log = logging.getLogger("slimformer.reaper")
 
@@ -30,14 +37,23 @@ _thread: threading.Thread | None = None
 def reap_once() -> dict[str, int]:
     settings = get_settings()
     now = utcnow()
-    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "resent": 0, "validations_resent": 0}
+    counts = {
+        "requeued": 0,
+        "failed": 0,
+        "cancelled": 0,
+        "resent": 0,
+        "validations_resent": 0,
+        "waiting_told": 0,
+        "workers_forgotten": 0,
+    }
     with session_scope() as session:
+        live = workers.live_queue_counts(session)
         expired = session.execute(
-            select(Job.id, Job.status, Job.attempt, Job.max_attempts).where(
+            select(Job.id, Job.status, Job.attempt, Job.max_attempts, Job.device).where(
                 Job.status.in_(("running", "cancelling")), Job.lease_until < now
             )
         ).all()
-    for job_id, status, attempt, max_attempts in expired:
+    for job_id, status, attempt, max_attempts, device in expired:
         still_expired = Job.lease_until < now
         with session_scope() as session:
             if status == "cancelling":
@@ -65,7 +81,8 @@ def reap_once() -> dict[str, int]:
                     f"{attempt + 1} of {max_attempts}",
                 ):
                     counts["requeued"] += 1
-                    after_commit(session, lambda job_id=job_id: broker.send_run_job(job_id))
+                    queue = routing.choose(device, live).queue
+                    after_commit(session, lambda j=job_id, q=queue: broker.send_run_job(j, q))
             elif transition(
                 session,
                 job_id=job_id,
@@ -87,23 +104,23 @@ def reap_once() -> dict[str, int]:
 
     stale = now - timedelta(seconds=settings.requeue_after_s)
     with session_scope() as session:
-        counts["resent"] = _resend_stale(
-            session,
-            Job,
-            status="queued",
-            stamp="enqueued_at",
-            stale=stale,
-            now=now,
-            send=broker.send_run_job,
+        resent = _touch_stale(
+            session, Job, status="queued", stamp="enqueued_at", stale=stale, now=now
         )
-        counts["validations_resent"] = _resend_stale(
-            session,
-            Model,
-            status="validating",
-            stamp="updated_at",
-            stale=stale,
-            now=now,
-            send=broker.send_validate_model,
+        devices = dict(session.execute(select(Job.id, Job.device).where(Job.id.in_(resent))).all())
+        for job_id in resent:
+            queue = routing.choose(devices[job_id], live).queue
+            after_commit(session, lambda j=job_id, q=queue: broker.send_run_job(j, q))
+        counts["resent"] = len(resent)
+        validations = _touch_stale(
+            session, Model, status="validating", stamp="updated_at", stale=stale, now=now
+        )
+        for model_id in validations:
+            after_commit(session, lambda m=model_id: broker.send_validate_model(m))
+        counts["validations_resent"] = len(validations)
+        counts["waiting_told"] = _tell_waiting(session, live)
+        counts["workers_forgotten"] = workers.prune(
+            session, before=now - timedelta(seconds=LOST_WORKERS_KEPT_S)
         )
         purge_expired(session, ttl_s=settings.idempotency_ttl_s)
     if any(counts.values()):
@@ -111,7 +128,7 @@ def reap_once() -> dict[str, int]:
     return counts
 
 
-def _resend_stale(
+def _touch_stale(
     session: Session,
     table: type[Job] | type[Model],
     *,
@@ -119,23 +136,53 @@ def _resend_stale(
     stamp: str,
     stale: datetime,
     now: datetime,
-    send: Callable[[str], bool],
-) -> int:
-    """Re-send the message of every row waiting in `status` since before `stale`. Touching the
-    stamp with a conditional update first means two reapers never both send for one row."""
+) -> list[str]:
+    """The rows waiting in `status` since before `stale` whose message this reaper re-sends.
+    Touching the stamp with a conditional update first means two reapers never both send for one
+    row."""
     column = getattr(table, stamp)
-    sent = 0
-    for row_id in session.scalars(select(table.id).where(table.status == status, column < stale)):
-        touched = session.execute(
+    touched = []
+    waiting = session.scalars(select(table.id).where(table.status == status, column < stale)).all()
+    for row_id in waiting:
+        moved = session.execute(
             update(table)
             .where(table.id == row_id, table.status == status, column < stale)
             .values({stamp: now})
             .execution_options(synchronize_session=False)
         )
-        if touched.rowcount:
-            sent += 1
-            after_commit(session, lambda row_id=row_id: send(row_id))
-    return sent
+        if moved.rowcount:
+            touched.append(row_id)
+    return touched
+
+
+def _tell_waiting(session: Session, live: Mapping[str, int]) -> int:
+    """Keep each queued job's progress message true: whether a worker for its queue is live
+    (a GPU worker may have died since it was submitted, or one may have come up). Written only
+    when it changes, fenced on the job's last event so two reapers write it once."""
+    told = 0
+    queued = session.execute(
+        select(Job.id, Job.device, Job.progress, Job.event_seq).where(Job.status == "queued")
+    ).all()
+    for job_id, device, progress, event_seq in queued:
+        message = routing.choose(device, live).message
+        if (progress or {}).get("message") == message:
+            continue
+        if add_event(
+            session,
+            job_id=job_id,
+            type="progress",
+            message=message,
+            values={
+                "progress": {
+                    **(progress or {}),
+                    "message": message,
+                    "updated_at": utcnow().isoformat(),
+                }
+            },
+            extra_where=(Job.status == "queued") & (Job.event_seq == event_seq),
+        ):
+            told += 1
+    return told
 
 
 def _loop() -> None:

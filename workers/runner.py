@@ -53,7 +53,12 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
 
     inputs = gather(job)
     context.check()
-    device = torch.device(recipe.required_device) if recipe.required_device else select_device()
+    if recipe.required_device:
+        device = torch.device(recipe.required_device)
+    elif job.device == "cpu":  # a worker with a GPU may consume the cpu queue too (`serve`)
+        device = torch.device("cpu")
+    else:
+        device = select_device()
     streamed = streams(recipe, inputs, device)
     preflight(inputs, device, streamed=streamed)
     torch.manual_seed(0)

@@ -137,6 +137,8 @@ class Job(Base):
     evaluation: Mapped[dict[str, Any] | None]
     targets: Mapped[dict[str, Any] | None]
     export: Mapped[dict[str, Any]]
+    # The device class the job runs on: cpu | gpu | any (resolved at submission; routes its message).
+    device: Mapped[str] = mapped_column(String(10), default="any", server_default="any")
     job_metadata: Mapped[dict[str, Any]] = mapped_column("metadata")
     priority: Mapped[int] = mapped_column(Integer, default=0)
     max_runtime_s: Mapped[int] = mapped_column(Integer)
@@ -197,3 +199,20 @@ class IdempotencyKey(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     resource_id: Mapped[str] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class Worker(Base):
+    """A running worker process, as it registered itself. Install-wide: no project owns one.
+    `last_heartbeat_at` is refreshed every `worker_heartbeat_s`; a row that stopped being refreshed
+    is a lost worker (see `app.workers.repository.live_cutoff`)."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(200), unique=True)  # the Celery node name
+    device: Mapped[str] = mapped_column(String(10))  # cpu | gpu
+    device_name: Mapped[str | None] = mapped_column(String(200))
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    queues: Mapped[list[Any]]  # logical names (cpu, gpu, validate), without the queue prefix
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -105,9 +105,11 @@ def add_event(
     level: str = "info",
     values: dict[str, Any] | None = None,
     attempt: int | None = None,
+    extra_where: ColumnElement[bool] | None = None,
 ) -> int | None:
     """Append an event (and optionally update non-status columns such as `progress`) atomically.
-    Returns the event's seq, or None when the fencing `attempt` no longer holds."""
+    Returns the event's seq, or None when the fencing `attempt` (or `extra_where`, e.g. "still
+    queued") no longer holds."""
     if "status" in (values or {}):
         raise IllegalTransition("status is written only by transition()")
     now = utcnow()
@@ -122,6 +124,8 @@ def add_event(
         statement = statement.where(
             Job.attempt == attempt, Job.status.in_(("running", "cancelling"))
         )
+    if extra_where is not None:
+        statement = statement.where(extra_where)
     seq = session.execute(statement).scalar_one_or_none()
     if seq is None:
         return None

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from app.datasets import repository as datasets
 from app.db.tables import Model
 from app.errors import APIError
+from app.jobs.routing import DeviceConflict, resolve_device
 from app.jobs.schemas import CalibrationSpec, JobCreate
 from app.models import repository as models
 from app.settings import get_settings
@@ -37,6 +38,7 @@ class ResolvedJob:
     evaluation: dict[str, Any]
     targets: dict[str, Any] | None
     export: dict[str, Any]
+    device: str  # cpu | gpu | any: `resources.device` narrowed by what the stages run on
     metadata: dict[str, str]
     priority: int
     max_runtime_s: int
@@ -47,6 +49,7 @@ def resolve_job(*, session: Session, project_id: str, spec: JobCreate) -> Resolv
     """Raises the APIError the request deserves (404 unknown id, 409 unusable one, 422 a recipe
     that cannot apply); checks run in the order of the request's fields."""
     model = _job_model(session, project_id, spec.model_id)
+    device = _device(spec)
     _check_recipe_against_shapes(spec.recipe, (model.details or {}).get("linear_shapes"))
     evaluation = spec.evaluation.model_dump(mode="json")
     if evaluation["dataset_id"] is None and model.task is not None:
@@ -72,6 +75,7 @@ def resolve_job(*, session: Session, project_id: str, spec: JobCreate) -> Resolv
         evaluation=evaluation,
         targets=spec.targets.model_dump(mode="json") if spec.targets is not None else None,
         export=spec.export.model_dump(mode="json"),
+        device=device,
         metadata=dict(spec.metadata),
         priority=spec.priority,
         max_runtime_s=spec.max_runtime_s or settings.default_max_runtime_s,
@@ -90,6 +94,20 @@ def _job_model(session: Session, project_id: str, model_id: str) -> Model:
             param="model_id",
         )
     return model
+
+
+def _device(spec: JobCreate) -> str:
+    """A stage whose kernels exist on one device class only (`runs_on`) decides `any`, and
+    refuses the other class."""
+    stage = next((stage for stage in spec.recipe.stages if stage.runs_on), None)
+    try:
+        return resolve_device(
+            spec.resources.device,
+            stage.runs_on if stage else None,
+            method=stage.method if stage else "this recipe",
+        )
+    except DeviceConflict as exc:
+        raise APIError("invalid_request", str(exc), param="resources.device") from exc
 
 
 def _calibration(session: Session, spec: JobCreate, model: Model) -> dict[str, Any] | None:

@@ -34,6 +34,11 @@ class ExportSpec(Strict):
     )
 
 
+class ResourcesSpec(Strict):
+    # cpu | gpu: only a worker of that class runs the job; any: routed by app.jobs.routing.
+    device: Literal["cpu", "gpu", "any"] = "any"
+
+
 class WebhookSpec(Strict):
     url: str
     events: list[str] = Field(default_factory=lambda: ["job.succeeded", "job.failed"])
@@ -46,6 +51,7 @@ class JobCreate(Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     targets: TargetsSpec | None = None
     export: ExportSpec = Field(default_factory=ExportSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     priority: int = Field(default=0, ge=-100, le=100)
     max_runtime_s: int | None = Field(default=None, ge=10, le=7 * 24 * 3600)
     max_attempts: int | None = Field(default=None, ge=1, le=10)
@@ -89,6 +95,7 @@ class JobOut(BaseModel):
     evaluation: dict[str, Any] | None
     targets: dict[str, Any] | None
     export: dict[str, Any]
+    resources: ResourcesSpec
     priority: int
     max_runtime_s: int
     metadata: dict[str, Any]

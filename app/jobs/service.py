@@ -11,10 +11,10 @@ from app.db.tables import Job, JobEvent, utcnow
 from app.errors import APIError, not_found
 from app.idempotency import remember, replay, request_hash
 from app.ids import new_id
-from app.jobs import repository
+from app.jobs import repository, routing
 from app.jobs.lifecycle import LIVE, TERMINAL, add_event, transition
 from app.jobs.resolver import ResolvedJob, resolve_job
-from app.jobs.schemas import JobCreate, JobOut, Progress
+from app.jobs.schemas import JobCreate, JobOut, Progress, ResourcesSpec
 from app.pagination import page
 from app.storage import get_store
 
@@ -43,13 +43,18 @@ def create_job(
     )
     if winner != job_id:  # a concurrent request with the same key got there first
         return get_job(session=session, project_id=project_id, job_id=winner), False
-    job = _insert_queued(session, job_id=job_id, project_id=project_id, resolved=resolved)
+    route = routing.route(session, resolved.device)
+    job = _insert_queued(
+        session, job_id=job_id, project_id=project_id, resolved=resolved, route=route
+    )
     # Commit first, then send: a worker must never receive an id the database does not have yet.
-    after_commit(session, lambda: broker.send_run_job(job_id))
+    after_commit(session, lambda: broker.send_run_job(job_id, route.queue))
     return job, True
 
 
-def _insert_queued(session: Session, *, job_id: str, project_id: str, resolved: ResolvedJob) -> Job:
+def _insert_queued(
+    session: Session, *, job_id: str, project_id: str, resolved: ResolvedJob, route: routing.Route
+) -> Job:
     now = utcnow()
     job = Job(
         id=job_id,
@@ -61,13 +66,14 @@ def _insert_queued(session: Session, *, job_id: str, project_id: str, resolved: 
         evaluation=resolved.evaluation,
         targets=resolved.targets,
         export=resolved.export,
+        device=resolved.device,
         job_metadata=resolved.metadata,
         priority=resolved.priority,
         max_runtime_s=resolved.max_runtime_s,
         max_attempts=resolved.max_attempts,
         attempt=0,
         event_seq=0,
-        progress=Progress(message="waiting for a worker").model_dump(mode="json"),
+        progress=Progress(message=route.message).model_dump(mode="json"),
         created_at=now,
         updated_at=now,
         enqueued_at=now,
@@ -155,6 +161,7 @@ def retry_job(*, session: Session, project_id: str, job: Job) -> Job:
             "evaluation": job.evaluation,
             "targets": job.targets,
             "export": job.export,
+            "resources": {"device": job.device},
             "priority": job.priority,
             "max_runtime_s": job.max_runtime_s,
             "max_attempts": job.max_attempts,
@@ -205,6 +212,7 @@ def to_out(session: Session, job: Job, *, artifacts: list[str] | None = None) ->
         evaluation=job.evaluation,
         targets=job.targets,
         export=job.export,
+        resources=ResourcesSpec(device=job.device),
         priority=job.priority,
         max_runtime_s=job.max_runtime_s,
         metadata=job.job_metadata,

@@ -16,6 +16,7 @@ from app import broker
 from app.db.session import session_scope
 from app.db.tables import Job
 from app.storage import get_store
+from app.workers import repository as workers
 
 router = APIRouter(tags=["operations"])
 
@@ -60,6 +61,14 @@ class JobCollector(Collector):
             ] + [("+Inf", len(seconds))]
             durations.add_metric([status], cumulative, sum_value=sum(seconds))
         yield durations
+        with session_scope() as session:
+            by_device = workers.live_device_counts(session)
+        live = GaugeMetricFamily(
+            "slimformer_live_workers", "Workers with a recent heartbeat", labels=["device"]
+        )
+        for device in ("cpu", "gpu"):
+            live.add_metric([device], by_device.get(device, 0))
+        yield live
 
 
 REGISTRY.register(JobCollector())
@@ -85,8 +94,21 @@ def readyz() -> Response:
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             checks[name] = f"error: {type(exc).__name__}: {exc}"
     ready = all(value.startswith("ok") for value in checks.values())
+    # Which queues a live worker consumes. Reported, not required: without a worker the API still
+    # takes jobs, and they wait `queued` saying why.
+    live_workers = None
+    if checks["database"].startswith("ok"):
+        with session_scope() as session:
+            counts = workers.live_queue_counts(session)
+        live_workers = {
+            queue: counts.get(queue, 0) for queue in (*broker.JOB_QUEUES, broker.VALIDATE_QUEUE)
+        }
     return JSONResponse(
-        {"status": "ready" if ready else "unavailable", "checks": checks},
+        {
+            "status": "ready" if ready else "unavailable",
+            "checks": checks,
+            "live_workers": live_workers,
+        },
         status_code=200 if ready else 503,
     )
 

@@ -67,7 +67,13 @@ def slimformer_services(services: dict[str, dict[str, Any]]) -> dict[str, list[s
 
 
 def test_the_application_services_run_slimformer(services):
-    assert set(slimformer_services(services)) == {"migrate", "api", "worker-cpu", "worker-gpu"}
+    assert set(slimformer_services(services)) == {
+        "migrate",
+        "api",
+        "worker-cpu",
+        "worker-gpu-0",
+        "worker-gpu-1",
+    }
 
 
 def test_every_slimformer_command_parses_against_the_real_cli(services, slimformer):
@@ -78,7 +84,7 @@ def test_every_slimformer_command_parses_against_the_real_cli(services, slimform
 
 def test_the_parser_used_above_rejects_what_slimformer_would(slimformer):
     with pytest.raises(click.NoSuchOption):
-        parse(slimformer, ["worker", "--queue", "jobs"])
+        parse(slimformer, ["worker", "--queue", "cpu"])
     with pytest.raises(click.UsageError):
         parse(slimformer, ["wroker"])
     with pytest.raises(click.BadParameter):
@@ -90,10 +96,16 @@ def test_services_run_with_the_parameters_they_are_meant_to(services, slimformer
     commands = slimformer_services(services)
     api = parse(slimformer, commands["api"]).params
     assert (api["host"], api["port"]) == ("0.0.0.0", 8000)
+    # Workers take the queues of the device they detect (cpu or gpu, plus validate).
     cpu = parse(slimformer, commands["worker-cpu"]).params
-    assert set(cpu["queues"].split(",")) == {"jobs", "validate"}
-    gpu = parse(slimformer, commands["worker-gpu"]).params
-    assert gpu["queues"] == "jobs" and gpu["concurrency"] == 1
+    assert cpu["queues"] is None and cpu["hostname"] == "cpu@%h"
+    assert services["worker-cpu"]["environment"]["SLIMFORMER_DEVICE"] == "cpu"
+    names = set()
+    for name in ("worker-gpu-0", "worker-gpu-1"):
+        gpu = parse(slimformer, commands[name]).params
+        assert gpu["queues"] is None and gpu["concurrency"] == 1
+        names.add(gpu["hostname"])
+    assert len(names) == 2  # one Celery node name per GPU worker
 
 
 def test_redis_never_evicts_and_persists(services):
@@ -103,12 +115,14 @@ def test_redis_never_evicts_and_persists(services):
     assert services["redis"]["image"].startswith("redis:7")
 
 
-def test_the_gpu_worker_reserves_an_nvidia_gpu_and_the_cpu_worker_none(services):
-    devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
-    assert any(
-        device["driver"] == "nvidia" and device["count"] == 1 and "gpu" in device["capabilities"]
-        for device in devices
-    )
+def test_each_gpu_worker_is_pinned_to_its_own_gpu_and_the_cpu_worker_has_none(services):
+    pinned = []
+    for name in ("worker-gpu-0", "worker-gpu-1"):
+        (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+        assert "count" not in device and len(device["device_ids"]) == 1
+        pinned += device["device_ids"]
+    assert sorted(pinned) == ["0", "1"]
     assert "deploy" not in services["worker-cpu"]
 
 

@@ -136,6 +136,29 @@ def available_memory(device: str) -> int | None:
     return min(candidates) if candidates else None
 
 
+def host_memory() -> int | None:
+    """The host memory this process may use at most: MemTotal, or its cgroup limit when smaller.
+    None when neither can be read."""
+    candidates = []
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    candidates.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    cgroup = _memory_cgroup()
+    if cgroup is not None:
+        folder, limit_file, _usage_file = cgroup
+        try:
+            limit = (folder / limit_file).read_text().strip()
+        except OSError:
+            limit = ""
+        if limit.isdigit() and int(limit) < 1 << 60:
+            candidates.append(int(limit))
+    return min(candidates) if candidates else None
+
+
 def _memory_cgroup() -> tuple[Path, str, str] | None:
     """This process's memory cgroup folder and its limit and usage files (cgroup v2 or v1)."""
     try:
