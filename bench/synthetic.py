@@ -51,8 +51,9 @@ class Shape:
 SHAPES = {
     # Llama-3.2-1B: 1.24B parameters, tied embeddings.
     "llama-1b": Shape(2048, 16, 8192, 32, 8, 128256, tie_embeddings=True),
-    # Llama-2-7B: 6.74B parameters.
-    "llama-7b": Shape(4096, 32, 11008, 32, 32, 32000, tie_embeddings=False),
+    # Llama-2-7B's blocks (hidden 4096, 32 layers, FFN 11008, 32 heads) with SmolLM2's 49,152-token
+    # vocabulary instead of 32,000, so its tokenizer's ids are valid: 6.87B parameters.
+    "llama-7b": Shape(4096, 32, 11008, 32, 32, 49152, tie_embeddings=False),
     # A few-block model of the 1B's width, for quick checks of the scaling code itself.
     "llama-1b-4layers": Shape(2048, 4, 8192, 32, 8, 128256, tie_embeddings=True),
 }
