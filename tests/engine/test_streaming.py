@@ -1,0 +1,107 @@
+"""Streamed models (`workers/compression/streaming.py`) compute exactly what the model held whole
+does: the same codes, the same outputs, the same export check; and they hold no block in memory
+between uses. Tiny random models from a config; the real ones are in test_streamed_real.py and the
+1.24B-parameter job in tests/service/test_big_model.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.engine.conftest import tiny_bert, tiny_llama
+from workers.compression import compress
+from workers.compression.calibration import block_state
+from workers.compression.export import load_artifact, verify, write_draft
+from workers.compression.loading import load_model
+from workers.compression.recipe import Recipe
+from workers.compression.streaming import store_of, stream_forward
+
+RECIPES = {
+    "rtn": [{"method": "rtn", "bits": 4, "group_size": 16}],
+    "gptq": [{"method": "gptq", "bits": 4, "group_size": 16}],
+    "smoothquant+w8a8": [{"method": "smoothquant"}, {"method": "w8a8", "activations": "static"}],
+    "sparsegpt": [{"method": "sparsegpt", "sparsity": 0.5}],
+}
+
+
+def saved(loaded, folder):
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def calibration() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(6, 100, (1, 24), generator=generator) for _ in range(4)]
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_a_streamed_model_compresses_to_the_same_weights(name, tmp_path) -> None:
+    folder = saved(tiny_llama(layers=3), tmp_path / "model")
+    recipe = Recipe.model_validate({"stages": RECIPES[name]})
+    whole = load_model(folder, device="cpu")
+    streamed = load_model(folder, device="cpu", streamed=True, scratch=tmp_path / "blocks")
+    compress(whole.model, recipe, calibration())
+    compress(streamed.model, recipe, calibration())
+    store = store_of(streamed.model)
+    for index, block in enumerate(whole.model.model.layers):
+        assert streamed.model.model.layers[index].mlp.up_proj.weight.device.type == "meta"
+        with store.resident(index, keep_changes=False) as resident:
+            expected, actual = block_state(block), block_state(resident)
+            assert expected.keys() == actual.keys()
+            for key in expected:
+                assert torch.equal(expected[key], actual[key]), (index, key)
+
+    ids = torch.randint(6, 100, (1, 16))
+    with torch.inference_mode():
+        expected = whole.model(input_ids=ids, use_cache=False).logits
+    actual = stream_forward(
+        streamed.model, [{"input_ids": ids, "use_cache": False}], lambda _, out: out.logits
+    )[0]
+    assert torch.equal(expected, actual)
+
+
+def test_a_streamed_export_is_checked_and_loads(tmp_path) -> None:
+    folder = saved(tiny_llama(layers=4), tmp_path / "model")
+    streamed = load_model(folder, device="cpu", streamed=True, scratch=tmp_path / "blocks")
+    compress(streamed.model, Recipe.model_validate({"stages": RECIPES["gptq"]}), calibration())
+    draft = write_draft(streamed, streamed.model, tmp_path / "out", recipe={}, inputs={})
+    check = verify(draft, streamed.model, streamed.task, torch.randint(6, 100, (1, 12)))
+    assert check.artifact is None
+    assert check.report["blocks"] == 4 and check.report["weights_exact_layers"] == 4 * 7
+    assert check.report["max_abs_diff"] <= check.report["tolerance"]
+    draft.publish(metrics={})
+    loaded = load_artifact(tmp_path / "out")
+    assert loaded.model.slimformer_runtime["kernels"]
+
+
+def test_a_tampered_streamed_export_fails_its_check(tmp_path) -> None:
+    import safetensors.torch
+
+    folder = saved(tiny_llama(layers=2), tmp_path / "model")
+    streamed = load_model(folder, device="cpu", streamed=True, scratch=tmp_path / "blocks")
+    compress(streamed.model, Recipe.model_validate({"stages": RECIPES["rtn"]}))
+    draft = write_draft(streamed, streamed.model, tmp_path / "out", recipe={}, inputs={})
+    path = draft.path / "model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    tensors["model.layers.1.mlp.up_proj.weight_packed"] = torch.flip(
+        tensors["model.layers.1.mlp.up_proj.weight_packed"], dims=[0]
+    ).contiguous()
+    safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
+    from workers.compression.export import ExportVerificationError
+
+    with pytest.raises(ExportVerificationError):
+        verify(draft, streamed.model, streamed.task, torch.randint(6, 100, (1, 12)))
+
+
+def test_an_encoder_streams_too(tmp_path) -> None:
+    folder = saved(tiny_bert(layers=2), tmp_path / "model")
+    whole = load_model(folder, device="cpu")
+    streamed = load_model(folder, device="cpu", streamed=True, scratch=tmp_path / "blocks")
+    ids = torch.randint(6, 100, (2, 10))
+    with torch.inference_mode():
+        expected = whole.model(input_ids=ids).last_hidden_state
+    actual = stream_forward(
+        streamed.model, [{"input_ids": ids}], lambda _, out: out.last_hidden_state
+    )[0]
+    assert torch.allclose(expected, actual, atol=1e-6)
