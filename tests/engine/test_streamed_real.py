@@ -47,12 +47,10 @@ def test_a_bf16_checkpoint_streamed_quantizes_as_float32_held_whole(cache_dir, t
     calibration = calibration_batches(
         texts("enwiki-calibration"), whole.tokenizer, num_samples=8, seq_len=128, seed=0
     )
+    settings = EvaluationSettings(metrics=["perplexity"], seq_len=256, max_windows=4)
+    records = [{"text": text} for text in texts("enwiki-evaluation")]
     harness = Evaluator(
-        task=whole.task,
-        tokenizer=whole.tokenizer,
-        settings=EvaluationSettings(metrics=["perplexity"], seq_len=256, max_windows=4),
-        records=[{"text": text} for text in texts("enwiki-evaluation")],
-        device="cpu",
+        task=whole.task, tokenizer=whole.tokenizer, settings=settings, records=records, device="cpu"
     )
     recipe = Recipe.model_validate(RECIPE)
     compress(whole.model, recipe, calibration)
@@ -64,7 +62,10 @@ def test_a_bf16_checkpoint_streamed_quantizes_as_float32_held_whole(cache_dir, t
     assert streamed.model.model.layers[0].mlp.up_proj.weight.device.type == "meta"
     compress(streamed.model, recipe, calibration)
     bf16_streamed = harness.measure(streamed.model, folder=None)["perplexity"]
-    assert abs(bf16_streamed - float32_whole) <= 0.04 * float32_whole, (bf16_streamed, float32_whole)
+    assert abs(bf16_streamed - float32_whole) <= 0.04 * float32_whole, (
+        bf16_streamed,
+        float32_whole,
+    )
 
     draft = write_draft(
         streamed, streamed.model, tmp_path / "out", recipe=RECIPE, inputs={}, sparse_storage="dense"

@@ -112,14 +112,8 @@ def available_memory(device: str) -> int | None:
 
         free, _total = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
-    candidates = []
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    candidates.append(int(line.split()[1]) * 1024)
-    except OSError:
-        pass
+    available = _proc_kilobytes("/proc/meminfo", "MemAvailable")
+    candidates = [] if available is None else [available]
     cgroup = _memory_cgroup()
     if cgroup is not None:
         folder, limit_file, usage_file = cgroup
@@ -203,11 +197,16 @@ def _cgroup_usage(folder: Path, usage_file: str) -> int | None:
 
 
 def _own_resident_bytes() -> int:
+    return _proc_kilobytes("/proc/self/status", "VmRSS") or 0
+
+
+def _proc_kilobytes(path: str, field: str) -> int | None:
+    """A `field:  N kB` line of a /proc file, in bytes."""
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
+        with open(path) as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
