@@ -43,14 +43,6 @@ METHODS = {
 MODELS = ("smollm2", "llama-1b-4layers", "llama-1b", "llama-7b")
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _reset_peak() -> None:
     import ctypes
 
@@ -80,6 +72,7 @@ def run_row(args: argparse.Namespace) -> dict:
 
     from workers.compression import compress
     from workers.compression.data import calibration_batches
+    from workers.compression.evaluation import _proc_status_bytes
     from workers.compression.examples import builtin_dataset_jsonl
     from workers.compression.export import verify, write_draft
     from workers.compression.loading import load_model
@@ -96,7 +89,7 @@ def run_row(args: argparse.Namespace) -> dict:
     def phase(name: str, started: float) -> None:
         phases[name] = {
             "seconds": round(time.perf_counter() - started, 2),
-            "peak_rss_bytes": _status("VmHWM"),
+            "peak_rss_bytes": _proc_status_bytes("VmHWM"),
         }
         if cuda:
             torch.cuda.synchronize()

@@ -36,7 +36,7 @@ from torch import nn
 
 from workers.compression.layer_selection import block_prefix
 from workers.compression.quant import ATTRIBUTE, QuantizedWeight
-from workers.compression.streaming import BlockStore, store_of
+from workers.compression.streaming import BlockStore, first_block_call, store_of
 
 # Calibration samples of one length are run through a block together, up to this many tokens:
 # big enough to keep the matrix multiplies efficient, small enough that one chunk's activations
@@ -99,10 +99,6 @@ Handler = Callable[[int, str, nn.Module, BlockInputs], dict]
 Progress = Callable[[int, int, str], None]  # (step, total_steps, message), e.g. StageContext.report
 
 
-class _FirstBlockReached(Exception):
-    pass
-
-
 def model_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(name, list) of the model's repeated blocks."""
     name = block_prefix(model).rstrip(".")
@@ -162,25 +158,11 @@ def capture_block_inputs(model: nn.Module, calibration: list[torch.Tensor]) -> B
         {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     )
     inputs = BlockInputs(hidden=[], args=[], kwargs=[])
-
-    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        inputs.hidden.append(hidden)
-        inputs.args.append(tuple(args[1:]))
-        inputs.kwargs.append(kwargs)
-        raise _FirstBlockReached
-
-    handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        for ids in _chunks(calibration):
-            try:
-                model(input_ids=ids.to(device), **extra)
-            except _FirstBlockReached:
-                continue
-            raise RuntimeError("the model finished a forward pass without calling its first block")
-    finally:
-        handle.remove()
+    for ids in _chunks(calibration):
+        call = first_block_call(model, blocks, {"input_ids": ids.to(device), **extra})
+        inputs.hidden.append(call.hidden)
+        inputs.args.append(call.args)
+        inputs.kwargs.append(call.kwargs)
     return inputs
 
 

@@ -32,8 +32,14 @@ from workers.compression.formats.layout import (
     UnsupportedExportError,
 )
 from workers.compression.quant import ATTRIBUTE, QuantizedWeight, dequantize
-from workers.compression.shards import INDEX_FILE, ShardWriter, weight_files
-from workers.compression.streaming import BlockStore, parked_skeleton, store_of, stream_forward
+from workers.compression.shards import ShardWriter, weight_files
+from workers.compression.streaming import (
+    BlockStore,
+    checkpoint_files,
+    parked_skeleton,
+    store_of,
+    stream_forward,
+)
 
 
 def write_streamed(
@@ -112,7 +118,7 @@ def check_streamed(
     quantization = config.get("quantization_config")
     context = LoadContext(device=torch.device("cpu"), records=records)
     blocks = f"{store.blocks_name}."
-    stored_names = _stored_tensors(folder)
+    stored_names = checkpoint_files(folder)
     expected = _expected_float_tensors(model)
     exact_layers = 0
     for index in range(len(store)):
@@ -182,18 +188,6 @@ def agreement_report(
     if not max_abs_diff <= tolerance:  # also catches NaN
         raise ExportVerificationError(f"exported model disagrees with the original: {report}")
     return report
-
-
-def _stored_tensors(folder: Path) -> dict[str, Path]:
-    index = Path(folder) / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return {key: Path(folder) / name for key, name in weight_map.items()}
-    names = {}
-    for path in weight_files(folder):
-        with safe_open(path, "pt") as stored:
-            names.update(dict.fromkeys(stored.keys(), path))
-    return names
 
 
 def _read(

@@ -48,7 +48,7 @@ from torch.nn import functional as F
 
 from workers.compression.layer_selection import block_prefix
 from workers.compression.quant import ATTRIBUTE, QuantizedWeight, dequantize
-from workers.compression.shards import write_file
+from workers.compression.shards import read_header, write_file
 
 STORE_ATTRIBUTE = "slimformer_blocks"
 
@@ -311,9 +311,7 @@ def checkpoint_dtype(folder: Path) -> torch.dtype:
     """The dtype the checkpoint's floating tensors are stored in (the most common one, by bytes)."""
     totals: dict[str, int] = {}
     for path in set(checkpoint_files(folder).values()):
-        with open(path, "rb") as stream:
-            length = int.from_bytes(stream.read(8), "little")
-            header = json.loads(stream.read(length))
+        header, _ = read_header(path)
         for key, entry in header.items():
             if key != "__metadata__" and entry["dtype"] in _FLOAT_DTYPES:
                 start, end = entry["data_offsets"]
@@ -421,19 +419,22 @@ class _FirstBlockReached(Exception):
 
 
 @dataclass
-class _Call:
+class BlockCall:
     hidden: torch.Tensor
     args: tuple
     kwargs: dict
 
 
-def _capture(model: nn.Module, blocks: nn.ModuleList, call_kwargs: dict) -> _Call:
-    captured: list[_Call] = []
+def first_block_call(model: nn.Module, blocks: nn.ModuleList, call_kwargs: dict) -> BlockCall:
+    """What the first block receives when `model(**call_kwargs)` runs: the model runs only up to
+    it (a pre-forward hook records the hidden states and the other arguments the model computes
+    for its blocks — masks, RoPE embeddings — and stops the pass)."""
+    captured: list[BlockCall] = []
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(_Call(hidden, tuple(args[1:]), kwargs))
+        captured.append(BlockCall(hidden, tuple(args[1:]), kwargs))
         raise _FirstBlockReached
 
     handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
@@ -482,7 +483,7 @@ def stream_forward(
     assert store is not None, "stream_forward needs a streamed model"
     entry = model if entry is None else entry
     all_blocks = store.blocks
-    captured = [_capture(entry, all_blocks, kwargs) for kwargs in calls]
+    captured = [first_block_call(entry, all_blocks, kwargs) for kwargs in calls]
     as_tuple = False
     for index in range(len(all_blocks) if blocks is None else blocks):
         if on_step is not None:
