@@ -44,11 +44,10 @@ MODELS = ("smollm2", "llama-1b-4layers", "llama-1b", "llama-7b")
 
 
 def _reset_peak() -> None:
-    import ctypes
+    from workers.compression import process_memory
 
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
+    process_memory.trim()
+    process_memory.reset_peak()
 
 
 def model_folder(name: str, work: Path) -> Path:
@@ -70,15 +69,15 @@ def run_row(args: argparse.Namespace) -> dict:
     """One row, in this process."""
     import torch
 
-    from workers.compression import compress
+    from workers.compression import compress, process_memory
     from workers.compression.data import calibration_batches
-    from workers.compression.evaluation import _proc_status_bytes
     from workers.compression.examples import builtin_dataset_jsonl
     from workers.compression.export import verify, write_draft
     from workers.compression.loading import load_model
     from workers.compression.recipe import Recipe
 
     torch.set_num_threads(args.threads)
+    process_memory.return_large_frees()  # as a worker's job process does (workers/celery_app.py)
     folder = model_folder(args.model, args.work)
     stages = METHODS[args.method]
     recipe = Recipe.model_validate({"stages": stages})
@@ -89,7 +88,7 @@ def run_row(args: argparse.Namespace) -> dict:
     def phase(name: str, started: float) -> None:
         phases[name] = {
             "seconds": round(time.perf_counter() - started, 2),
-            "peak_rss_bytes": _proc_status_bytes("VmHWM"),
+            "peak_rss_bytes": process_memory.status_bytes("VmHWM"),
         }
         if cuda:
             torch.cuda.synchronize()

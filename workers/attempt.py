@@ -10,7 +10,6 @@ through `app.jobs.lifecycle.transition` too, and removes what the attempt stored
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -259,12 +258,12 @@ def run_attempt(job_id: str, work: Work) -> None:
 def _return_memory() -> None:
     """The worker process outlives the job: hand what the job freed back to the OS (glibc keeps
     freed heap for reuse otherwise), so the next job's preflight sees it free."""
-    import ctypes
     import gc
 
+    from workers.compression import process_memory
+
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    process_memory.trim()
 
 
 def _scratch_root() -> Path:

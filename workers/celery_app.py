@@ -30,6 +30,11 @@ def _fresh_connections(**_: object) -> None:
     # initialised here, in the child, by the first job: never in the parent that forks (the
     # device probe runs in a process of its own, `workers.presence.probe`).
     dispose_engines()
+    # Jobs allocate and free per-block tensors all the time: hand large frees back to the OS,
+    # so a job's resident memory follows what it holds (`process_memory`).
+    from workers.compression.process_memory import return_large_frees
+
+    return_large_frees()
 
 
 @worker_ready.connect

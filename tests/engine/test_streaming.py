@@ -21,6 +21,10 @@ RECIPES = {
     "gptq": [{"method": "gptq", "bits": 4, "group_size": 16}],
     "smoothquant+w8a8": [{"method": "smoothquant"}, {"method": "w8a8", "activations": "static"}],
     "sparsegpt": [{"method": "sparsegpt", "sparsity": 0.5}],
+    "structured": [{"method": "structured", "attention_heads": 0.5, "ffn_channels": 0.25}],
+    "structured-magnitude": [
+        {"method": "structured", "ffn_channels": 0.5, "criterion": "magnitude"}
+    ],
 }
 
 
@@ -75,6 +79,25 @@ def test_a_streamed_export_is_checked_and_loads(tmp_path) -> None:
     assert loaded.model.slimformer_runtime["kernels"]
 
 
+def test_a_streamed_structured_export_has_the_pruned_shapes(tmp_path) -> None:
+    """Structured pruning streamed, then quantized: the export is checked against the rewritten
+    config's shapes and loads in plain transformers with the pruned widths."""
+    from transformers import AutoModelForCausalLM
+
+    folder = saved(tiny_llama(layers=3), tmp_path / "model")
+    streamed = load_model(folder, device="cpu", streamed=True, scratch=tmp_path / "blocks")
+    stages = RECIPES["structured"] + [{"method": "rtn", "bits": 4, "group_size": 8}]
+    compress(streamed.model, Recipe.model_validate({"stages": stages}), calibration())
+    draft = write_draft(streamed, streamed.model, tmp_path / "out", recipe={}, inputs={})
+    check = verify(draft, streamed.model, streamed.task, torch.randint(6, 100, (1, 12)))
+    assert check.report["blocks"] == 3
+    assert check.report["max_abs_diff"] <= check.report["tolerance"]
+    draft.publish(metrics={})
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert plain.config.intermediate_size == streamed.model.config.intermediate_size == 48  # of 64
+    assert plain.model.layers[0].mlp.down_proj.in_features == plain.config.intermediate_size
+
+
 def test_a_tampered_streamed_export_fails_its_check(tmp_path) -> None:
     import safetensors.torch
 
@@ -105,3 +128,46 @@ def test_an_encoder_streams_too(tmp_path) -> None:
         streamed.model, [{"input_ids": ids}], lambda _, out: out.last_hidden_state
     )[0]
     assert torch.allclose(expected, actual, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gptq", "structured"])
+def test_a_killed_streamed_run_resumes_to_the_same_model(name, tmp_path) -> None:
+    """Block checkpoints resume a streamed model too; structured pruning's finished blocks come
+    back in their pruned shapes (their saved tensors no longer fit the checkpoint's)."""
+    from app.storage import LocalStore
+    from tests.engine.test_quant import Killed
+    from workers.checkpoints import StorageBlockCheckpoint
+
+    folder = saved(tiny_llama(layers=3), tmp_path / "model")
+    recipe = Recipe.model_validate({"stages": RECIPES[name]})
+    whole = load_model(folder, device="cpu")
+    compress(whole.model, recipe, calibration())
+    store = LocalStore(tmp_path / "store")
+
+    def checkpoints(stage_index: int) -> StorageBlockCheckpoint:
+        return StorageBlockCheckpoint(store, f"checkpoints/{stage_index}")
+
+    def dies_after_block_1(update) -> None:  # noqa: ANN001
+        if update.step == 2:
+            raise Killed
+
+    killed = load_model(folder, device="cpu", streamed=True, scratch=tmp_path / "killed")
+    with pytest.raises(Killed):
+        compress(
+            killed.model, recipe, calibration(), progress=dies_after_block_1,
+            checkpoints=checkpoints,
+        )  # fmt: skip
+    steps = []
+    resumed = load_model(folder, device="cpu", streamed=True, scratch=tmp_path / "resumed")
+    compress(
+        resumed.model, recipe, calibration(), progress=lambda update: steps.append(update.step),
+        checkpoints=checkpoints,
+    )  # fmt: skip
+    assert steps == [3]  # only block 2 ran again
+    blocks = store_of(resumed.model)
+    for index, block in enumerate(whole.model.model.layers):
+        with blocks.resident(index, keep_changes=False) as resident:
+            expected, actual = block_state(block), block_state(resident)
+            assert expected.keys() == actual.keys()
+            for key in expected:
+                assert torch.equal(expected[key], actual[key]), (index, key)

@@ -8,7 +8,6 @@ how close the compressed model's embeddings stay (`embedding_cosine`).
 
 from __future__ import annotations
 
-import ctypes
 import math
 import platform
 import resource
@@ -23,6 +22,7 @@ from torch import nn
 from torch.ao.nn.quantized import dynamic as nnqd
 from torch.nn import functional as F
 
+from workers.compression import process_memory
 from workers.compression.data import special_tokens_around, token_stream
 from workers.compression.recipe import EvaluationSettings, default_metrics
 from workers.compression.streaming import store_of, stream_forward
@@ -421,35 +421,20 @@ def _forward_extra_bytes(forward, device: torch.device) -> int:
         forward()
         torch.cuda.synchronize(device)
         return max(0, torch.cuda.max_memory_allocated(device) - before)
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except (OSError, AttributeError):
-        pass
+    process_memory.trim()
+    process_memory.reset_peak()
     before = _resident_bytes()
     forward()
     return max(0, _peak_resident_bytes() - before)
 
 
-def _proc_status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024  # reported in kB
-    except OSError:
-        pass
-    return None
-
-
 def _resident_bytes() -> int:
-    current = _proc_status_bytes("VmRSS")
+    current = process_memory.status_bytes("VmRSS")
     return current if current is not None else _peak_resident_bytes()
 
 
 def _peak_resident_bytes() -> int:
-    peak = _proc_status_bytes("VmHWM")
+    peak = process_memory.status_bytes("VmHWM")
     if peak is not None:
         return peak
     # ru_maxrss is in bytes on macOS, kilobytes elsewhere.

@@ -14,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from workers.compression import process_memory
+
 # Python, torch, transformers, tokenizers, Celery and the engine imported: 330 MB RSS measured in
 # a fresh process (torch 2.13 CPU, transformers 5.24); twice that for allocator caches and threads.
 RUNTIME_BYTES = 660_000_000
@@ -112,7 +114,7 @@ def available_memory(device: str) -> int | None:
 
         free, _total = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
-    available = _proc_kilobytes("/proc/meminfo", "MemAvailable")
+    available = process_memory.proc_bytes("/proc/meminfo", "MemAvailable")
     candidates = [] if available is None else [available]
     cgroup = _memory_cgroup()
     if cgroup is not None:
@@ -197,16 +199,4 @@ def _cgroup_usage(folder: Path, usage_file: str) -> int | None:
 
 
 def _own_resident_bytes() -> int:
-    return _proc_kilobytes("/proc/self/status", "VmRSS") or 0
-
-
-def _proc_kilobytes(path: str, field: str) -> int | None:
-    """A `field:  N kB` line of a /proc file, in bytes."""
-    try:
-        with open(path) as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return process_memory.status_bytes("VmRSS") or 0

@@ -211,7 +211,6 @@ class StructuredConfig(StageConfig):
 
     rescales_weights: ClassVar[bool] = True
     shrinks: ClassVar[bool] = True
-    streams: ClassVar[bool] = False  # rewrites the config and shapes: not yet block by block
 
     method: Literal["structured"] = "structured"
     attention_heads: float = Field(default=0.0, ge=0, lt=1)

@@ -187,6 +187,28 @@ class BlockStore:
         restore_block_state(block, state)
         self.offload(index)
 
+    def put(self, index: int, state: dict[str, torch.Tensor]) -> None:
+        """Make `state` (as `calibration.block_state` returns it) block `index`'s stored tensors
+        without onloading what is stored now: a block whose shapes changed (structured pruning,
+        resumed) cannot be onloaded from its old tensors. Its modules must already have the
+        shapes of `state`."""
+        if index in self._resident:
+            raise RuntimeError(f"block {index} is resident: change it in place instead")
+        quantized = {key.split(f".{ATTRIBUTE}.")[0] for key in state if f".{ATTRIBUTE}." in key}
+        tensors = {
+            key: value.detach().to("cpu").contiguous()
+            for key, value in state.items()
+            # A quantized layer's weight is a function of its codes: not stored (see `onload`).
+            if key.removesuffix(".weight") not in quantized
+        }
+        version = self._versions.get(index, 0) + 1
+        path = self.scratch / f"block-{index}-v{version}.safetensors"
+        write_file(path, tensors)
+        self._versions[index] = version
+        old = self.sources[index]
+        self.sources[index] = {key: TensorSource(path, key, original=False) for key in tensors}
+        self._drop_unreferenced(index, old)
+
     def close(self) -> None:
         for index in list(self._resident):
             self.offload(index, keep_changes=False)

@@ -42,12 +42,14 @@ from workers.compression.calibration import (
     SavedProgress,
     linear_inputs,
     model_blocks,
+    resident_block,
     run_blockwise,
 )
 from workers.compression.evaluation import parameter_count
 from workers.compression.layer_selection import linear_layers
 from workers.compression.recipe import StructuredConfig
 from workers.compression.registry import StageContext, register_method
+from workers.compression.streaming import store_of
 
 
 @dataclass(frozen=True)
@@ -349,21 +351,27 @@ class StructuredBlockHandler:
 class ShrinkOnResume:
     """A `BlockCheckpoint` wrapper for `run_blockwise`: when saved progress is found, it first
     gives the finished blocks their pruned shapes, so that their saved (smaller) weights load into
-    them. Which units it keeps there does not matter: restoring overwrites every weight."""
+    them. Which units it keeps there does not matter: restoring overwrites every weight. A streamed
+    block is shrunk where it lies (on the meta device) and its saved tensors become what it is
+    onloaded from: the checkpoint's full-size tensors no longer fit it."""
 
-    def __init__(self, checkpoint: BlockCheckpoint, blocks: nn.ModuleList, plan: Plan) -> None:
-        self.checkpoint, self.blocks, self.plan = checkpoint, blocks, plan
+    def __init__(self, checkpoint: BlockCheckpoint, model: nn.Module, plan: Plan) -> None:
+        self.checkpoint, self.model, self.plan = checkpoint, model, plan
 
     def load(self) -> SavedProgress | None:
         saved = self.checkpoint.load()
         if saved is not None:
+            _, blocks = model_blocks(self.model)
+            store = store_of(self.model)
             for index in range(saved.next_block):
                 shrink_block(
-                    self.blocks[index],
+                    blocks[index],
                     self.plan,
                     kept_groups=list(range(self.plan.kv_heads_kept)),
                     kept_channels=list(range(self.plan.ffn_channels_kept)),
                 )
+                if store is not None:
+                    store.put(index, saved.block_states[index])
         return saved
 
     def save(self, **progress) -> None:  # noqa: ANN003
@@ -394,16 +402,18 @@ def structured(model: nn.Module, config: StructuredConfig, context: StageContext
             context.calibration,
             StructuredBlockHandler(plan),
             progress=context.report,
-            checkpoint=ShrinkOnResume(checkpoint, blocks, plan) if checkpoint else None,
+            checkpoint=ShrinkOnResume(checkpoint, model, plan) if checkpoint else None,
         )
         samples = len(context.calibration)
         tokens = sum(ids.numel() for ids in context.calibration)
     else:
         per_block = []
-        for index, block in enumerate(blocks):
-            head_scores = head_magnitude_scores(block, plan) if plan.prunes_heads else None
-            ffn_scores = ffn_magnitude_scores(block, plan.layout) if plan.prunes_ffn else None
-            per_block.append(prune_block(block, plan, head_scores, ffn_scores))
+        store = store_of(model)  # streamed: each block onloaded, pruned and stored in turn
+        for index in range(len(blocks)):
+            with resident_block(store, blocks, index) as block:
+                head_scores = head_magnitude_scores(block, plan) if plan.prunes_heads else None
+                ffn_scores = ffn_magnitude_scores(block, plan.layout) if plan.prunes_ffn else None
+                per_block.append(prune_block(block, plan, head_scores, ffn_scores))
             context.report(index + 1, len(blocks), f"pruned {blocks_name}.{index}")
         samples = tokens = 0
     rewrite_config(model, plan)
