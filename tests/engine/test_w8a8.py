@@ -187,8 +187,13 @@ def test_w8a8_artifact_round_trip(make_llama, tmp_path, activations):
     assert report["max_abs_diff"] == 0
 
     # transformers + compressed-tensors quantize activations the same way, in float arithmetic.
+    # Where an activation sits at a rounding boundary, the two float paths may round it to
+    # neighbouring codes (CPU-dependent: on an AMD EPYC, 3% of the logits moved by <= 1.3e-3, one
+    # code of one activation); a different convention (scale, zero point, clamping) moves them all.
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "artifact").eval()
-    torch.testing.assert_close(outputs(loaded, plain), outputs(loaded), rtol=1e-4, atol=1e-4)
+    difference = (outputs(loaded, plain) - outputs(loaded)).abs()
+    assert difference.max() <= 1e-2
+    assert (difference > 1e-4).float().mean() <= 0.05
 
 
 def test_bert_w8a8_loads_in_transformers(bert, tmp_path):

@@ -66,38 +66,34 @@ def sparsegpt_prune(
         block_size = -(-block_size // 4) * 4
     elif pattern != "unstructured":
         raise ValueError(f"unknown sparsity pattern {pattern!r}")
+    U, dead = inverse_hessian_factor(hessian, damping, method="SparseGPT", layer=layer)
     W = weight.detach().float().clone()
-    H = hessian.detach().double().clone()
-
     # An input that is always zero carries no information: its weights go to 0 (and are the first
-    # to be pruned), and a unit diagonal keeps H invertible.
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
+    # to be pruned).
     W[:, dead] = 0
-
-    U = inverse_hessian_factor(H, damping, method="SparseGPT", layer=layer)
-    del H
     diagonal = torch.diagonal(U)
     keep = torch.ones_like(W, dtype=torch.bool)
-    for i1 in range(0, in_features, block_size):
-        i2 = min(i1 + block_size, in_features)
-        W1, U1, keep1 = W[:, i1:i2], U[i1:i2, i1:i2], keep[:, i1:i2]  # views into W, U, keep
-        d1 = diagonal[i1:i2]
-        errors = torch.zeros_like(W1)
-        if pattern == "unstructured":
-            saliency = (W1 / d1).square()
-            keep1.copy_(keep_largest(saliency.reshape(1, -1), sparsity).reshape(saliency.shape))
-        for i in range(i2 - i1):
-            if pattern == "2:4" and i % 4 == 0:
-                keep1[:, i : i + 4] = two_of_four((W1[:, i : i + 4] / d1[i : i + 4]).square())
-            # w_j - q_j: the removed weights, zero where the column keeps its weight.
-            removed = W1[:, i].masked_fill(keep1[:, i], 0)
-            error = removed.div_(d1[i])
-            W1[:, i + 1 :].addr_(error, U1[i, i + 1 :], alpha=-1)
-            # Set to exact zeros, not w - error · U_jj, which only rounds to about zero.
-            W1[:, i].masked_fill_(~keep1[:, i], 0)
-            errors[:, i] = error
-        W[:, i2:].sub_(errors @ U[i1:i2, i2:])
+    # One thread for the column loop's thousands of small operations (see gptq).
+    with single_cpu_thread(W.device):
+        for i1 in range(0, in_features, block_size):
+            i2 = min(i1 + block_size, in_features)
+            W1, U1, keep1 = W[:, i1:i2], U[i1:i2, i1:i2], keep[:, i1:i2]  # views into W, U, keep
+            d1 = diagonal[i1:i2]
+            errors = torch.zeros_like(W1)
+            if pattern == "unstructured":
+                saliency = (W1 / d1).square()
+                keep1.copy_(keep_largest(saliency.reshape(1, -1), sparsity).reshape(saliency.shape))
+            for i in range(i2 - i1):
+                if pattern == "2:4" and i % 4 == 0:
+                    keep1[:, i : i + 4] = two_of_four((W1[:, i : i + 4] / d1[i : i + 4]).square())
+                # w_j - q_j: the removed weights, zero where the column keeps its weight.
+                removed = W1[:, i].masked_fill(keep1[:, i], 0)
+                error = removed.div_(d1[i])
+                W1[:, i + 1 :].addr_(error, U1[i, i + 1 :], alpha=-1)
+                # Set to exact zeros, not w - error · U_jj, which only rounds to about zero.
+                W1[:, i].masked_fill_(~keep1[:, i], 0)
+                errors[:, i] = error
+            W[:, i2:].sub_(errors @ U[i1:i2, i2:])
 
     return W.to(weight.dtype), keep
 
@@ -117,25 +113,24 @@ class SparseGptBlockHandler:
         hessians = input_hessians(block, layers, inputs)
 
         config, summary = self.config, {}
-        with single_cpu_thread(inputs.hidden[0].device):
-            for name, layer in layers.items():
-                H = hessians.pop(name)
-                original = layer.weight.detach().clone()
-                pruned, keep = sparsegpt_prune(
-                    original,
-                    H,
-                    sparsity=config.sparsity,
-                    pattern=config.pattern,
-                    damping=config.damping,
-                    block_size=config.block_size,
-                    layer=prefix + name,
-                )
-                with torch.no_grad():
-                    layer.weight.copy_(pruned)
-                prune_(layer, keep, pattern=config.pattern)  # already zero there; marks the layer
-                summary[prefix + name] = {
-                    "relative_output_error": relative_output_error(original, layer.weight, H)
-                }
+        for name, layer in layers.items():
+            H = hessians.pop(name)
+            original = layer.weight.detach().clone()
+            pruned, keep = sparsegpt_prune(
+                original,
+                H,
+                sparsity=config.sparsity,
+                pattern=config.pattern,
+                damping=config.damping,
+                block_size=config.block_size,
+                layer=prefix + name,
+            )
+            with torch.no_grad():
+                layer.weight.copy_(pruned)
+            prune_(layer, keep, pattern=config.pattern)  # already zero there; marks the layer
+            summary[prefix + name] = {
+                "relative_output_error": relative_output_error(original, layer.weight, H)
+            }
         return summary
 
 
