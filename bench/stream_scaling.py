@@ -40,7 +40,7 @@ METHODS = {
     "sparsegpt": [{"method": "sparsegpt", "sparsity": 0.5}],
     "fp8": [{"method": "fp8", "activations": "dynamic"}],
 }
-MODELS = ("smollm2", "llama-1b-4layers", "llama-1b", "llama-7b")
+MODELS = ("smollm2", "llama-1b-4layers", "llama-1b", "llama-7b-4layers", "llama-7b")
 
 
 def _reset_peak() -> None:

@@ -69,8 +69,9 @@ def estimate_memory(
         * calibration_seq_len
         * hidden
         * FLOAT32,
-        # A Hessian-like statistic of the widest layer input, for the methods that calibrate.
-        "layer_statistics": largest_input * largest_input * FLOAT32 * 2
+        # The Hessian of the widest layer input and, while it is factored, two more matrices of
+        # its size (`methods.gptq.inverse_hessian_factor`), for the methods that collect them.
+        "layer_statistics": largest_input * largest_input * FLOAT32 * 3
         if calibration_samples and hessians
         else 0,
         "evaluation_activations": evaluation_seq_len * (vocabulary + 8 * hidden) * FLOAT32 * 2,
