@@ -262,6 +262,40 @@ def test_gptq_keeps_dead_inputs_at_zero():
     assert torch.equal(dequantize(q)[:, 5], torch.zeros(8))
 
 
+@pytest.mark.parametrize("act_order", [True, False])
+def test_the_output_error_without_the_hessian_is_the_exact_one(act_order):
+    """GPTQ and SparseGPT report tr(ΔW H ΔWᵀ) from their own loop (Σ error² − λ‖ΔW‖²), so the
+    Hessian can be released when it is factored: the same number as computing it with H."""
+    from workers.compression.methods.gptq import inverse_hessian_factor
+    from workers.compression.methods.sparsegpt import sparsegpt_prune
+
+    torch.manual_seed(0)
+    X = torch.randn(1024, 64) * torch.linspace(0.1, 3, 64)
+    X[:, 5] = 0  # a dead input
+    H = 2 * X.T @ X / 1024
+    W = torch.randn(16, 64)
+    errors: dict = {}
+    q = gptq_quantize(
+        W, H, bits=4, group_size=16, symmetric=False, act_order=act_order, damping=0.01,
+        block_size=16, errors=errors,
+    )  # fmt: skip
+    delta = W - dequantize(q).float()
+    assert errors["output"] == pytest.approx(((delta @ H) * delta).sum().item(), rel=1e-4)
+    pruned, _ = sparsegpt_prune(
+        W, H, sparsity=0.5, pattern="unstructured", damping=0.01, block_size=16, errors=errors
+    )
+    delta = W - pruned
+    assert errors["output"] == pytest.approx(((delta @ H) * delta).sum().item(), rel=1e-4)
+
+    # Consuming the Hessian as scratch gives the same factor.
+    kept = inverse_hessian_factor(H, 0.01, act_order=act_order, method="GPTQ", layer="x")
+    consumed = inverse_hessian_factor(
+        H.clone(), 0.01, act_order=act_order, method="GPTQ", layer="x", consume=True
+    )
+    assert torch.equal(kept.order, consumed.order) and torch.equal(kept.dead, consumed.dead)
+    torch.testing.assert_close(kept.U, consumed.U, rtol=1e-5, atol=1e-6)
+
+
 # --- calibration.py: block by block, resume, cancellation ---
 
 

@@ -31,8 +31,10 @@ paper's reference code), then each layer is quantized.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -72,47 +74,80 @@ def single_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@dataclass
+class HessianFactor:
+    """What GPTQ and SparseGPT need of a layer's Hessian H: `U` [in, in] float32, the upper
+    Cholesky factor of the dampened H⁻¹ with the inputs taken in `order` (row j of U holds the
+    inverse restricted to columns j:, see the module docstring); `dead` marks (in that order) the
+    inputs that were always zero, given a unit diagonal so that H stays invertible; `damping` is
+    the λ added to the diagonal (what turns the dampened objective back into the plain one)."""
+
+    U: torch.Tensor
+    dead: torch.Tensor
+    order: torch.Tensor
+    damping: float
+
+
 def inverse_hessian_factor(
     hessian: torch.Tensor,
     damping: float,
     *,
-    order: torch.Tensor | None = None,
+    act_order: bool = False,
     method: str,
     layer: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, dead) for H = `hessian` with its inputs taken in `order` (default: as they are):
-    U [in, in] float32 is the upper Cholesky factor of the dampened H⁻¹ (row j of U holds the
-    inverse restricted to columns j:, see the module docstring), `dead` marks (in that order) the
-    inputs that were always zero, given a unit diagonal so that H stays invertible. `hessian` is
-    not changed. Shared with SparseGPT.
+    consume: bool = False,
+) -> HessianFactor:
+    """The factor of H = `hessian`, its inputs in order of decreasing diag H with `act_order`.
+    Shared with SparseGPT.
 
     With J the order reversal and K = J H J = M Mᵀ (M lower), U = J M⁻¹ J: one Cholesky and one
     triangular inverse in float32, on all the process's threads — a third of the work of inverting
-    H and factoring the inverse again, and at most two [in, in] matrices at once besides `hessian`
-    (on a 7B model's 11008-wide down projection, 485 MB each).
+    H and factoring the inverse again. `consume`: `hessian` (float32) is used as scratch and holds
+    garbage afterwards, so the factorization needs one more [in, in] matrix, not two (on a 7B
+    model's 11008-wide down projection, 485 MB less).
     """
     size = hessian.shape[0]
-    order = torch.arange(size, device=hessian.device) if order is None else order
+    order = (
+        torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+        if act_order
+        else torch.arange(size, device=hessian.device)
+    )
     reverse = order.flip(0)
-    K = hessian.detach()[reverse[:, None], reverse].float()  # a copy: `hessian` stays as it is
+    K = hessian.detach()[reverse[:, None], reverse].float()  # a copy
     dead = K.diagonal() == 0
     K.diagonal()[dead] = 1
-    K.diagonal().add_(damping * K.diagonal().mean())
-    M, info = torch.linalg.cholesky_ex(K)
-    del K
+    shift = damping * K.diagonal().mean().item()
+    K.diagonal().add_(shift)
+    if consume:
+        if hessian.dtype != torch.float32 or not hessian.is_contiguous():
+            raise ValueError("only a contiguous float32 Hessian can be consumed")
+        M, info = torch.linalg.cholesky_ex(
+            K, out=(hessian.detach(), torch.empty((), dtype=torch.int32, device=K.device))
+        )
+        inverse = K.zero_()
+        inverse.diagonal().fill_(1)
+    else:
+        M, info = torch.linalg.cholesky_ex(K)
+        del K
+        inverse = torch.eye(size, dtype=torch.float32, device=M.device)
     if info.item():
         raise ValueError(
             f"{method}: the Hessian of {layer} is not positive definite; raise `damping`"
         )
-    inverse = torch.eye(size, dtype=torch.float32, device=M.device)
     torch.linalg.solve_triangular(M, inverse, upper=False, out=inverse)  # M⁻¹, in place
-    del M
-    return inverse.flip((0, 1)), dead.flip(0)
+    flip = torch.arange(size - 1, -1, -1, device=M.device)
+    if consume:  # U = J M⁻¹ J through the two buffers, M's no longer needed
+        torch.index_select(inverse, 0, flip, out=M)
+        U = torch.index_select(M, 1, flip, out=inverse)
+    else:
+        del M
+        U = inverse.flip((0, 1))
+    return HessianFactor(U=U, dead=dead.flip(0), order=order, damping=shift)
 
 
 def gptq_quantize(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | HessianFactor,
     *,
     bits: int,
     group_size: int,
@@ -121,20 +156,33 @@ def gptq_quantize(
     damping: float,
     block_size: int,
     layer: str = "the weight",
+    errors: dict | None = None,
 ) -> QuantizedWeight:
-    """GPTQ of one weight matrix [out, in] given H = 2 XᵀX [in, in] of its calibration inputs."""
+    """GPTQ of one weight matrix [out, in] given H = 2 XᵀX [in, in] of its calibration inputs, or
+    its factor (`inverse_hessian_factor`, with this `act_order` and `damping`).
+
+    Given a dict, `errors["output"]` receives tr(ΔW H ΔWᵀ), ΔW = W - Ŵ, without H: the loop's
+    Σ error² is tr(ΔW (H + λI) ΔWᵀ) exactly (each column's update is optimal for the columns
+    left), so subtracting λ‖ΔW‖² leaves the plain objective (ΔW counted zero at dead inputs,
+    where H is zero anyway)."""
     out_features, in_features = weight.shape
     group_size = resolve_group_size(in_features, group_size, layer=layer)
-    perm = (
-        torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
-        if act_order
-        else torch.arange(in_features, device=weight.device)
+    factor = (
+        hessian
+        if isinstance(hessian, HessianFactor)
+        else inverse_hessian_factor(
+            hessian, damping, act_order=act_order, method="GPTQ", layer=layer
+        )
     )
+    U, perm = factor.U, factor.order
     position = torch.argsort(perm)  # where each original column sits in the processing order
-    U, dead = inverse_hessian_factor(hessian, damping, order=perm, method="GPTQ", layer=layer)
     W = weight.detach().float()[:, perm]  # a copy, in processing order
     # An input that is always zero carries no information: its weights are fixed at 0.
-    W[:, dead] = 0
+    W[:, factor.dead] = 0
+    # For `errors`: Σ error² and ‖ΔW‖² (ΔW zero at dead inputs), accumulated column by column.
+    damped = delta = 0.0
+    columns_of = perm.tolist()
+    alive = (~factor.dead).tolist()
 
     num_groups = in_features // group_size
     group_of = (perm // group_size).tolist()  # the (original-order) group of each processed column
@@ -154,14 +202,14 @@ def gptq_quantize(
             i2 = min(i1 + block_size, in_features)
             W1 = W[:, i1:i2]  # a view: the updates inside the block land in W directly
             U1 = U[i1:i2, i1:i2]
-            errors = torch.zeros_like(W1)
+            pending = torch.zeros_like(W1)
             for i in range(i2 - i1):
                 g = group_of[i1 + i]
                 if g not in group_scale:
                     # None of the group's columns is quantized yet. Those inside this block are up to
                     # date; those after it still lack this block's pending (lazy) updates.
                     columns = position[g * group_size : (g + 1) * group_size]
-                    current = W[:, columns] - errors[:, :i] @ U[i1 : i1 + i, columns]
+                    current = W[:, columns] - pending[:, :i] @ U[i1 : i1 + i, columns]
                     inside = columns < i2
                     current[:, inside] = W[:, columns[inside]]
                     scale[:, g], z = group_params(
@@ -186,11 +234,18 @@ def gptq_quantize(
                 w_hat = (q if z is None else q - z) * s
                 if weight.dtype != torch.float32:
                     w_hat = w_hat.to(weight.dtype).float()
+                if errors is not None and alive[i1 + i]:
+                    original = weight[:, columns_of[i1 + i]].float()
+                    delta += (original - w_hat).double().square().sum().item()
                 error = (w - w_hat).div_(diagonal[i1 + i])
                 W1[:, i + 1 :].addr_(error, U1[i, i + 1 :], alpha=-1)
-                errors[:, i] = error
-            W[:, i2:].sub_(errors @ U[i1:i2, i2:])
+                pending[:, i] = error
+            W[:, i2:].sub_(pending @ U[i1:i2, i2:])
+            if errors is not None:
+                damped += pending.double().square().sum().item()
 
+    if errors is not None:
+        errors["output"] = max(damped - factor.damping * delta, 0.0)
     return QuantizedWeight(
         codes=codes[:, position].to(torch.int8 if symmetric else torch.uint8),
         scale=scale,
@@ -201,14 +256,47 @@ def gptq_quantize(
     )
 
 
-def relative_output_error(
-    original: torch.Tensor, quantized: torch.Tensor, H: torch.Tensor
-) -> float:
-    """||(W - Ŵ) Xᵀ|| / ||W Xᵀ|| on the calibration inputs, from H = 2 XᵀX (any scale):
-    √(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ))."""
-    original, delta = original.float(), original.float() - quantized.float()
-    signal = ((original @ H) * original).sum().item()
-    return math.sqrt(max(((delta @ H) * delta).sum().item(), 0.0) / signal) if signal else 0.0
+@dataclass
+class OriginalWeight:
+    """A layer's weight before a method changed it, and tr(W H Wᵀ) (what output errors are
+    relative to)."""
+
+    weight: torch.Tensor
+    signal: float
+
+
+def factored_layers(
+    layers: dict[str, nn.Linear],
+    hessians: dict[str, torch.Tensor],
+    damping: float,
+    *,
+    act_order: bool,
+    method: str,
+    prefix: str,
+) -> Iterator[tuple[str, OriginalWeight, HessianFactor]]:
+    """(name, its original weight, its Hessian's factor) for each layer in turn, the Hessians
+    consumed as they are factored: layers that share one Hessian (q/k/v) share one factor, and no
+    Hessian outlives its factorization. Empties `hessians`."""
+    signals = {}
+    for name, layer in layers.items():  # before any Hessian is consumed
+        W = layer.weight.detach().float()
+        signals[name] = ((W @ hessians[name]) * W).sum().item()
+    users = Counter(id(hessian) for hessian in hessians.values())
+    factors: dict[int, HessianFactor] = {}
+    for name, layer in layers.items():
+        hessian = hessians.pop(name)
+        key = id(hessian)
+        if key not in factors:
+            factors[key] = inverse_hessian_factor(
+                hessian, damping, act_order=act_order, method=method, layer=prefix + name,
+                consume=True,
+            )  # fmt: skip
+        del hessian
+        original = OriginalWeight(layer.weight.detach().clone(), signals[name])
+        yield name, original, factors[key]
+        users[key] -= 1
+        if not users[key]:
+            del factors[key]
 
 
 class GptqBlockHandler:
@@ -224,14 +312,15 @@ class GptqBlockHandler:
         if not layers:
             return {}
         hessians = input_hessians(block, layers, inputs)
-
         config, summary = self.config, {}
-        for name, layer in layers.items():
-            H = hessians.pop(name)
-            original = layer.weight.detach().clone()
+        for name, original, factor in factored_layers(
+            layers, hessians, config.damping, act_order=config.act_order, method="GPTQ",
+            prefix=prefix,
+        ):  # fmt: skip
+            errors: dict = {}
             quantized = gptq_quantize(
-                original,
-                H,
+                original.weight,
+                factor,
                 bits=config.bits,
                 group_size=config.group_size,
                 symmetric=config.symmetric,
@@ -239,11 +328,14 @@ class GptqBlockHandler:
                 damping=config.damping,
                 block_size=config.block_size,
                 layer=prefix + name,
+                errors=errors,
             )
-            attach(layer, quantized)
+            attach(layers[name], quantized)
             summary[prefix + name] = {
-                "relative_weight_error": relative_error(original, layer.weight),
-                "relative_output_error": relative_output_error(original, layer.weight, H),
+                "relative_weight_error": relative_error(original.weight, layers[name].weight),
+                "relative_output_error": math.sqrt(errors["output"] / original.signal)
+                if original.signal
+                else 0.0,
             }
         return summary
 

@@ -28,13 +28,16 @@ the next block is calibrated on this block's pruned outputs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from workers.compression.calibration import BlockInputs, block_layers, input_hessians
 from workers.compression.methods.gptq import (
+    HessianFactor,
+    factored_layers,
     inverse_hessian_factor,
-    relative_output_error,
     single_cpu_thread,
 )
 from workers.compression.methods.magnitude import pruning_summary, sparsity_targets
@@ -45,16 +48,19 @@ from workers.compression.sparsity import keep_largest, prune_, two_of_four
 
 def sparsegpt_prune(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | HessianFactor,
     *,
     sparsity: float,
     pattern: str,
     damping: float,
     block_size: int,
     layer: str = "the weight",
+    errors: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT of one weight matrix [out, in] given H = 2 XᵀX [in, in] of its calibration
-    inputs: (the pruned and updated weight in the weight's dtype, the keep mask)."""
+    inputs (or its factor, `inverse_hessian_factor` with this `damping`): (the pruned and updated
+    weight in the weight's dtype, the keep mask). Given a dict, `errors["output"]` receives
+    tr(ΔW H ΔWᵀ) without H, as `gptq.gptq_quantize` computes it."""
     out_features, in_features = weight.shape
     if pattern == "2:4":
         if in_features % 4:
@@ -66,20 +72,26 @@ def sparsegpt_prune(
         block_size = -(-block_size // 4) * 4
     elif pattern != "unstructured":
         raise ValueError(f"unknown sparsity pattern {pattern!r}")
-    U, dead = inverse_hessian_factor(hessian, damping, method="SparseGPT", layer=layer)
+    factor = (
+        hessian
+        if isinstance(hessian, HessianFactor)
+        else inverse_hessian_factor(hessian, damping, method="SparseGPT", layer=layer)
+    )
+    U, dead = factor.U, factor.dead
     W = weight.detach().float().clone()
     # An input that is always zero carries no information: its weights go to 0 (and are the first
     # to be pruned).
     W[:, dead] = 0
     diagonal = torch.diagonal(U)
     keep = torch.ones_like(W, dtype=torch.bool)
+    damped = 0.0  # Σ error²: tr(ΔW (H + λI) ΔWᵀ)
     # One thread for the column loop's thousands of small operations (see gptq).
     with single_cpu_thread(W.device):
         for i1 in range(0, in_features, block_size):
             i2 = min(i1 + block_size, in_features)
             W1, U1, keep1 = W[:, i1:i2], U[i1:i2, i1:i2], keep[:, i1:i2]  # views into W, U, keep
             d1 = diagonal[i1:i2]
-            errors = torch.zeros_like(W1)
+            pending = torch.zeros_like(W1)
             if pattern == "unstructured":
                 saliency = (W1 / d1).square()
                 keep1.copy_(keep_largest(saliency.reshape(1, -1), sparsity).reshape(saliency.shape))
@@ -92,9 +104,12 @@ def sparsegpt_prune(
                 W1[:, i + 1 :].addr_(error, U1[i, i + 1 :], alpha=-1)
                 # Set to exact zeros, not w - error · U_jj, which only rounds to about zero.
                 W1[:, i].masked_fill_(~keep1[:, i], 0)
-                errors[:, i] = error
-            W[:, i2:].sub_(errors @ U[i1:i2, i2:])
-
+                pending[:, i] = error
+            W[:, i2:].sub_(pending @ U[i1:i2, i2:])
+            damped += pending.double().square().sum().item()
+    if errors is not None:
+        delta = weight.detach().float().masked_fill(dead, 0).sub_(W)
+        errors["output"] = max(damped - factor.damping * delta.double().square().sum().item(), 0)
     return W.to(weight.dtype), keep
 
 
@@ -113,23 +128,28 @@ class SparseGptBlockHandler:
         hessians = input_hessians(block, layers, inputs)
 
         config, summary = self.config, {}
-        for name, layer in layers.items():
-            H = hessians.pop(name)
-            original = layer.weight.detach().clone()
+        for name, original, factor in factored_layers(
+            layers, hessians, config.damping, act_order=False, method="SparseGPT", prefix=prefix
+        ):
+            errors: dict = {}
             pruned, keep = sparsegpt_prune(
-                original,
-                H,
+                original.weight,
+                factor,
                 sparsity=config.sparsity,
                 pattern=config.pattern,
                 damping=config.damping,
                 block_size=config.block_size,
                 layer=prefix + name,
+                errors=errors,
             )
+            layer = layers[name]
             with torch.no_grad():
                 layer.weight.copy_(pruned)
             prune_(layer, keep, pattern=config.pattern)  # already zero there; marks the layer
             summary[prefix + name] = {
-                "relative_output_error": relative_output_error(original, layer.weight, H)
+                "relative_output_error": math.sqrt(errors["output"] / original.signal)
+                if original.signal
+                else 0.0
             }
         return summary
 
