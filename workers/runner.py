@@ -158,6 +158,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     compressed["runtime"] = getattr(deployed, "slimformer_runtime", None)
     compressed["measured_on"] = measured_on
     del deployed
+    context.log("compressed model measured", {"compressed": compressed}, type="metric")
     metrics = {
         "baseline": baseline,
         "compressed": compressed,
