@@ -323,12 +323,10 @@ class Evaluator:
             self._synchronize()
             timings.append(time.perf_counter() - started)
         extra = _forward_extra_bytes(lambda: model(input_ids=ids, **kwargs), self.device)
-        timings.sort()
-        p50, p95 = _percentile(timings, 50), _percentile(timings, 95)
+        summary = latency_summary(timings)
         return {
-            "latency_ms_p50": p50 * 1000,
-            "latency_ms_p95": p95 * 1000,
-            "tokens_per_s": ids.numel() / p50,
+            **summary,
+            "tokens_per_s": ids.numel() / (summary["latency_ms_p50"] / 1000),
             # Weights plus working memory: what a process serving this model needs at least.
             "peak_memory_bytes": tensor_bytes(model) + extra,
         }
@@ -457,6 +455,36 @@ def tensor_bytes(model: nn.Module) -> int:
             bias = module.bias()
             total += _weight_bytes(module) + (bias.numel() * 4 if bias is not None else 0)
     return total
+
+
+# (p90 - p10) / p50 above which a latency measurement is flagged noisy: on an idle machine
+# repeated forward passes of one input vary by a few percent; more means something else ran.
+NOISY_SPREAD = 0.25
+
+
+def latency_summary(timings: list[float]) -> dict:
+    """Percentiles of one forward pass's wall time (`timings`, seconds) in ms, their spread
+    ((p90 - p10) / p50) and the number of runs; `latency_noisy` (with `latency_warning`) when the
+    spread exceeds NOISY_SPREAD, i.e. the machine was busy and the number may not repeat."""
+    ordered = sorted(timings)
+    p10, p50, p90, p95 = (_percentile(ordered, percent) for percent in (10, 50, 90, 95))
+    spread = (p90 - p10) / p50 if p50 else 0.0
+    summary = {
+        "latency_ms_p10": p10 * 1000,
+        "latency_ms_p50": p50 * 1000,
+        "latency_ms_p90": p90 * 1000,
+        "latency_ms_p95": p95 * 1000,
+        "latency_runs": len(ordered),
+        "latency_spread": spread,
+        "latency_noisy": spread > NOISY_SPREAD,
+    }
+    if summary["latency_noisy"]:
+        summary["latency_warning"] = (
+            f"latency varied by {spread:.0%} of the median over {len(ordered)} runs "
+            f"(p10 {p10 * 1000:.1f} ms, p90 {p90 * 1000:.1f} ms): the machine was busy, so the "
+            "number may not repeat; compare baseline and compressed with care"
+        )
+    return summary
 
 
 def _percentile(ordered: list[float], percent: float) -> float:
