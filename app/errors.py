@@ -84,10 +84,13 @@ def install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0]
         param = param_path(first.get("loc", ()))
         message = first.get("msg", "Invalid request")
+        if first.get("type") == "value_error":  # our validators' own words, without pydantic's
+            message = message.removeprefix("Value error, ")
         if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):
             # An unknown or missing `method`: name the discriminator field, not the stage.
             param = f"{param}.method" if param else "method"
-            message = f"Unknown method; expected one of: {', '.join(sorted(METHOD_NAMES))}"
+            problem = "Unknown" if first["type"] == "union_tag_invalid" else "Missing"
+            message = f"{problem} method; expected one of: {', '.join(sorted(METHOD_NAMES))}"
         if first.get("type") == "extra_forbidden":
             message = f"Unknown field {param!r}"
         return JSONResponse(error_body("invalid_request", message, param), status_code=422)

@@ -158,6 +158,10 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     compressed["runtime"] = getattr(deployed, "slimformer_runtime", None)
     compressed["measured_on"] = measured_on
     del deployed
+    context.log("compressed model measured", {"compressed": compressed}, type="metric")
+    for name, measured in (("original", baseline), ("compressed", compressed)):
+        if measured.get("latency_noisy"):
+            context.log(f"{name} model: {measured['latency_warning']}", level="warning")
     metrics = {
         "baseline": baseline,
         "compressed": compressed,

@@ -38,6 +38,7 @@ def seed_builtins() -> None:
             if name in models:
                 if models[name].details is None:
                     _describe(models[name], builtin)
+                _fingerprint(models[name], builtin)
                 continue
             models[name] = Model(
                 id=new_id("mdl"),
@@ -49,6 +50,7 @@ def seed_builtins() -> None:
                 task=builtin.task,
             )
             _describe(models[name], builtin)
+            _fingerprint(models[name], builtin)
             session.add(models[name])
         datasets = {
             row.name: row
@@ -79,6 +81,20 @@ def seed_builtins() -> None:
             # New, or the package changed: (re)fill the row from what was stored.
             row.sha256, row.size_bytes = stored.sha256, stored.size_bytes
             row.num_records, row.storage_key = count_records([body], "jsonl"), stored.key
+
+
+def _fingerprint(model: Model, builtin: BuiltinModel) -> None:
+    """`size_bytes` and `sha256` of the shipped weights file (the GGUF, or model.safetensors),
+    hashed once: again only when the file's size changed (a new version of its package)."""
+    weights = builtin.weights_file()
+    size = weights.stat().st_size
+    if model.sha256 is not None and model.size_bytes == size:
+        return
+    digest = hashlib.sha256()
+    with open(weights, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    model.sha256, model.size_bytes = digest.hexdigest(), size
 
 
 def _describe(model: Model, builtin: BuiltinModel) -> None:

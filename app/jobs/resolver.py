@@ -23,6 +23,7 @@ from app.settings import get_settings
 from workers.compression.recipe import (  # validation specs only
     Recipe,
     StageConfig,
+    default_metrics,
     group_size_conflicts,
     shapes_after,
 )
@@ -33,8 +34,8 @@ class ResolvedJob:
     model: Model
     recipe: dict[str, Any]  # every stage with its defaults, its training text named
     calibration: dict[str, Any] | None  # None: no stage calibrates and none was asked for
-    # `dataset_id` is the resolved evaluation set; None only while the model's task is unknown
-    # (it is still being validated), when no default can be chosen yet.
+    # `dataset_id` and `metrics` are resolved; None only while the model's task is unknown (it is
+    # still being validated), when no default can be chosen yet.
     evaluation: dict[str, Any]
     targets: dict[str, Any] | None
     export: dict[str, Any]
@@ -56,6 +57,8 @@ def resolve_job(*, session: Session, project_id: str, spec: JobCreate) -> Resolv
         evaluation["dataset_id"] = _builtin(
             session, model.task, "evaluation", "evaluation.dataset_id"
         )
+    if evaluation["metrics"] is None and model.task is not None:
+        evaluation["metrics"] = default_metrics(model.task)  # echoed as the job will measure
     calibration = _calibration(session, spec, model)
     recipe = spec.recipe.model_copy(deep=True)  # the request stays as it came
     datasets_named = [

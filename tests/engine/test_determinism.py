@@ -17,7 +17,7 @@ from workers.compression.recipe import Recipe
 RECIPES = {
     "gptq": [{"method": "gptq", "group_size": 16, "act_order": True}],
     "awq": [{"method": "awq", "group_size": 16, "symmetric": False}],
-    "smoothquant+w8a8": [{"method": "smoothquant"}, {"method": "w8a8"}],
+    "smoothquant+w8a8": [{"method": "smoothquant"}, {"method": "w8a8", "activations": "static"}],
     "fp8": [{"method": "fp8", "activations": "dynamic"}],
 }
 

@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from workers.compression import compress
-from workers.compression.evaluation import Evaluator
+from workers.compression.evaluation import NOISY_SPREAD, Evaluator, latency_summary
 from workers.compression.export import save_model
 from workers.compression.recipe import (
     DynamicInt8Config,
@@ -43,7 +43,10 @@ def test_baseline_then_compressed_on_a_causal_lm(llama, records, tmp_path):
     assert baseline["embedding_cosine"] == pytest.approx(1.0)
     # A random model over a 128-token vocabulary is about uniform.
     assert 50 < baseline["perplexity"] < 400
-    assert baseline["latency_ms_p95"] >= baseline["latency_ms_p50"] > 0
+    assert baseline["latency_ms_p95"] >= baseline["latency_ms_p90"] >= baseline["latency_ms_p50"]
+    assert baseline["latency_ms_p50"] >= baseline["latency_ms_p10"] > 0
+    assert baseline["latency_runs"] == FAST_LATENCY.runs
+    assert baseline["latency_noisy"] is (baseline["latency_spread"] > NOISY_SPREAD)
     assert baseline["tokens_per_s"] > 0 and baseline["peak_memory_bytes"] > 0
     assert baseline["size_source"] == "in-memory tensors"
     assert baseline["bits_per_weight"] == pytest.approx(32, rel=1e-6)
@@ -64,6 +67,25 @@ def test_baseline_then_compressed_on_a_causal_lm(llama, records, tmp_path):
     )
     assert delta["parameters"] == {"difference": 0, "ratio": 1.0}
     assert "size_source" not in delta
+
+
+def test_latency_reports_its_spread_and_flags_a_noisy_measurement():
+    steady = latency_summary([0.010 + 0.0001 * i for i in range(20)])
+    assert steady["latency_ms_p50"] == pytest.approx(10.9)  # nearest rank: the 10th of 20
+    assert steady["latency_ms_p10"] == pytest.approx(10.1)
+    assert steady["latency_ms_p90"] == pytest.approx(11.7)
+    assert steady["latency_runs"] == 20
+    assert steady["latency_spread"] == pytest.approx(1.6 / 10.9)
+    assert steady["latency_noisy"] is False and "latency_warning" not in steady
+
+    # Two identical jobs measured 38 ms and 582 ms: a busy machine. The spread says so.
+    busy = latency_summary([0.038] * 10 + [0.582] * 10)
+    assert busy["latency_noisy"] is True
+    assert busy["latency_ms_p10"] == pytest.approx(38) and busy["latency_ms_p90"] == pytest.approx(
+        582
+    )
+    assert "busy" in busy["latency_warning"] and "20 runs" in busy["latency_warning"]
+    assert latency_summary([0.02, 0.01, 0.03]) == latency_summary([0.01, 0.02, 0.03])
 
 
 def test_perplexity_is_the_token_weighted_nll_of_strided_windows(llama, records):

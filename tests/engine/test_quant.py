@@ -116,10 +116,10 @@ def test_half_precision_weights_keep_their_dtype_bit_for_bit():
     [
         RtnConfig(group_size=16),
         RtnConfig(bits=8, group_size=-1, symmetric=False),
-        GptqConfig(group_size=16),
+        GptqConfig(group_size=16, act_order=False),
         GptqConfig(group_size=8, symmetric=False, act_order=True, block_size=12),
     ],
-    ids=["rtn", "rtn-asym-channel", "gptq", "gptq-asym-actorder"],
+    ids=["rtn", "rtn-asym-channel", "gptq-column-order", "gptq-asym-actorder"],
 )
 def test_weight_only_stages_attach_exact_integers(llama, stage):
     model = llama.model

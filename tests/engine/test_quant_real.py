@@ -109,3 +109,28 @@ def test_smoothquant_w8a8_stays_within_5_percent(perplexity):
         {"method": "smoothquant", "alpha": 0.5}, {"method": "w8a8", "activations": "dynamic"}
     )
     assert smoothed <= 1.05 * baseline  # measured 1.012
+
+
+def test_rtn_4bit_g64_artifact_counts_its_packed_weights(smollm2, tmp_path):
+    """SmolLM2's 134.5M parameters, 106M of them in 4-bit codes with a float32 scale per 64."""
+    from workers.compression.export import save_model
+
+    model = copy.deepcopy(smollm2.model)
+    compress(model, Recipe.model_validate({"stages": [{"method": "rtn", **W4G64}]}))
+    save_model(smollm2, model, tmp_path / "rtn", recipe={}, metrics={}, inputs={})
+    del model
+    harness = Evaluator(
+        task=smollm2.task,
+        tokenizer=smollm2.tokenizer,
+        settings=EvaluationSettings(metrics=["size"]),
+        records=[{"text": "a"}],
+        device="cpu",
+    )
+    size = harness.measure(smollm2.model, folder=tmp_path / "rtn")
+    baseline = harness.measure(smollm2.model, folder=smollm2.folder)
+    print(f"\nSmolLM2 rtn 4-bit g64 size: {size}\nbaseline: {baseline}")
+    assert baseline["parameters"] == size["parameters"] == 134_515_008
+    assert baseline["bits_per_weight"] == pytest.approx(32, abs=1e-3)
+    assert 4.5 <= size["bits_per_weight"] < 4.51  # 4 + 32 / 64, and each layer's shape
+    # The float32 embedding (28.3M, tied to the head) stays: the file is 10.3 bits per parameter.
+    assert 10 < size["bits_per_parameter"] < 10.6

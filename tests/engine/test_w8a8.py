@@ -196,8 +196,8 @@ def test_w8a8_artifact_round_trip(make_llama, tmp_path, activations):
     assert (difference > 1e-4).float().mean() <= 0.05
 
 
-def test_bert_w8a8_loads_in_transformers(bert, tmp_path):
-    compress(bert.model, recipe({"method": "w8a8"}), calibration())
+def test_bert_static_w8a8_loads_in_transformers(bert, tmp_path):
+    compress(bert.model, recipe({"method": "w8a8", "activations": "static"}), calibration())
     save(bert, tmp_path / "artifact")
     plain = AutoModel.from_pretrained(tmp_path / "artifact").eval()
     torch.testing.assert_close(outputs(bert, plain), outputs(bert), rtol=1e-4, atol=1e-4)
@@ -263,7 +263,9 @@ def test_invalid_recipes_are_refused(stages, message):
 
 
 def test_static_w8a8_needs_calibration_and_dynamic_does_not():
-    assert recipe({"method": "w8a8"}).needs_calibration
+    assert recipe({"method": "w8a8", "activations": "static"}).needs_calibration
+    assert recipe({"method": "w8a8"}).stages[0].activations == "dynamic"  # the default
+    assert not recipe({"method": "w8a8"}).needs_calibration
     assert not recipe({"method": "w8a8", "activations": "dynamic"}).needs_calibration
     assert recipe(
         {"method": "smoothquant"}, {"method": "w8a8", "activations": "dynamic"}
@@ -272,4 +274,8 @@ def test_static_w8a8_needs_calibration_and_dynamic_does_not():
 
 def test_static_w8a8_outside_the_blocks_is_refused(llama):
     with pytest.raises(ValueError, match="lm_head are outside"):
-        compress(llama.model, recipe({"method": "w8a8", "modules": ["Linear"]}), calibration())
+        compress(
+            llama.model,
+            recipe({"method": "w8a8", "activations": "static", "modules": ["Linear"]}),
+            calibration(),
+        )

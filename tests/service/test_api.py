@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import httpx
@@ -9,6 +10,7 @@ import pytest
 
 from tests.conftest import Service, builtin_id, wait_for, wait_for_model
 from tests.service.conftest import tar_gz
+from workers.compression.examples import BUILTIN_MODELS
 
 pytestmark = pytest.mark.service
 
@@ -76,6 +78,10 @@ def test_builtins_are_listed(service: Service) -> None:
         names = {m["name"]: m for m in client.get("/v1/models?limit=100").json()["data"]}
         assert names["all-MiniLM-L6-v2"]["source"]["type"] == "builtin"
         assert names["SmolLM2-135M-Instruct"]["task"] == "causal-lm"
+        for name, builtin in BUILTIN_MODELS.items():  # the shipped weights file's
+            weights = builtin.weights_file()
+            assert names[name]["size_bytes"] == weights.stat().st_size
+            assert names[name]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
         datasets = {d["name"]: d for d in client.get("/v1/datasets?limit=100").json()["data"]}
         assert {"enwiki-calibration", "enwiki-evaluation", "lee-sentences", "polarity"} <= set(
             datasets
@@ -226,6 +232,9 @@ def test_job_lifecycle_events_artifacts(service: Service, tiny_model_id: str) ->
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
         statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
         assert statuses == ["queued", "running", "succeeded"]
+        measured = [e["data"] for e in events if e["type"] == "metric"]
+        assert measured[0]["baseline"] == metrics["baseline"]
+        assert measured[-1]["compressed"] == metrics["compressed"]
         assert any(e["type"] == "progress" and "fraction" in e["data"] for e in events)
         page = client.get(f"/v1/jobs/{job['id']}/events", params={"after": seqs[1], "limit": 2})
         assert [e["seq"] for e in page.json()["data"]] == seqs[2:4]
@@ -492,4 +501,10 @@ def test_calibrated_recipe_gets_the_builtin_calibration_set(service: Service) ->
             "seq_len": 512,
             "seed": 0,
         }
+        # The resolved evaluation is echoed: the task's metrics, not null; gptq's defaults too.
+        assert job["evaluation"]["metrics"] == ["perplexity", "latency", "size"]
+        assert job["evaluation"]["dataset_id"] == builtin_id(
+            client, "datasets", "enwiki-evaluation"
+        )
+        assert job["recipe"]["stages"][0]["act_order"] is True
         client.post(f"/v1/jobs/{job['id']}/cancel")

@@ -44,7 +44,8 @@ def test_stages_that_change_float_weights_and_those_that_shrink() -> None:
         ({"method": "distill", "student": {"num_layers": 1}}, False),
         ({"method": "w8a8", "activations": "dynamic"}, False),
         ({"method": "structured", "ffn_channels": 0.5, "criterion": "magnitude"}, False),
-        ({"method": "w8a8"}, True),
+        ({"method": "w8a8"}, False),  # dynamic by default
+        ({"method": "w8a8", "activations": "static"}, True),
         ({"method": "structured", "ffn_channels": 0.5}, True),
         ({"method": "gptq"}, True),
         ({"method": "awq"}, True),

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from workers.compression import process_memory
 from workers.compression.data import special_tokens_around, token_stream
+from workers.compression.formats import weight_census
 from workers.compression.recipe import EvaluationSettings, default_metrics
 from workers.compression.streaming import store_of, stream_forward
 
@@ -322,12 +323,10 @@ class Evaluator:
             self._synchronize()
             timings.append(time.perf_counter() - started)
         extra = _forward_extra_bytes(lambda: model(input_ids=ids, **kwargs), self.device)
-        timings.sort()
-        p50, p95 = _percentile(timings, 50), _percentile(timings, 95)
+        summary = latency_summary(timings)
         return {
-            "latency_ms_p50": p50 * 1000,
-            "latency_ms_p95": p95 * 1000,
-            "tokens_per_s": ids.numel() / p50,
+            **summary,
+            "tokens_per_s": ids.numel() / (summary["latency_ms_p50"] / 1000),
             # Weights plus working memory: what a process serving this model needs at least.
             "peak_memory_bytes": tensor_bytes(model) + extra,
         }
@@ -341,18 +340,31 @@ class Evaluator:
             torch.cuda.synchronize(self.device)
 
     def _size(self, model: nn.Module, folder: Path | None) -> dict:
-        parameters = parameter_count(model)
+        """`parameters`: the model's logical weights, whatever the format packs them into.
+        `bits_per_weight`: the bits that hold its Linear layers' weights (values, scales, zero
+        points, masks) per weight of theirs, so 4-bit codes in groups of 64 with float32 scales
+        are 4.5. `bits_per_parameter`: the whole size (embeddings included) per parameter."""
+        linears = linear_layer_names(model)
         if folder is not None:
+            census = weight_census(Path(folder), linears)
             size = sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
-            source = "weight files"
+            source, parameters = "weight files", census.parameters
+            bits_per_weight = census.bits_per_weight
         else:
-            size = tensor_bytes(model)
-            source = "in-memory tensors"
+            size, source, parameters = (
+                tensor_bytes(model),
+                "in-memory tensors",
+                parameter_count(model),
+            )
+            weights = sum(_logical_weights(model.get_submodule(name)) for name in linears)
+            held = sum(_weight_bytes(model.get_submodule(name)) for name in linears)
+            bits_per_weight = 8 * held / weights if weights else None
         return {
             "size_bytes": size,
             "size_source": source,
             "parameters": parameters,
-            "bits_per_weight": 8 * size / parameters,
+            "bits_per_weight": bits_per_weight,
+            "bits_per_parameter": 8 * size / parameters if parameters else None,
         }
 
 
@@ -379,25 +391,100 @@ def _fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -
     return probe
 
 
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """The model's Linear layers, in any of the forms they run as (float, torch's int8, the
+    runtime modules of `runtime/`): every module with integer `in_features` and `out_features`."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "in_features", None), int)
+        and isinstance(getattr(module, "out_features", None), int)
+    ]
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return bias() if callable(bias) else bias  # torch's int8 Linear has bias()
+
+
+def _holds_weight_parameter(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
+def _logical_weights(module: nn.Module) -> int:
+    return module.in_features * module.out_features
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    """Bytes holding a Linear layer's weight in memory (its values, scales and zeros; not its
+    bias), whatever module runs it."""
+    if isinstance(module, nnqd.Linear):  # packed params, neither parameters nor buffers
+        weight = module.weight()
+        scales = 1 if weight.qscheme() == torch.per_tensor_affine else weight.shape[0]
+        return weight.numel() + 4 * scales
+    bias = _bias(module)
+    return sum(
+        tensor.numel() * tensor.element_size()
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if tensor is not bias
+    )
+
+
 def parameter_count(model: nn.Module) -> int:
-    """Weights the model holds, tied ones once; an int8 Linear counts its weight and bias."""
+    """The model's logical weights, tied ones once: its parameters, plus the [out, in] weight and
+    the bias of every Linear that holds them in another form (torch's int8 Linear, the int4 /
+    int8 / FP8 runtime modules, whose weights are packed buffers)."""
     count = sum(parameter.numel() for parameter in model.parameters())
-    for module in model.modules():
-        if isinstance(module, nnqd.Linear):
-            bias = module.bias()
-            count += module.weight().numel() + (bias.numel() if bias is not None else 0)
+    for name in linear_layer_names(model):
+        module = model.get_submodule(name)
+        if not _holds_weight_parameter(module):
+            bias = _bias(module)
+            count += _logical_weights(module)
+            if bias is not None and not isinstance(bias, nn.Parameter):
+                count += bias.numel()
     return count
 
 
 def tensor_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights in memory (int8 values and their float32 scales for int8)."""
-    total = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    """Bytes of the model's weights in memory: parameters and buffers (int8 values and their
+    float32 scales for torch's int8 Linear, whose packed weights are neither)."""
+    total = sum(tensor.numel() * tensor.element_size() for tensor in model.parameters())
+    total += sum(tensor.numel() * tensor.element_size() for tensor in model.buffers())
     for module in model.modules():
         if isinstance(module, nnqd.Linear):
-            weight, bias = module.weight(), module.bias()
-            scales = 1 if weight.qscheme() == torch.per_tensor_affine else weight.shape[0]
-            total += weight.numel() + 4 * scales + (bias.numel() * 4 if bias is not None else 0)
+            bias = module.bias()
+            total += _weight_bytes(module) + (bias.numel() * 4 if bias is not None else 0)
     return total
+
+
+# (p90 - p10) / p50 above which a latency measurement is flagged noisy: on an idle machine
+# repeated forward passes of one input vary by a few percent; more means something else ran.
+NOISY_SPREAD = 0.25
+
+
+def latency_summary(timings: list[float]) -> dict:
+    """Percentiles of one forward pass's wall time (`timings`, seconds) in ms, their spread
+    ((p90 - p10) / p50) and the number of runs; `latency_noisy` (with `latency_warning`) when the
+    spread exceeds NOISY_SPREAD, i.e. the machine was busy and the number may not repeat."""
+    ordered = sorted(timings)
+    p10, p50, p90, p95 = (_percentile(ordered, percent) for percent in (10, 50, 90, 95))
+    spread = (p90 - p10) / p50 if p50 else 0.0
+    summary = {
+        "latency_ms_p10": p10 * 1000,
+        "latency_ms_p50": p50 * 1000,
+        "latency_ms_p90": p90 * 1000,
+        "latency_ms_p95": p95 * 1000,
+        "latency_runs": len(ordered),
+        "latency_spread": spread,
+        "latency_noisy": spread > NOISY_SPREAD,
+    }
+    if summary["latency_noisy"]:
+        summary["latency_warning"] = (
+            f"latency varied by {spread:.0%} of the median over {len(ordered)} runs "
+            f"(p10 {p10 * 1000:.1f} ms, p90 {p90 * 1000:.1f} ms): the machine was busy, so the "
+            "number may not repeat; compare baseline and compressed with care"
+        )
+    return summary
 
 
 def _percentile(ordered: list[float], percent: float) -> float:

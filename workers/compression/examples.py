@@ -36,6 +36,11 @@ class BuiltinModel:
     def available(self) -> bool:
         return _package_file(self.package, self.path) is not None
 
+    def weights_file(self) -> Path:
+        """The file its weights are shipped in: the GGUF, or the folder's `model.safetensors`."""
+        location = _require_file(self.package, self.path)
+        return location / "model.safetensors" if location.is_dir() else location
+
     def shipped_folder(self) -> Path:
         """The folder the package ships (for a GGUF, the folder holding it), as installed."""
         location = _require_file(self.package, self.path)

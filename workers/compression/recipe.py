@@ -111,7 +111,7 @@ class GptqConfig(WeightOnlyConfig):
     collects_hessians: ClassVar[bool] = True
 
     method: Literal["gptq"] = "gptq"
-    act_order: bool = False
+    act_order: bool = True  # largest inputs first: column order can lose to RTN (SmolLM2)
     damping: float = Field(default=0.01, gt=0, le=1)
     block_size: int = Field(default=128, ge=1, le=4096)
 
@@ -142,12 +142,13 @@ class SmoothQuantConfig(StageConfig):
 
 class W8A8Config(StageConfig):
     """INT8 weights per output channel and INT8 activations: one calibrated scale per layer input
-    (`static`) or one per token computed at run time (`dynamic`)."""
+    (`static`) or one per token computed at run time (`dynamic`, the default: one scale per
+    tensor cannot hold the few outlier tokens of a causal LM's down_proj inputs)."""
 
     family: ClassVar[str | None] = "int8 weights and activations"
 
     method: Literal["w8a8"] = "w8a8"
-    activations: Literal["static", "dynamic"] = "static"
+    activations: Literal["static", "dynamic"] = "dynamic"
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]

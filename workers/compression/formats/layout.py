@@ -10,7 +10,9 @@ A layout is one object that knows everything about one way of storing a model's 
   one (`build`, see `workers/compression/runtime/`);
 - checking an artifact against the model it was written from (`verify`), and how closely its
   runtime must reproduce the model (`relative_tolerance`);
-- describing itself in the model card (`describe`).
+- describing itself in the model card (`describe`);
+- counting what it stores (`stored_layers`): each stored layer's logical weights and the bytes
+  that hold them, read from the weight files' headers, for `parameters` and `bits_per_weight`.
 
 `export.py` runs the steps in order and asks the layouts; the only format fact it knows is that a
 folder without a `quantization_config` is a plain transformers one.
@@ -19,11 +21,13 @@ folder without a `quantization_config` is a plain transformers one.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from workers.compression.loading import UnsupportedModelError
@@ -47,6 +51,43 @@ class LoadContext:
 
     device: torch.device
     records: dict
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a weight file as its safetensors header describes it; `value()` reads it
+    (meant for the small ones: shapes, offsets)."""
+
+    key: str
+    dtype: str  # the safetensors dtype name: "F32", "I32", "F8_E4M3", ...
+    shape: tuple[int, ...]
+    nbytes: int
+    path: Path
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def value(self) -> torch.Tensor:
+        with safe_open(self.path, "pt") as stored:
+            return stored.get_tensor(self.key)
+
+
+@dataclass(frozen=True)
+class StoredLayer:
+    """One layer a layout stores in a form of its own, counted from the files: `weights` logical
+    weights ([out, in] of the Linear it runs as) held in `nbytes` bytes (values, scales, zero
+    points, masks, shapes: every tensor in `keys`, which are all of the layer's but its bias)."""
+
+    weights: int
+    nbytes: int
+    keys: frozenset[str]
+
+
+def stored_layer(weights: int, tensors: dict[str, StoredTensor], keys: list[str]) -> StoredLayer:
+    """The `StoredLayer` of `weights` logical weights held in those of `keys` that are stored."""
+    present = frozenset(key for key in keys if key in tensors)
+    return StoredLayer(weights, sum(tensors[key].nbytes for key in present), present)
 
 
 class Layout:
@@ -138,6 +179,14 @@ class Layout:
         """(the layout, how to load it) for the model card."""
         raise NotImplementedError
 
+    def stored_layers(
+        self, tensors: dict[str, StoredTensor], quantization: dict | None
+    ) -> dict[str, StoredLayer]:
+        """{layer name: its count} for every layer of an artifact in this layout (`tensors`: every
+        tensor of its weight files, by name) stored in a form of its own; the other tensors hold
+        one weight per element (default: none is, as in a dense folder)."""
+        return {}
+
 
 class QuantizedLayout(Layout):
     """A compressed-tensors quantized layout: one `quantization_config` with `config_groups` of
@@ -216,6 +265,19 @@ class ScaledLayout(QuantizedLayout):
 
     def shape(self, stored):
         return tuple(stored[0].shape)
+
+    def stored_layers(self, tensors, quantization):
+        names = [
+            key.removesuffix(".weight_scale") for key in tensors if key.endswith(".weight_scale")
+        ]
+        return {
+            name: stored_layer(
+                tensors[f"{name}.weight"].numel,
+                tensors,
+                [f"{name}.{suffix}" for suffix in ("weight", "weight_scale", "input_scale")],
+            )
+            for name in names
+        }
 
 
 def quantization_args(

@@ -30,6 +30,7 @@ from workers.compression.formats.layout import (
     float_layers_text,
     group_of,
     quantization_args,
+    stored_layer,
 )
 from workers.compression.loading import UnsupportedModelError
 from workers.compression.quant import ATTRIBUTE, QuantizedWeight, dequantize
@@ -140,6 +141,20 @@ class PackQuantized(QuantizedLayout):
                 f"stored codes do not dequantize to the model's weights in {differing[:5]}"
             )
         return {"weights_exact_layers": len(stored)} if stored else {}
+
+    def stored_layers(self, tensors, quantization):
+        names = [
+            key.removesuffix(".weight_shape") for key in tensors if key.endswith(".weight_shape")
+        ]
+        return {
+            # The codes are packed, so the logical [out, in] is the one stored in weight_shape.
+            name: stored_layer(
+                math.prod(tensors[f"{name}.weight_shape"].value().tolist()),
+                tensors,
+                [f"{name}.{suffix}" for suffix in _PACKED_SUFFIXES],
+            )
+            for name in names
+        }
 
     def relative_tolerance(self, kernels):
         if kernels.get("int4") or kernels.get("int8"):

@@ -30,6 +30,8 @@ quantized format (round-to-nearest maps 0 to 0 exactly) and no sparse layout is 
 
 from __future__ import annotations
 
+import math
+
 import numpy
 import torch
 from torch import nn
@@ -38,6 +40,7 @@ from workers.compression.formats.layout import (
     COMPRESSED_TENSORS,
     ExportVerificationError,
     Layout,
+    stored_layer,
 )
 from workers.compression.loading import UnsupportedModelError
 from workers.compression.sparsity import ATTRIBUTE, follows_two_of_four
@@ -139,6 +142,21 @@ class SparseBitmask(Layout):
                 f"stored sparse weights differ from the model's: {differing}"
             )
         return {"sparse_layers_exact": len(names)} if names else {}
+
+    def stored_layers(self, tensors, quantization):
+        names = [key.removesuffix(".bitmask") for key in tensors if key.endswith(".bitmask")]
+        return {
+            # Pruned weights still count: the logical [out, in] is the one stored in `.shape`.
+            name: stored_layer(
+                math.prod(tensors[f"{name}.shape"].value().flatten().tolist()),
+                tensors,
+                [
+                    f"{name}.{suffix}"
+                    for suffix in ("compressed", "bitmask", "shape", "row_offsets")
+                ],
+            )
+            for name in names
+        }
 
     def describe(self, quantization, model_class, slimformer_load):
         sparsity = quantization["sparsity_config"]
