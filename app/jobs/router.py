@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from app.auth import CallerDep, SessionDep
 from app.db.session import release_connection, session_scope
 from app.db.tables import Job
+from app.errors import APIError
 from app.jobs import service
 from app.jobs.feed import PAGE, Read, feed
 from app.jobs.lifecycle import TERMINAL
@@ -20,6 +21,7 @@ from app.settings import get_settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
+MAX_SEQ = 2**31 - 1  # job_events.seq is a 32-bit integer column
 SEND_TIMEOUT_S = 60.0  # a client that takes no bytes for this long is dropped
 
 
@@ -96,14 +98,22 @@ def job_events(
     job: JobDep,
     request: Request,
     session: SessionDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The job's events as a JSON list, or as Server-Sent Events with `Accept: text/event-stream`
     (`id:` = seq; reconnect with `Last-Event-ID`; the stream ends after the terminal status)."""
     if "text/event-stream" in request.headers.get("accept", ""):
-        start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
+        start = after
+        if last_event_id and last_event_id.strip().isdigit():
+            start = int(last_event_id.strip())
+            if start > MAX_SEQ:
+                raise APIError(
+                    "invalid_request",
+                    f"Last-Event-ID must be at most {MAX_SEQ}",
+                    param="Last-Event-ID",
+                )
         return EventSourceResponse(
             _stream(job.id, start), ping=get_settings().sse_heartbeat_s, send_timeout=SEND_TIMEOUT_S
         )
