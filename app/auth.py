@@ -47,3 +47,17 @@ def _caller(request: Request, session: Session) -> Caller:
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def authenticated(request: Request) -> bool:
+    """Whether the request carries a valid key (always true with auth off), for routes outside
+    `/v1` whose details are only for callers with a key (`/readyz`, `/metrics`)."""
+    if not get_settings().auth_enabled:
+        return True
+    from app.db.session import session_scope
+
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        return False
+    with session_scope() as session:
+        return project_for_key(session=session, key=key.strip()) is not None

@@ -16,6 +16,7 @@ from app.errors import install_error_handlers
 from app.jobs.router import router as jobs_router
 from app.middleware import RequestContext
 from app.models.router import router as models_router
+from app.openapi import install as install_openapi
 from app.ops.router import HTTP_LATENCY
 from app.ops.router import router as ops_router
 from app.workers.router import router as workers_router
@@ -52,6 +53,7 @@ def create_app() -> FastAPI:
         ).observe(time.perf_counter() - started)
         return response
 
+    install_openapi(app)
     app.add_middleware(RequestContext)  # outermost: request id, NUL bytes, 500 envelope
 
     if STATIC.is_dir():

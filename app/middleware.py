@@ -6,6 +6,7 @@
 - NUL bytes: in the path the resource cannot exist (404 `not_found`); in a query parameter or a JSON
   string it is refused (422 `invalid_request` naming the parameter). PostgreSQL text cannot hold NUL,
   so these never reach a query.
+- `OPTIONS`: 204 with an `Allow` naming every method served at the path (404 when none is).
 - An exception no handler took: 500 `internal_error` (logged with the request id); a database that
   cannot be reached: 503 `unavailable` with `Retry-After` (the handler is in `app/errors.py`).
 """
@@ -86,6 +87,18 @@ class RequestContext:
         if refusal is not None:
             await _send_error(send_with_id, request_id, *refusal)
             return
+        if scope.get("method") == "OPTIONS":
+            allowed = _allowed_methods(scope)
+            if allowed:
+                await send_with_id(
+                    {
+                        "type": "http.response.start",
+                        "status": 204,
+                        "headers": [(b"allow", ", ".join(allowed).encode())],
+                    }
+                )
+                await send_with_id({"type": "http.response.body", "body": b""})
+                return
         if _is_json_body(scope):
             body, receive = await _buffer(receive)
             param = _nul_in_json(body)
@@ -113,6 +126,27 @@ class RequestContext:
                 f"Internal error; quote request id {request_id} when reporting it",
                 None,
             )
+
+
+def _allowed_methods(scope: Scope) -> list[str]:
+    """Every method the contract (the OpenAPI document) serves at this path, for `Allow`."""
+    app = scope.get("app")
+    if app is None or not hasattr(app, "openapi"):
+        return []
+    table = getattr(app.state, "allow_table", None)
+    if table is None:
+        table = []
+        for template, operations in app.openapi().get("paths", {}).items():
+            pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+            methods = {method.upper() for method in operations if method != "parameters"}
+            table.append((re.compile(f"^{pattern}$"), methods))
+        app.state.allow_table = table
+    path = scope.get("path", "")
+    methods: set[str] = set()
+    for pattern, served in table:
+        if pattern.match(path):
+            methods |= served
+    return sorted(methods | {"OPTIONS"}) if methods else []
 
 
 def _refuse_nul_in_url(scope: Scope) -> tuple[int, str, str, str | None] | None:
