@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     allow_insecure: bool = False  # permit auth off on a networked database
 
     max_upload_bytes: int = 4 * 1024**3
+    max_record_bytes: int = 1024 * 1024  # one dataset line (a `.txt` or `.jsonl` record)
     max_archive_members: int = 10_000
     max_extracted_bytes: int = 16 * 1024**3
     model_path_roots: list[Path] = Field(default_factory=list)  # allow-list for source.type=path
