@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from app.db.session import get_db_session
+from app.db.session import get_db_session, release_connection
 from app.errors import APIError
 from app.projects.service import DEFAULT_PROJECT, get_or_create_project, project_for_key
 from app.settings import get_settings
@@ -27,6 +27,13 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def get_caller(request: Request, session: SessionDep) -> Caller:
+    try:
+        return _caller(request, session)
+    finally:
+        release_connection(session)
+
+
+def _caller(request: Request, session: Session) -> Caller:
     if not get_settings().auth_enabled:
         return Caller(project_id=get_or_create_project(session=session, name=DEFAULT_PROJECT).id)
     header = request.headers.get("authorization", "")
@@ -40,3 +47,17 @@ def get_caller(request: Request, session: SessionDep) -> Caller:
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def authenticated(request: Request) -> bool:
+    """Whether the request carries a valid key (always true with auth off), for routes outside
+    `/v1` whose details are only for callers with a key (`/readyz`, `/metrics`)."""
+    if not get_settings().auth_enabled:
+        return True
+    from app.db.session import session_scope
+
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        return False
+    with session_scope() as session:
+        return project_for_key(session=session, key=key.strip()) is not None

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workers.compression.recipe import METHOD_NAMES  # validation specs only (DESIGN.md)
+
+log = logging.getLogger(__name__)
 
 # The documented, stable codes. Clients switch on these; never rename one.
 ERROR_CODES = {
@@ -31,9 +36,16 @@ ERROR_CODES = {
 
 class APIError(Exception):
     def __init__(
-        self, code: str, message: str, *, param: str | None = None, status: int | None = None
+        self,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers
         self.code = code
         self.message = message
         self.param = param
@@ -44,8 +56,35 @@ def not_found(kind: str, resource_id: str) -> APIError:
     return APIError("not_found", f"No {kind} with id {resource_id!r}", param=None)
 
 
-def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "param": param}}
+def error_body(
+    code: str, message: str, param: str | None = None, request_id: str | None = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, "message": message, "param": param}
+    if request_id is not None:
+        body["request_id"] = request_id
+    return {"error": body}
+
+
+def _request_id(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")
+
+
+# A database that cannot be reached (refused, gone, timed out, out of connections, locked): 503.
+RETRY_AFTER_S = 5
+
+
+SQLITE_UNAVAILABLE = ("unable to open", "database is locked", "disk i/o error", "busy")
+
+
+def _database_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, (InterfaceError, SQLAlchemyTimeoutError)):
+        return True
+    if isinstance(exc, OperationalError):
+        # SQLite names a missing table an OperationalError too: that one is a bug (500).
+        if type(exc.orig).__module__ == "sqlite3":
+            return any(text in str(exc.orig).lower() for text in SQLITE_UNAVAILABLE)
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
 def param_path(loc: tuple[Any, ...] | list[Any]) -> str | None:
@@ -76,11 +115,33 @@ def _looks_like_tag(part: str) -> bool:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, exc.param), status_code=exc.status)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(
+            error_body(exc.code, exc.message, exc.param, _request_id(request)),
+            status_code=exc.status,
+            headers=exc.headers,
+        )
+
+    async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+        if not _database_unavailable(exc):
+            raise exc  # app/middleware.py answers 500 internal_error
+        log.warning("database unavailable: %s", exc.__class__.__name__)
+        return JSONResponse(
+            error_body(
+                "unavailable",
+                "The database cannot be reached; retry shortly",
+                None,
+                _request_id(request),
+            ),
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+    app.add_exception_handler(DBAPIError, _unavailable)
+    app.add_exception_handler(SQLAlchemyTimeoutError, _unavailable)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         param = param_path(first.get("loc", ()))
         message = first.get("msg", "Invalid request")
@@ -93,13 +154,17 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"{problem} method; expected one of: {', '.join(sorted(METHOD_NAMES))}"
         if first.get("type") == "extra_forbidden":
             message = f"Unknown field {param!r}"
-        return JSONResponse(error_body("invalid_request", message, param), status_code=422)
+        return JSONResponse(
+            error_body("invalid_request", message, param, _request_id(request)), status_code=422
+        )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(
             exc.status_code, "invalid_request"
         )
         return JSONResponse(
-            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+            error_body(code, str(exc.detail), None, _request_id(request)),
+            status_code=exc.status_code,
+            headers=exc.headers,
         )

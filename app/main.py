@@ -14,7 +14,9 @@ from app.artifacts.router import router as artifacts_router
 from app.datasets.router import router as datasets_router
 from app.errors import install_error_handlers
 from app.jobs.router import router as jobs_router
+from app.middleware import RequestContext
 from app.models.router import router as models_router
+from app.openapi import install as install_openapi
 from app.ops.router import HTTP_LATENCY
 from app.ops.router import router as ops_router
 from app.workers.router import router as workers_router
@@ -50,6 +52,9 @@ def create_app() -> FastAPI:
             request.method, getattr(route, "path", "unmatched"), str(response.status_code)
         ).observe(time.perf_counter() - started)
         return response
+
+    install_openapi(app)
+    app.add_middleware(RequestContext)  # outermost: request id, NUL bytes, 500 envelope
 
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")

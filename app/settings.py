@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     allow_insecure: bool = False  # permit auth off on a networked database
 
     max_upload_bytes: int = 4 * 1024**3
+    max_record_bytes: int = 1024 * 1024  # one dataset line (a `.txt` or `.jsonl` record)
     max_archive_members: int = 10_000
     max_extracted_bytes: int = 16 * 1024**3
     model_path_roots: list[Path] = Field(default_factory=list)  # allow-list for source.type=path
@@ -39,6 +40,10 @@ class Settings(BaseSettings):
     default_max_attempts: int = 3
     default_max_runtime_s: int = 7200
     progress_min_interval_s: float = 0.5  # throttle for progress events
+    # Event streams (app/jobs/feed.py): how often the embedded default's one poller per API process
+    # looks for new events, and how often an idle stream sends a heartbeat comment line.
+    sse_poll_s: float = 0.5
+    sse_heartbeat_s: float = 15.0
     # Each worker refreshes its row in `workers` this often; one that missed this many beats in a
     # row is lost (not counted for routing, /readyz or /metrics). API and workers must agree.
     worker_heartbeat_s: float = 10.0

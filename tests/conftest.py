@@ -209,10 +209,12 @@ def service_env(data_dir: Path, **overrides: str) -> tuple[dict[str, str], calla
 
 
 @contextmanager
-def running_service(data_dir: Path, *, worker: bool = True) -> Iterator[Service]:
+def running_service(
+    data_dir: Path, *, worker: bool = True, **overrides: str
+) -> Iterator[Service]:
     """A migrated service with its API up and, unless `worker` is False, one worker; stopped and
-    its backend dropped on the way out."""
-    env, cleanup = service_env(data_dir)
+    its backend dropped on the way out. `overrides` are extra environment variables."""
+    env, cleanup = service_env(data_dir, **overrides)
     svc = Service(env=env, data_dir=data_dir, base_url=f"http://127.0.0.1:{free_port()}")
     try:
         svc.cli("migrate")

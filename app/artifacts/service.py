@@ -30,9 +30,14 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 def parse_range(header: str, size: int) -> tuple[int, int]:
     """One byte range (RFC 9110 §14.1.2) -> inclusive (start, end). 416 when unsatisfiable."""
+    unsatisfiable = {"Content-Range": f"bytes */{size}"}
     match = _RANGE.match(header.strip())
     if not match or (not match.group(1) and not match.group(2)):
-        raise APIError("range_not_satisfiable", f"Unsupported Range {header!r}; use bytes=a-b")
+        raise APIError(
+            "range_not_satisfiable",
+            f"Unsupported Range {header!r}; use bytes=a-b",
+            headers=unsatisfiable,
+        )
     first, last = match.groups()
     if first:
         start = int(first)
@@ -40,8 +45,12 @@ def parse_range(header: str, size: int) -> tuple[int, int]:
     else:  # suffix range: the last N bytes
         length = int(last)
         if length == 0:
-            raise APIError("range_not_satisfiable", "Empty suffix range")
+            raise APIError("range_not_satisfiable", "Empty suffix range", headers=unsatisfiable)
         start, end = max(size - length, 0), size - 1
     if start >= size or start > end:
-        raise APIError("range_not_satisfiable", f"Range {header!r} is outside 0-{size - 1}")
+        raise APIError(
+            "range_not_satisfiable",
+            f"Range {header!r} is outside 0-{size - 1}",
+            headers=unsatisfiable,
+        )
     return start, end

@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from app.auth import CallerDep, SessionDep
 from app.datasets import service
@@ -13,7 +14,7 @@ from app.idempotency import remember, replay_upload, request_hash
 from app.ids import new_id
 from app.responses import resource_response
 from app.settings import get_settings
-from app.storage import CHUNK, get_store
+from app.storage import CHUNK, Store, get_store
 from app.uploads import receive_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -56,8 +57,7 @@ async def create_dataset(
     )
     try:
         fmt = service.format_for(upload.filename, upload.fields.get("format"))
-        with store.open(upload.stored.key) as handle:
-            num_records = service.number_of_records(iter(lambda: handle.read(CHUNK), b""), fmt)
+        num_records = await run_in_threadpool(_count, store, upload.stored.key, fmt)
         name = (upload.fields.get("name") or upload.filename or dataset_id).strip()[:200]
         body_hash = request_hash({"name": name, "format": fmt, "sha256": upload.stored.sha256})
         existing = replay_upload(
@@ -95,6 +95,12 @@ async def create_dataset(
         resource_id=dataset.id,
     )
     return _created(request, dataset)
+
+
+def _count(store: Store, key: str, fmt: str) -> int:
+    """Off the event loop: a long or hostile file must not stall other requests."""
+    with store.open(key) as handle:
+        return service.number_of_records(iter(lambda: handle.read(CHUNK), b""), fmt)
 
 
 def _created(request: Request, dataset: Dataset) -> Response:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from sqlalchemy.orm import Session
 
@@ -13,15 +13,59 @@ from app.db.tables import Dataset, utcnow
 from app.errors import APIError, not_found
 from app.jobs.repository import live_jobs_referencing
 from app.pagination import page
+from app.settings import get_settings
 from app.storage import StoredObject, get_store
 from workers.compression.records import FORMATS, RecordError, count_records
 
 
+def whole_lines(chunks: Iterable[bytes], max_record_bytes: int) -> Iterator[bytes]:
+    """The same bytes re-cut to end at a newline, in linear time (one growing buffer, each byte
+    looked at once), so the parser never re-joins a long line chunk by chunk. A line longer than
+    `max_record_bytes` is a 422 naming it, found after reading at most that many bytes of it."""
+    pending = bytearray()
+    line = 1  # the line `pending` starts at
+    for chunk in chunks:
+        cut = chunk.rfind(b"\n")
+        if cut < 0:
+            pending += chunk
+            _check_longest(pending, line, max_record_bytes, whole=False)
+            continue
+        pending += chunk[: cut + 1]
+        _check_longest(pending, line, max_record_bytes, whole=True)
+        line += pending.count(b"\n")
+        yield bytes(pending)
+        pending = bytearray(chunk[cut + 1 :])
+        _check_longest(pending, line, max_record_bytes, whole=False)
+    if pending:
+        yield bytes(pending)
+
+
+def _check_longest(buffer: bytearray, line: int, limit: int, *, whole: bool) -> None:
+    """Every line in `buffer` (the last one unfinished unless `whole`) within `limit` bytes."""
+    if len(buffer) <= limit:
+        return
+    start = 0
+    while True:
+        end = buffer.find(b"\n", start)
+        length = (len(buffer) if end < 0 else end) - start
+        if length > limit:
+            raise APIError(
+                "invalid_request",
+                f"Line {line}: longer than the {limit}-byte limit for one record "
+                "(SLIMFORMER_MAX_RECORD_BYTES)",
+                param="file",
+            )
+        if end < 0:
+            return
+        start, line = end + 1, line + 1
+
+
 def number_of_records(chunks: Iterable[bytes], fmt: str) -> int:
     """Reads an upload once, as it is stored: how many records it holds. A malformed line (the
-    same parser the worker reads it with later) or no record at all is a 422 naming the file."""
+    same parser the worker reads it with later), a record over `max_record_bytes` or no record at
+    all is a 422 naming the file. Blocking: the route runs it in a thread."""
     try:
-        records = count_records(chunks, fmt)
+        records = count_records(whole_lines(chunks, get_settings().max_record_bytes), fmt)
     except RecordError as exc:
         message = f"Line {exc.line}: {exc.reason}" if exc.line is not None else str(exc)
         raise APIError("invalid_request", message, param="file") from None

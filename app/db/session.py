@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
 from app.settings import get_settings
 
@@ -43,6 +43,27 @@ def get_engine(url: str | None = None) -> Engine:
                 engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
             _engines[url] = engine
         return engine
+
+
+# A transaction that wrote a job event tells every API process's event feed (app/jobs/feed.py) on
+# PostgreSQL with NOTIFY, delivered at commit. The embedded default's feed polls instead.
+JOB_EVENTS_CHANNEL = "slimformer_job_events"
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _note_job_event(state: ORMExecuteState) -> None:
+    table = getattr(state.statement, "table", None)
+    if state.is_insert and getattr(table, "name", None) == "job_events":
+        state.session.info["job_events_written"] = True
+
+
+@event.listens_for(Session, "before_commit")
+def _notify_job_events(session: Session) -> None:
+    if not session.info.pop("job_events_written", False):
+        return
+    bind = session.get_bind()
+    if bind.dialect.name == "postgresql":
+        session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": JOB_EVENTS_CHANNEL})
 
 
 def dispose_engines() -> None:
@@ -80,6 +101,14 @@ def session_scope() -> Iterator[Session]:
     finally:
         session.close()
     _run_after_commit(session)
+
+
+def release_connection(session: Session) -> None:
+    """Commit what a request's dependency read or wrote, which hands its connection back to the pool
+    before the request's next step runs in another threadpool thread. A request holding a connection
+    while it waits for a thread, as threads wait for connections, would deadlock the pool."""
+    if session.in_transaction():
+        session.commit()
 
 
 def get_db_session() -> Iterator[Session]:

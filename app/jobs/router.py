@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -10,21 +9,28 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import CallerDep, SessionDep
-from app.db.session import session_scope
+from app.db.session import release_connection, session_scope
 from app.db.tables import Job
+from app.errors import APIError
 from app.jobs import service
+from app.jobs.feed import PAGE, Read, feed
 from app.jobs.lifecycle import TERMINAL
 from app.jobs.schemas import JobCreate, JobEventList, JobEventOut, JobList, JobOut
 from app.responses import resource_response
+from app.settings import get_settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-SSE_POLL_S = 0.5
+MAX_SEQ = 2**31 - 1  # job_events.seq is a 32-bit integer column
+SEND_TIMEOUT_S = 60.0  # a client that takes no bytes for this long is dropped
 
 
 def job_of_project(job_id: str, caller: CallerDep, session: SessionDep) -> Job:
     """Ownership as a dependency: another project's job is a 404 before the route runs."""
-    return service.get_job(session=session, project_id=caller.project_id, job_id=job_id)
+    try:
+        return service.get_job(session=session, project_id=caller.project_id, job_id=job_id)
+    finally:
+        release_connection(session)
 
 
 JobDep = Annotated[Job, Depends(job_of_project)]
@@ -92,41 +98,68 @@ def job_events(
     job: JobDep,
     request: Request,
     session: SessionDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The job's events as a JSON list, or as Server-Sent Events with `Accept: text/event-stream`
     (`id:` = seq; reconnect with `Last-Event-ID`; the stream ends after the terminal status)."""
     if "text/event-stream" in request.headers.get("accept", ""):
-        start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
-        return EventSourceResponse(_stream(job.id, start, request), ping=15)
+        start = after
+        if last_event_id and last_event_id.strip().isdigit():
+            start = int(last_event_id.strip())
+            if start > MAX_SEQ:
+                raise APIError(
+                    "invalid_request",
+                    f"Last-Event-ID must be at most {MAX_SEQ}",
+                    param="Last-Event-ID",
+                )
+        return EventSourceResponse(
+            _stream(job.id, start), ping=get_settings().sse_heartbeat_s, send_timeout=SEND_TIMEOUT_S
+        )
     rows, has_more = service.list_events(session=session, job_id=job.id, after=after, limit=limit)
     body = JobEventList(data=[JobEventOut.model_validate(row) for row in rows], has_more=has_more)
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def _poll(job_id: str, after: int) -> tuple[list[JobEventOut], str | None]:
+def _poll(job_id: str, after: int) -> Read:
+    """A stream's own read, for a cursor its hub does not reach: status first, then events, so a
+    terminal status is read together with its event."""
     with session_scope() as session:
-        rows, _ = service.list_events(session=session, job_id=job_id, after=after, limit=500)
-        status = session.get(Job, job_id)
-        return [JobEventOut.model_validate(row) for row in rows], status.status if status else None
+        job = session.get(Job, job_id)
+        if job is None:
+            return Read([], True)
+        status = job.status
+        rows, has_more = service.list_events(
+            session=session, job_id=job_id, after=after, limit=PAGE
+        )
+        events = [JobEventOut.model_validate(row) for row in rows]
+        return Read(events, status in TERMINAL and not has_more)
 
 
-async def _stream(job_id: str, after: int, request: Request) -> AsyncIterator[ServerSentEvent]:
-    while True:
-        events, status = await run_in_threadpool(_poll, job_id, after)
-        for event in events:
-            after = event.seq
-            yield ServerSentEvent(
-                data=json.dumps(event.model_dump(mode="json")), id=str(event.seq), event=event.type
-            )
-        # End once the terminal status event has been delivered (no events after it can come).
-        if status is None or (status in TERMINAL and not events):
-            return
-        if await request.is_disconnected():
-            return
-        await asyncio.sleep(SSE_POLL_S)
+async def _stream(job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
+    """Held by no database connection while idle: it waits on its hub in the process's feed."""
+    events_feed = feed()
+    subscriber = events_feed.subscribe(job_id)
+    try:
+        while True:
+            subscriber.wake.clear()
+            read = events_feed.read(job_id, after)
+            if read is None:
+                read = await run_in_threadpool(_poll, job_id, after)
+            for event in read.events:
+                after = event.seq
+                yield ServerSentEvent(
+                    data=json.dumps(event.model_dump(mode="json")),
+                    id=str(event.seq),
+                    event=event.type,
+                )
+            if read.done:
+                return
+            if not read.events:
+                await subscriber.wake.wait()
+    finally:
+        events_feed.unsubscribe(job_id, subscriber)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)

@@ -5,16 +5,18 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 
 from app import broker
+from app.auth import authenticated
 from app.db.session import session_scope
 from app.db.tables import Job
+from app.errors import APIError
 from app.storage import get_store
 from app.workers import repository as workers
 
@@ -80,7 +82,9 @@ def healthz() -> dict:
 
 
 @router.get("/readyz")
-def readyz() -> Response:
+def readyz(request: Request) -> Response:
+    """Ready or not for anyone; the checks' details and live workers only with a key when auth is
+    on (an error's text can name the database's host and port)."""
     checks: dict[str, str] = {}
     for name, probe in (
         ("database", _database),
@@ -94,6 +98,15 @@ def readyz() -> Response:
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             checks[name] = f"error: {type(exc).__name__}: {exc}"
     ready = all(value.startswith("ok") for value in checks.values())
+    if not (checks["database"].startswith("ok") and authenticated(request)):
+        return JSONResponse(
+            {
+                "status": "ready" if ready else "unavailable",
+                "checks": {name: value.split(" ")[0].rstrip(":") for name, value in checks.items()},
+                "live_workers": None,
+            },
+            status_code=200 if ready else 503,
+        )
     # Which queues a live worker consumes. Reported, not required: without a worker the API still
     # takes jobs, and they wait `queued` saying why.
     live_workers = None
@@ -118,6 +131,15 @@ def _database() -> None:
         session.execute(text("SELECT 1"))
 
 
-@router.get("/metrics")
-def metrics() -> Response:
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {}}}, 401: {}},
+)
+def metrics(request: Request) -> Response:
+    """Prometheus text; with auth on it needs a key (the figures span every project)."""
+    if not authenticated(request):
+        raise APIError(
+            "unauthorized", "Missing or invalid API key: send 'Authorization: Bearer <key>'"
+        )
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

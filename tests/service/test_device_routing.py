@@ -134,9 +134,9 @@ def test_workers_register_and_a_killed_one_is_lost(cpu_service: Service) -> None
             assert worker["status"] in ("idle", "busy")
             assert worker["queues"] == ["cpu", "validate"]
             assert worker["memory_bytes"] > 0
-        ready = httpx.get(f"{cpu_service.base_url}/readyz").json()
+        ready = client.get("/readyz").json()
         assert ready["live_workers"] == {"cpu": 2, "gpu": 0, "validate": 2}
-        metrics = httpx.get(f"{cpu_service.base_url}/metrics").text
+        metrics = client.get("/metrics").text
         assert 'slimformer_live_workers{device="cpu"} 2.0' in metrics
         assert 'slimformer_live_workers{device="gpu"} 0.0' in metrics
 
@@ -152,7 +152,7 @@ def test_workers_register_and_a_killed_one_is_lost(cpu_service: Service) -> None
         listed = workers_by_name(client)
         assert listed["doomed"]["status"] == "lost"
         assert listed["cpu0"]["live"] is True
-        assert httpx.get(f"{cpu_service.base_url}/readyz").json()["live_workers"]["cpu"] == 1
+        assert client.get("/readyz").json()["live_workers"]["cpu"] == 1
         # Another project sees the same install-wide list, and nothing of anyone's jobs in it.
         with cpu_service.client("other") as other:
             assert set(workers_by_name(other)) == {"cpu0", "doomed"}

@@ -1,0 +1,226 @@
+"""The outermost layer of every request (pure ASGI): a request id, input the database must never see
+(NUL bytes), and the error envelope for whatever escaped the routes.
+
+- `X-Request-ID`: taken from the request when it is short and printable, otherwise made here; sent back
+  on every response and written into every error body as `error.request_id`.
+- NUL bytes: in the path the resource cannot exist (404 `not_found`); in a query parameter or a JSON
+  string it is refused (422 `invalid_request` naming the parameter). PostgreSQL text cannot hold NUL,
+  so these never reach a query.
+- `OPTIONS`: 204 with an `Allow` naming every method served at the path (404 when none is).
+- An exception no handler took: 500 `internal_error` (logged with the request id); a database that
+  cannot be reached: 503 `unavailable` with `Retry-After` (the handler is in `app/errors.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import error_body
+
+log = logging.getLogger("app.errors")
+
+REQUEST_ID_HEADER = "x-request-id"
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+MAX_JSON_SCAN_BYTES = 16 * 1024 * 1024  # JSON bodies are small; larger ones are not scanned here
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+def request_id_of(scope: Scope) -> str | None:
+    return scope.get("state", {}).get("request_id")
+
+
+def _nul_path(value: Any, path: str = "") -> str | None:
+    """The JSON path of the first string (or key) holding a NUL byte, or None."""
+    if isinstance(value, str):
+        return path or "body" if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            if "\x00" in str(key):
+                return child
+            found = _nul_path(item, child)
+            if found:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _nul_path(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = (
+            dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
+        )
+        request_id = incoming if _SANE_ID.match(incoming) else new_request_id()
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        refusal = _refuse_nul_in_url(scope)
+        if refusal is not None:
+            await _send_error(send_with_id, request_id, *refusal)
+            return
+        if scope.get("method") == "OPTIONS":
+            allowed = _allowed_methods(scope)
+            if allowed:
+                await send_with_id(
+                    {
+                        "type": "http.response.start",
+                        "status": 204,
+                        "headers": [(b"allow", ", ".join(allowed).encode())],
+                    }
+                )
+                await send_with_id({"type": "http.response.body", "body": b""})
+                return
+        if _is_json_body(scope):
+            body, receive = await _buffer(receive)
+            param = _nul_in_json(body)
+            if param is not None:
+                await _send_error(
+                    send_with_id,
+                    request_id,
+                    422,
+                    "invalid_request",
+                    "Strings may not contain NUL (\\u0000) characters",
+                    param,
+                )
+                return
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error (request_id=%s)", request_id)
+            if started:
+                raise
+            await _send_error(
+                send_with_id,
+                request_id,
+                500,
+                "internal_error",
+                f"Internal error; quote request id {request_id} when reporting it",
+                None,
+            )
+
+
+def _allowed_methods(scope: Scope) -> list[str]:
+    """Every method the contract (the OpenAPI document) serves at this path, for `Allow`."""
+    app = scope.get("app")
+    if app is None or not hasattr(app, "openapi"):
+        return []
+    table = getattr(app.state, "allow_table", None)
+    if table is None:
+        table = []
+        for template, operations in app.openapi().get("paths", {}).items():
+            pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+            methods = {method.upper() for method in operations if method != "parameters"}
+            table.append((re.compile(f"^{pattern}$"), methods))
+        app.state.allow_table = table
+    path = scope.get("path", "")
+    methods: set[str] = set()
+    for pattern, served in table:
+        if pattern.match(path):
+            methods |= served
+    return sorted(methods | {"OPTIONS"}) if methods else []
+
+
+def _refuse_nul_in_url(scope: Scope) -> tuple[int, str, str, str | None] | None:
+    raw_path = scope.get("raw_path") or scope.get("path", "").encode()
+    if "\x00" in scope.get("path", "") or b"%00" in raw_path:
+        return 404, "not_found", "No resource at this path (it contains a NUL byte)", None
+    query = scope.get("query_string", b"").decode("latin-1")
+    if "%00" in query or "\x00" in query:
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            if "\x00" in key or "\x00" in value:
+                name = unquote(key).replace("\x00", "")
+                return 422, "invalid_request", "Query parameters may not contain NUL bytes", name
+        return 422, "invalid_request", "Query parameters may not contain NUL bytes", None
+    return None
+
+
+def _is_json_body(scope: Scope) -> bool:
+    if scope.get("method") not in ("POST", "PUT", "PATCH"):
+        return False
+    headers = dict(scope.get("headers") or [])
+    content_type = headers.get(b"content-type", b"").decode("latin-1").lower()
+    if "json" not in content_type:
+        return False
+    length = headers.get(b"content-length", b"0")
+    return not length.isdigit() or int(length) <= MAX_JSON_SCAN_BYTES
+
+
+async def _buffer(receive: Receive) -> tuple[bytes, Receive]:
+    """Read the whole body, and give back a `receive` that replays it."""
+    chunks = []
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
+
+
+def _nul_in_json(body: bytes) -> str | None:
+    if b"\\u0000" not in body.lower() and b"\x00" not in body:
+        return None
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None  # not JSON: the route's own parsing answers 422
+    return _nul_path(value)
+
+
+async def _send_error(
+    send: Send, request_id: str, status: int, code: str, message: str, param: str | None
+) -> None:
+    body = error_body(code, message, param)
+    body["error"]["request_id"] = request_id
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
