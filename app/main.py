@@ -17,6 +17,7 @@ from app.jobs.router import router as jobs_router
 from app.models.router import router as models_router
 from app.ops.router import HTTP_LATENCY
 from app.ops.router import router as ops_router
+from app.webhooks.router import router as webhooks_router
 from app.workers.router import router as workers_router
 
 STATIC = Path(__file__).parent / "static"
@@ -35,6 +36,7 @@ def create_app() -> FastAPI:
         jobs_router,
         artifacts_router,
         workers_router,
+        webhooks_router,
         ops_router,
     ):
         app.include_router(router)
