@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class Arrival:
     type: str
     payload: dict
     verified: bool
+    received_at: datetime
 
 
 @dataclass
@@ -72,6 +74,7 @@ def start_receiver() -> tuple[Receiver, ThreadingHTTPServer]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
             body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            received_at = datetime.now(UTC)
             headers = {key.lower(): value for key, value in self.headers.items()}
             verified = True
             try:
@@ -86,6 +89,7 @@ def start_receiver() -> tuple[Receiver, ThreadingHTTPServer]:
                         payload.get("type", ""),
                         payload,
                         verified,
+                        received_at,
                     )
                 )
                 pending = receiver.answers.get(self.path) or []
