@@ -1,4 +1,4 @@
-"""The Celery application's configuration, the queues, and the only two messages anyone sends.
+"""The Celery application's configuration, the queues, and the only messages anyone sends.
 
 A message carries just an id: the database says what the job is. The API sends by task name, so it
 never imports the worker code (or torch).
@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 RUN_JOB = "slimformer.run_job"
 VALIDATE_MODEL = "slimformer.validate_model"
+DELIVER_WEBHOOK = "slimformer.deliver_webhook"
 # Jobs are routed by device class (app/jobs/routing.py): one queue per class. Validation reads
 # archive members and safetensors headers only, so any worker takes it, and it has its own queue
 # so that it never waits behind a long job.
@@ -24,6 +25,9 @@ CPU_QUEUE = "cpu"
 GPU_QUEUE = "gpu"
 JOB_QUEUES = (CPU_QUEUE, GPU_QUEUE)
 VALIDATE_QUEUE = "validate"
+# Webhook deliveries are short HTTP calls: their own queue, consumed by a thread-pool worker that
+# runs beside each job worker (`slimformer worker`), so a delivery never waits behind a job.
+WEBHOOK_QUEUE = "webhooks"
 
 
 def celery_config(settings: Settings) -> dict:
@@ -108,9 +112,16 @@ def send_validate_model(model_id: str) -> bool:
     return _send(VALIDATE_MODEL, model_id, VALIDATE_QUEUE)
 
 
-def _send(task: str, resource_id: str, queue: str) -> bool:
+def send_deliver_webhook(message_id: str, countdown: float | None = None) -> bool:
+    """Best effort: a pending delivery whose message is lost is re-sent by the sweeper."""
+    return _send(DELIVER_WEBHOOK, message_id, WEBHOOK_QUEUE, countdown=countdown)
+
+
+def _send(task: str, resource_id: str, queue: str, countdown: float | None = None) -> bool:
     try:
-        client().send_task(task, args=[resource_id], queue=get_settings().queue(queue))
+        client().send_task(
+            task, args=[resource_id], queue=get_settings().queue(queue), countdown=countdown
+        )
         return True
     except Exception:  # noqa: BLE001 - any broker failure means "the reaper will retry"
         log.warning(

@@ -19,6 +19,7 @@ from app.models.router import router as models_router
 from app.openapi import install as install_openapi
 from app.ops.router import HTTP_LATENCY
 from app.ops.router import router as ops_router
+from app.webhooks.router import router as webhooks_router
 from app.workers.router import router as workers_router
 
 STATIC = Path(__file__).parent / "static"
@@ -37,6 +38,7 @@ def create_app() -> FastAPI:
         jobs_router,
         artifacts_router,
         workers_router,
+        webhooks_router,
         ops_router,
     ):
         app.include_router(router)

@@ -54,6 +54,20 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = 48 * 3600
     broker_polling_interval_s: float = 0.2  # filesystem broker only
 
+    # Webhooks (app/webhooks, workers/webhooks.py). A delivery that keeps failing is retried with
+    # exponential backoff and jitter for `webhook_retry_window_s`, then its endpoint is disabled.
+    webhook_timeout_s: float = 10.0
+    webhook_retry_window_s: float = 24 * 3600
+    webhook_backoff_base_s: float = 5.0
+    webhook_backoff_max_s: float = 3600.0
+    webhook_progress_interval_s: float = 30.0  # at most one job.progress per endpoint this often
+    # A pending delivery due this long ago with no attempt in flight lost its message: re-sent.
+    webhook_sweep_after_s: float = 60.0
+    # Destinations allowed although they resolve to loopback/private/link-local addresses:
+    # host names, IP addresses or CIDR networks.
+    webhook_allowed_hosts: list[str] = Field(default_factory=list)
+    public_url: str = ""  # prefixes the `link` in webhook payloads (e.g. https://slim.example)
+
     log_level: str = "INFO"
 
     @model_validator(mode="after")

@@ -51,8 +51,8 @@ def api(host: str, port: int) -> None:
 @click.option(
     "--queues",
     default=None,
-    help="Comma-separated queues of cpu, gpu, validate [default: the queue of this worker's "
-    "device class, plus validate]",
+    help="Comma-separated queues of cpu, gpu, validate, webhooks [default: the queue of this "
+    "worker's device class, plus validate; webhooks run in a companion worker, see --webhooks]",
 )
 @click.option(
     "--cpu-jobs/--no-cpu-jobs",
@@ -69,8 +69,19 @@ def api(host: str, port: int) -> None:
     show_default=True,
     help="Run the lease reaper loop in this worker",
 )
+@click.option(
+    "--webhooks/--no-webhooks",
+    default=True,
+    show_default=True,
+    help="Also run a thread-pool worker for webhook deliveries beside this one",
+)
 def worker(
-    queues: str | None, cpu_jobs: bool, concurrency: int, hostname: str | None, reaper: bool
+    queues: str | None,
+    cpu_jobs: bool,
+    concurrency: int,
+    hostname: str | None,
+    reaper: bool,
+    webhooks: bool,
 ) -> None:
     """Run a Celery worker (prefork; one job per process) for this machine's device class.
 
@@ -81,7 +92,7 @@ def worker(
     """
     import json
 
-    from app.broker import CPU_QUEUE, JOB_QUEUES, VALIDATE_QUEUE
+    from app.broker import CPU_QUEUE, JOB_QUEUES, VALIDATE_QUEUE, WEBHOOK_QUEUE
     from workers.presence import DEVICE_ENV, default_queues, probe
 
     settings = get_settings()
@@ -94,10 +105,10 @@ def worker(
         names = [name.strip() for name in queues.split(",") if name.strip()]
     else:
         names = default_queues(device) + ([CPU_QUEUE] if cpu_jobs and device != CPU_QUEUE else [])
-    unknown = sorted(set(names) - {*JOB_QUEUES, VALIDATE_QUEUE})
+    unknown = sorted(set(names) - {*JOB_QUEUES, VALIDATE_QUEUE, WEBHOOK_QUEUE})
     if unknown:
         raise click.BadParameter(
-            f"unknown queue(s) {', '.join(unknown)}: choose from cpu, gpu, validate",
+            f"unknown queue(s) {', '.join(unknown)}: choose from cpu, gpu, validate, webhooks",
             param_hint="--queues",
         )
     if device == "gpu" and concurrency != 1:
@@ -141,7 +152,49 @@ def worker(
         SLIMFORMER_REAPER="1" if reaper else "0",
         **{DEVICE_ENV: json.dumps(description)},
     )
+    if webhooks and WEBHOOK_QUEUE not in names:
+        _start_webhook_worker(hostname, env)
     os.execve(sys.executable, args, env)
+
+
+def _start_webhook_worker(hostname: str | None, env: dict[str, str]) -> None:
+    """Webhook deliveries are short HTTP calls that must never wait behind a job, and a job worker
+    runs one job at a time: so each job worker brings a thread-pool Celery worker on the webhook
+    queue. It dies with its parent (PR_SET_PDEATHSIG), which execs into the job worker next."""
+    from app.broker import WEBHOOK_QUEUE
+
+    node = f"webhooks-{hostname}" if hostname else "webhooks@%h"
+    subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery_app:celery_app",
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            "8",
+            "--queues",
+            get_settings().queue(WEBHOOK_QUEUE),
+            "--hostname",
+            node,
+            "--loglevel",
+            get_settings().log_level,
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        env=dict(env, SLIMFORMER_REAPER="0", SLIMFORMER_PRESENCE="0"),
+        preexec_fn=_die_with_parent,
+    )
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 @cli.command()

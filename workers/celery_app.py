@@ -9,6 +9,8 @@ from celery.signals import worker_init, worker_process_init, worker_ready, worke
 from app.broker import make_celery
 from app.db.session import dispose_engines
 
+PRESENCE_ENV = "SLIMFORMER_PRESENCE"
+
 celery_app = make_celery()
 celery_app.conf.imports = ("workers.tasks",)
 
@@ -42,7 +44,9 @@ def _start_background(sender: object = None, **_: object) -> None:
     from workers import presence
 
     consumed = list(sender.app.amqp.queues.consume_from or {})  # type: ignore[union-attr]
-    presence.start(sender.hostname, consumed)  # type: ignore[union-attr]
+    # The webhook companion of a job worker (`slimformer worker`) runs no job: not registered.
+    if os.environ.get(PRESENCE_ENV, "1") == "1":
+        presence.start(sender.hostname, consumed)  # type: ignore[union-attr]
     if os.environ.get("SLIMFORMER_REAPER", "1") == "1":
         from workers.reaper import start_reaper_thread
 

@@ -18,6 +18,7 @@ from app.db.session import session_scope
 from app.db.tables import Model, utcnow
 from app.settings import get_settings
 from app.storage import get_store
+from app.webhooks import outbox
 from workers.compression.archive import ArchiveError, extract_archive, list_members
 from workers.compression.examples import builtin_model_folder
 from workers.compression.model_inspection import (
@@ -170,9 +171,11 @@ def _finish(
             },
         )
     with session_scope() as session:
-        session.execute(
+        moved = session.execute(
             update(Model)
             .where(Model.id == model_id, Model.status == "validating")
             .values(**values)
             .execution_options(synchronize_session=False)
         )
+        if moved.rowcount:
+            outbox.model_status_changed(session, model_id=model_id, status=status)

@@ -24,6 +24,7 @@ from app.jobs import routing
 from app.jobs.lifecycle import add_event, transition
 from app.settings import get_settings
 from app.workers import repository as workers
+from workers import webhooks
 
 # Lost workers stay listed (as lost) this long, so an operator can see what died, then go.
 LOST_WORKERS_KEPT_S = 24 * 3600
@@ -45,6 +46,7 @@ def reap_once() -> dict[str, int]:
         "validations_resent": 0,
         "waiting_told": 0,
         "workers_forgotten": 0,
+        "webhooks_resent": 0,
     }
     with session_scope() as session:
         live = workers.live_queue_counts(session)
@@ -123,6 +125,7 @@ def reap_once() -> dict[str, int]:
             session, before=now - timedelta(seconds=LOST_WORKERS_KEPT_S)
         )
         purge_expired(session, ttl_s=settings.idempotency_ttl_s)
+        counts["webhooks_resent"] = webhooks.sweep(session)
     if any(counts.values()):
         log.info("reaper: %s", counts)
     return counts

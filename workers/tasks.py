@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.broker import RUN_JOB, VALIDATE_MODEL
+from app.broker import DELIVER_WEBHOOK, RUN_JOB, VALIDATE_MODEL
 from workers.celery_app import celery_app
 
 
@@ -18,3 +18,10 @@ def validate_model(model_id: str) -> None:
     from workers.model_files import validate_model as validate
 
     validate(model_id)
+
+
+@celery_app.task(name=DELIVER_WEBHOOK, acks_late=True, reject_on_worker_lost=True)
+def deliver_webhook(message_id: str) -> None:
+    from workers.webhooks import deliver
+
+    deliver(message_id)

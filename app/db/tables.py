@@ -151,6 +151,7 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     event_seq: Mapped[int] = mapped_column(Integer, default=0)  # last event's seq for this job
     enqueued_at: Mapped[datetime | None]  # when a message for it was last sent
+    webhook: Mapped[dict[str, Any] | None]  # the job's own {url, events, endpoint_id}
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -216,3 +217,62 @@ class Worker(Base):
     queues: Mapped[list[Any]]  # logical names (cpu, gpu, validate), without the queue prefix
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class WebhookEndpoint(Base):
+    """A destination for a project's events. `job_id` set: a job's own `webhook`, which only
+    that job's events reach (and which endpoint listings leave out)."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project_id: Mapped[str] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), index=True
+    )
+    job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    url: Mapped[str] = mapped_column(String(2000))
+    events: Mapped[list[Any]]
+    description: Mapped[str | None] = mapped_column(String(500))
+    secret: Mapped[str] = mapped_column(String(100))  # whsec_<base64 key>
+    status: Mapped[str] = mapped_column(String(20), default="enabled")  # enabled | disabled
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    last_progress_at: Mapped[datetime | None]  # throttles job.progress
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookMessage(Base):
+    """The outbox: one event for one endpoint, written in the transaction that made the event.
+    Its id is the `webhook-id` header, the same on every attempt."""
+
+    __tablename__ = "webhook_messages"
+    __table_args__ = (Index("ix_webhook_messages_status_due", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    endpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True
+    )
+    event: Mapped[str] = mapped_column(String(40))
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending|delivered|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_until: Mapped[datetime | None]  # an attempt in flight until then
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+
+
+class WebhookAttempt(Base):
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_messages.id", ondelete="CASCADE"), index=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

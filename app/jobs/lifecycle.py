@@ -3,7 +3,8 @@
 It is a conditional update (`… WHERE id = :id AND status IN (legal sources) [AND attempt = :attempt]`),
 so two writers racing for the same job cannot both win, on SQLite or PostgreSQL, without explicit
 locks: the loser sees zero rows and learns someone else moved the job first. The winner writes the
-status event in the same transaction.
+status event, and the webhook outbox rows that announce it (`app.webhooks.outbox`), in the same
+transaction.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy import ColumnElement, insert, update
 from sqlalchemy.orm import Session
 
 from app.db.tables import Job, JobEvent, utcnow
+from app.webhooks import outbox
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 LIVE = frozenset({"queued", "running", "cancelling"})
@@ -91,6 +93,7 @@ def transition(
             data={"status": to, **(data or {})},
         )
     )
+    outbox.job_status_changed(session, job_id=job_id, status=to)
     _expire(session, job_id)
     return True
 
@@ -140,6 +143,8 @@ def add_event(
             created_at=now,
         )
     )
+    if type == "progress" and attempt is not None:  # a worker's progress, not the reaper's notes
+        outbox.job_progressed(session, job_id=job_id, progress=(values or {}).get("progress"))
     _expire(session, job_id)
     return seq
 

@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.responses import RowOut
+from app.webhooks.schemas import EventName
 from workers.compression.recipe import EvaluationSettings, Recipe
 
 
@@ -40,8 +41,17 @@ class ResourcesSpec(Strict):
 
 
 class WebhookSpec(Strict):
+    url: str = Field(min_length=1, max_length=2000)
+    events: list[EventName] = Field(
+        default_factory=lambda: ["job.succeeded", "job.failed"], min_length=1
+    )
+
+
+class WebhookOut(BaseModel):
     url: str
-    events: list[str] = Field(default_factory=lambda: ["job.succeeded", "job.failed"])
+    events: list[str]
+    endpoint_id: str
+    secret: str | None = None  # only in the creation response
 
 
 class JobCreate(Strict):
@@ -105,6 +115,7 @@ class JobOut(BaseModel):
     attempt: int
     max_attempts: int
     artifact_ids: list[str]
+    webhook: WebhookOut | None = None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

@@ -14,9 +14,11 @@ from app.ids import new_id
 from app.jobs import repository, routing
 from app.jobs.lifecycle import LIVE, TERMINAL, add_event, transition
 from app.jobs.resolver import ResolvedJob, resolve_job
-from app.jobs.schemas import JobCreate, JobOut, Progress, ResourcesSpec
+from app.jobs.schemas import JobCreate, JobOut, Progress, ResourcesSpec, WebhookOut, WebhookSpec
 from app.pagination import page
 from app.storage import get_store
+from app.webhooks import service as webhooks
+from app.webhooks.schemas import EndpointCreate
 
 ENDPOINT = "POST /v1/jobs"
 
@@ -47,6 +49,8 @@ def create_job(
     job = _insert_queued(
         session, job_id=job_id, project_id=project_id, resolved=resolved, route=route
     )
+    if spec.webhook is not None:
+        _attach_webhook(session, job=job, spec=spec.webhook)
     # Commit first, then send: a worker must never receive an id the database does not have yet.
     after_commit(session, lambda: broker.send_run_job(job_id, route.queue))
     return job, True
@@ -84,6 +88,21 @@ def _insert_queued(
         session, job_id=job.id, type="status", message="status: queued", data={"status": "queued"}
     )
     return job
+
+
+def _attach_webhook(session: Session, *, job: Job, spec: WebhookSpec) -> None:
+    """The job's own `webhook`: an endpoint only this job's events reach. Its secret is shown
+    once, in the creation response (`session.info`, read by `to_out`)."""
+    endpoint = webhooks.create_endpoint(
+        session=session,
+        project_id=job.project_id,
+        spec=EndpointCreate(url=spec.url, events=spec.events),
+        job_id=job.id,
+        param="webhook.url",
+    )
+    job.webhook = {"url": endpoint.url, "events": endpoint.events, "endpoint_id": endpoint.id}
+    session.info.setdefault("webhook_secrets", {})[job.id] = endpoint.secret
+    session.flush()
 
 
 def get_job(*, session: Session, project_id: str, job_id: str) -> Job:
@@ -166,6 +185,9 @@ def retry_job(*, session: Session, project_id: str, job: Job) -> Job:
             "max_runtime_s": job.max_runtime_s,
             "max_attempts": job.max_attempts,
             "metadata": {**job.job_metadata},
+            "webhook": {"url": job.webhook["url"], "events": job.webhook["events"]}
+            if job.webhook
+            else None,
         }
     )
     new_job, _ = create_job(session=session, project_id=project_id, spec=spec, idempotency_key=None)
@@ -222,6 +244,11 @@ def to_out(session: Session, job: Job, *, artifacts: list[str] | None = None) ->
         attempt=job.attempt,
         max_attempts=job.max_attempts,
         artifact_ids=artifacts,
+        webhook=WebhookOut(
+            **job.webhook, secret=session.info.get("webhook_secrets", {}).get(job.id)
+        )
+        if job.webhook
+        else None,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

@@ -63,6 +63,9 @@ def test_health_ready_metrics_and_openapi(service: Service) -> None:
         "/v1/jobs/{job_id}/retry",
         "/v1/jobs/{job_id}/artifacts",
         "/v1/artifacts/{artifact_id}/content",
+        "/v1/webhook-endpoints",
+        "/v1/webhook-endpoints/{endpoint_id}/deliveries",
+        "/v1/webhook-endpoints/{endpoint_id}/deliveries/{delivery_id}/redeliver",
     ):
         assert path in paths
     assert httpx.get(f"{service.base_url}/").status_code == 200

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import BACKEND, ROOT, builtin_id, free_port, wait_for
+from tests.service.test_webhooks import start_receiver
 
 pytestmark = [
     pytest.mark.service,
@@ -38,6 +39,9 @@ def test_serve_runs_a_real_job_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("SLIMFORMER_")}
     env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    # The only setting: the test's own webhook receiver is on loopback, refused unless allowed.
+    env["SLIMFORMER_WEBHOOK_ALLOWED_HOSTS"] = '["127.0.0.1"]'
+    receiver, receiver_server = start_receiver()
     log = (tmp_path / "serve.log").open("wb")
     process = subprocess.Popen(
         [
@@ -84,19 +88,26 @@ def test_serve_runs_a_real_job_and_stops_on_ctrl_c(tmp_path: Path) -> None:
                         "metrics": ["embedding_cosine"],
                         "latency": {"runs": 2, "warmup": 0},
                     },
+                    "webhook": {"url": receiver.url("/serve"), "events": ["job.succeeded"]},
                 },
             ).json()
+            receiver.secrets["/serve"] = job["webhook"]["secret"]
             final = wait_for(client, job["id"], {"succeeded", "failed"}, timeout=300)
             assert final["status"] == "succeeded", (tmp_path / "serve.log").read_text()[-3000:]
+            # serve's worker brings its webhook worker: the delivery arrives, signed.
+            hooks = receiver.wait("/serve", lambda got: len(got) >= 1)
+            assert [(a.type, a.verified) for a in hooks] == [("job.succeeded", True)]
             assert final["metrics"]["compressed"]["embedding_cosine"] > 0.98
 
         assert len(processes_using(tmp_path / "data")) >= 2  # the worker and its pool child
         process.send_signal(signal.SIGINT)  # what Ctrl-C sends
         process.wait(timeout=60)
         time.sleep(0.5)
-        assert processes_using(tmp_path / "data") == []  # the worker and its pool are gone too
+        # the worker, its pool and its webhook worker are gone too
+        assert processes_using(tmp_path / "data") == []
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{base}/healthz", timeout=2)
     finally:
+        receiver_server.shutdown()
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
