@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import BACKEND, ROOT, builtin_id, free_port, wait_for
 from tests.service.test_webhooks import start_receiver
+from workers.compression.runtime.int8 import FULL_RANGE_ACTIVATIONS
 
 pytestmark = [
     pytest.mark.service,
@@ -97,7 +98,9 @@ def test_serve_runs_a_real_job_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             # serve's worker brings its webhook worker: the delivery arrives, signed.
             hooks = receiver.wait("/serve", lambda got: len(got) >= 1)
             assert [(a.type, a.verified) for a in hooks] == [("job.succeeded", True)]
-            assert final["metrics"]["compressed"]["embedding_cosine"] > 0.98
+            # fbgemm quantizes activations to 7 bits without VNNI (runtime/int8.py): ~0.975 there.
+            floor = 0.98 if FULL_RANGE_ACTIVATIONS else 0.965
+            assert final["metrics"]["compressed"]["embedding_cosine"] > floor
 
         assert len(processes_using(tmp_path / "data")) >= 2  # the worker and its pool child
         process.send_signal(signal.SIGINT)  # what Ctrl-C sends
