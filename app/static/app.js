@@ -333,6 +333,29 @@ function onJobEvent(jobId, message) {
   }
 }
 
+// --- workers ----------------------------------------------------------------------------------
+
+async function refreshWorkers() {
+  if (Date.now() - (state.workersAt || 0) < 10000) return;
+  state.workersAt = Date.now();
+  const result = await api("/v1/workers?limit=100");
+  const workers = result.body.data;
+  const live = new Map();  // device class -> live workers
+  for (const w of workers) if (w.live) live.set(w.device, (live.get(w.device) || 0) + 1);
+  document.getElementById("queues").textContent = ["cpu", "gpu"]
+    .map((device) => `${device}: ${live.get(device) || 0} live`).join(" · ");
+  const rows = workers.map((w) => el("tr", {},
+    el("td", { class: "mono" }, w.hostname),
+    el("td", {}, w.device_name ? `${w.device} (${w.device_name})` : w.device),
+    el("td", {}, statusCell(w.status)),
+    el("td", { class: "mono" }, w.queues.join(", ")),
+    el("td", {}, isNumber(w.memory_bytes) ? bytes(w.memory_bytes) : "–"),
+    el("td", {}, shortTime(w.last_seen_at))));
+  document.getElementById("workers").replaceChildren(...(rows.length ? rows
+    : [el("tr", {}, el("td", { colspan: 6, class: "muted" },
+        "no worker has registered: jobs wait in their queue until one starts"))]));
+}
+
 // --- start ------------------------------------------------------------------------------------
 
 async function tick() {
@@ -340,6 +363,7 @@ async function tick() {
     await refreshModels();
     await refreshJobs();
     await refreshSelected();
+    await refreshWorkers();
     showError(null);
   } catch (error) { showError(error); }
 }
