@@ -23,6 +23,7 @@ from workers.compression.quant import (
     dequantize,
     group_params,
     quantize_groups,
+    relative_error,
 )
 from workers.compression.recipe import GptqConfig, Recipe, RtnConfig
 
@@ -281,6 +282,7 @@ def test_the_output_error_without_the_hessian_is_the_exact_one(act_order):
     )  # fmt: skip
     delta = W - dequantize(q).float()
     assert errors["output"] == pytest.approx(((delta @ H) * delta).sum().item(), rel=1e-4)
+    assert errors["weight"] == pytest.approx(relative_error(W, dequantize(q)), rel=1e-5)
     pruned, _ = sparsegpt_prune(
         W, H, sparsity=0.5, pattern="unstructured", damping=0.01, block_size=16, errors=errors
     )

@@ -51,7 +51,6 @@ from workers.compression.quant import (
     attach,
     code_range,
     group_params,
-    relative_error,
     resolve_group_size,
 )
 from workers.compression.recipe import GptqConfig
@@ -178,6 +177,7 @@ def gptq_quantize(
     position = torch.argsort(perm)  # where each original column sits in the processing order
     W = weight.detach().float()[:, perm]  # a copy, in processing order
     # An input that is always zero carries no information: its weights are fixed at 0.
+    dead_weights = W[:, factor.dead].double().square().sum().item() if errors is not None else 0
     W[:, factor.dead] = 0
     # For `errors`: Σ error² and ‖ΔW‖² (ΔW zero at dead inputs), accumulated column by column.
     damped = delta = 0.0
@@ -193,7 +193,7 @@ def gptq_quantize(
     group_scale: dict[int, torch.Tensor] = {}
     group_zero: dict[int, torch.Tensor] = {}
     low, high = code_range(bits, symmetric)
-    codes = torch.empty_like(W)
+    codes = torch.empty(W.shape, dtype=torch.int8 if symmetric else torch.uint8, device=W.device)
     diagonal = torch.diagonal(U).tolist()
     # The column loop is thousands of small operations: one thread (the factorization above
     # used them all).
@@ -246,8 +246,10 @@ def gptq_quantize(
 
     if errors is not None:
         errors["output"] = max(damped - factor.damping * delta, 0.0)
+        norm = weight.detach().double().square().sum().item()
+        errors["weight"] = math.sqrt((delta + dead_weights) / norm) if norm else 0.0
     return QuantizedWeight(
-        codes=codes[:, position].to(torch.int8 if symmetric else torch.uint8),
+        codes=codes[:, position],
         scale=scale,
         zero_point=zero_point,
         bits=bits,
@@ -258,8 +260,8 @@ def gptq_quantize(
 
 @dataclass
 class OriginalWeight:
-    """A layer's weight before a method changed it, and tr(W H Wᵀ) (what output errors are
-    relative to)."""
+    """A layer's weight (the layer's own tensor: read it before the method changes it), and
+    tr(W H Wᵀ) (what output errors are relative to)."""
 
     weight: torch.Tensor
     signal: float
@@ -292,7 +294,7 @@ def factored_layers(
                 consume=True,
             )  # fmt: skip
         del hessian
-        original = OriginalWeight(layer.weight.detach().clone(), signals[name])
+        original = OriginalWeight(layer.weight.detach(), signals[name])
         yield name, original, factors[key]
         users[key] -= 1
         if not users[key]:
@@ -332,7 +334,7 @@ class GptqBlockHandler:
             )
             attach(layers[name], quantized)
             summary[prefix + name] = {
-                "relative_weight_error": relative_error(original.weight, layers[name].weight),
+                "relative_weight_error": errors["weight"],
                 "relative_output_error": math.sqrt(errors["output"] / original.signal)
                 if original.signal
                 else 0.0,
