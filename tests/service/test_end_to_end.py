@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import BACKEND, Service, builtin_id, wait_for
 from tests.service.conftest import minilm_folder
+from workers.compression.runtime.int8 import FULL_RANGE_ACTIVATIONS
 
 pytestmark = [pytest.mark.service, pytest.mark.real_model]
 
@@ -47,7 +48,8 @@ def test_minilm_dynamic_int8_over_http(service: Service, tmp_path: Path) -> None
         assert job["status"] == "succeeded", (job, service.logs())
         metrics = job["metrics"]
         cosine = metrics["compressed"]["embedding_cosine"]
-        assert cosine >= 0.99
+        # fbgemm quantizes activations to 7 bits on CPUs without VNNI (runtime/int8.py): ~0.975.
+        assert cosine >= (0.99 if FULL_RANGE_ACTIVATIONS else 0.965)
         # The Linear layers go from 4 bytes to ~1 per weight; the word embeddings (half of MiniLM's
         # 22.7M parameters) stay float32: about 0.65x overall.
         assert metrics["compressed"]["size_bytes"] < 0.7 * metrics["baseline"]["size_bytes"]
