@@ -223,10 +223,13 @@ def test_unsafe_destinations_are_refused(hooks_service: Service, url: str) -> No
     with hooks_service.client("alpha") as client:
         response = client.post("/v1/webhook-endpoints", json={"url": url, "events": ["job.failed"]})
         assert response.status_code == 422, response.text
-        assert response.json()["error"] == {
+        error = response.json()["error"]
+        assert error["request_id"].startswith("req_")  # every error names its request
+        assert error == {
             "code": "invalid_request",
-            "message": response.json()["error"]["message"],
+            "message": error["message"],
             "param": "url",
+            "request_id": error["request_id"],
         }
         before = client.get("/v1/jobs").json()["data"]
         job = client.post(
