@@ -1,19 +1,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-EVENTS = (
-    "job.started",
-    "job.progress",
-    "job.succeeded",
-    "job.failed",
-    "job.cancelled",
-    "model.ready",
-    "model.rejected",
-)
 EventName = Literal[
     "job.started",
     "job.progress",
@@ -23,6 +14,7 @@ EventName = Literal[
     "model.ready",
     "model.rejected",
 ]
+EVENTS: tuple[str, ...] = get_args(EventName)
 
 
 class EndpointCreate(BaseModel):

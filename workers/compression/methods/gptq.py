@@ -266,6 +266,10 @@ class OriginalWeight:
     weight: torch.Tensor
     signal: float
 
+    def relative_output_error(self, output_error: float) -> float:
+        """√(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)) from `errors["output"]` of the method's loop."""
+        return math.sqrt(output_error / self.signal) if self.signal else 0.0
+
 
 def factored_layers(
     layers: dict[str, nn.Linear],
@@ -335,9 +339,7 @@ class GptqBlockHandler:
             attach(layers[name], quantized)
             summary[prefix + name] = {
                 "relative_weight_error": errors["weight"],
-                "relative_output_error": math.sqrt(errors["output"] / original.signal)
-                if original.signal
-                else 0.0,
+                "relative_output_error": original.relative_output_error(errors["output"]),
             }
         return summary
 

@@ -28,8 +28,6 @@ the next block is calibrated on this block's pruned outputs.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -147,9 +145,7 @@ class SparseGptBlockHandler:
                 layer.weight.copy_(pruned)
             prune_(layer, keep, pattern=config.pattern)  # already zero there; marks the layer
             summary[prefix + name] = {
-                "relative_output_error": math.sqrt(errors["output"] / original.signal)
-                if original.signal
-                else 0.0
+                "relative_output_error": original.relative_output_error(errors["output"])
             }
         return summary
 
