@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import click
 
 from app.settings import get_settings
+from slimformer.supervisor import AlreadyServing, Supervisor, lock_data_dir
 
 
 @click.group()
@@ -70,6 +70,13 @@ def api(host: str, port: int) -> None:
     help="Run the lease reaper loop in this worker",
 )
 @click.option(
+    "--validate/--no-validate",
+    default=True,
+    show_default=True,
+    help="Also take model validations (ignored with --queues); `serve` runs a validator of its own "
+    "so an upload never waits behind a job",
+)
+@click.option(
     "--webhooks/--no-webhooks",
     default=True,
     show_default=True,
@@ -81,6 +88,7 @@ def worker(
     concurrency: int,
     hostname: str | None,
     reaper: bool,
+    validate: bool,
     webhooks: bool,
 ) -> None:
     """Run a Celery worker (prefork; one job per process) for this machine's device class.
@@ -105,6 +113,8 @@ def worker(
         names = [name.strip() for name in queues.split(",") if name.strip()]
     else:
         names = default_queues(device) + ([CPU_QUEUE] if cpu_jobs and device != CPU_QUEUE else [])
+        if not validate:
+            names.remove(VALIDATE_QUEUE)
     unknown = sorted(set(names) - {*JOB_QUEUES, VALIDATE_QUEUE, WEBHOOK_QUEUE})
     if unknown:
         raise click.BadParameter(
@@ -213,6 +223,10 @@ def serve(host: str, port: int, data_dir: Path | None) -> None:
         get_settings.cache_clear()
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = lock_data_dir(settings.data_dir)
+    except AlreadyServing as exc:
+        raise click.ClickException(str(exc)) from exc
     _migrate_and_seed()
     if not settings.auth_enabled:
         click.echo(
@@ -220,28 +234,43 @@ def serve(host: str, port: int, data_dir: Path | None) -> None:
             "every request acts as project 'default'",
             err=True,
         )
-    worker_process = subprocess.Popen(
-        [sys.executable, "-m", "slimformer.cli", "worker", "--cpu-jobs"],
-        env=os.environ.copy(),
-        start_new_session=True,
-    )
+    # uvicorn stops gracefully on SIGINT and SIGTERM, then raises the signal again with the handler
+    # it found: for SIGTERM that must unwind through `finally` (the default handler would end the
+    # process on the spot and orphan the workers), as KeyboardInterrupt does for SIGINT.
+    signal.signal(signal.SIGTERM, _raise_system_exit)
+    me = [sys.executable, "-m", "slimformer.cli", "worker"]
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
+    supervisors = [
+        # The job worker (every device class's jobs, one at a time), its webhook companion and the
+        # reaper; and a validator, so that an upload is checked while a job runs.
+        Supervisor("worker", [*me, "--cpu-jobs", "--no-validate"], os.environ.copy(), say),
+        Supervisor(
+            "validator",
+            [
+                *me,
+                "--queues",
+                "validate",
+                "--no-webhooks",
+                "--no-reaper",
+                "--hostname",
+                "validator@%h",
+            ],
+            os.environ.copy(),
+            say,
+        ),
+    ]
+    for supervisor in supervisors:
+        supervisor.start()
     try:
         api.callback(host=host, port=port)  # type: ignore[misc]
     finally:
-        _stop(worker_process)
+        for supervisor in supervisors:
+            supervisor.stop()
+        lock.close()
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Warm shutdown first (the running job is handed back), then the hard way."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+def _raise_system_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @cli.group()

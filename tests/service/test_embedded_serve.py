@@ -36,14 +36,19 @@ def processes_using(data_dir: Path) -> list[int]:
     return found
 
 
-def test_serve_runs_a_real_job_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    port = free_port()
+def clean_env() -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("SLIMFORMER_")}
     env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    # The only setting: the test's own webhook receiver is on loopback, refused unless allowed.
-    env["SLIMFORMER_WEBHOOK_ALLOWED_HOSTS"] = '["127.0.0.1"]'
-    receiver, receiver_server = start_receiver()
-    log = (tmp_path / "serve.log").open("wb")
+    return env
+
+
+def start_serve(
+    tmp_path: Path, env: dict[str, str], name: str = "serve"
+) -> tuple[subprocess.Popen, str]:
+    """`slimformer serve` on a free port and `tmp_path/data`, its output in `tmp_path/<name>.log`;
+    returns once /readyz answers 200."""
+    port = free_port()
+    log = (tmp_path / f"{name}.log").open("wb")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -62,16 +67,25 @@ def test_serve_runs_a_real_job_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return process, base
+        except httpx.HTTPError:
+            pass
+        assert process.poll() is None, (tmp_path / f"{name}.log").read_text()
+        time.sleep(0.3)
+    raise AssertionError((tmp_path / f"{name}.log").read_text())
+
+
+def test_serve_runs_a_real_job_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    env = clean_env()
+    # The only setting: the test's own webhook receiver is on loopback, refused unless allowed.
+    env["SLIMFORMER_WEBHOOK_ALLOWED_HOSTS"] = '["127.0.0.1"]'
+    receiver, receiver_server = start_receiver()
+    process, base = start_serve(tmp_path, env)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()
-            time.sleep(0.3)
         output = (tmp_path / "serve.log").read_text()
         assert "authentication is OFF" in output
         assert (tmp_path / "data" / "slimformer.db").is_file()
@@ -112,5 +126,102 @@ def test_serve_runs_a_real_job_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             httpx.get(f"{base}/healthz", timeout=2)
     finally:
         receiver_server.shutdown()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+
+
+def test_serve_supervises_its_workers_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """One serve per data dir; a worker killed under serve comes back and takes the next job;
+    validation has its own consumer; SIGTERM (what systemd and docker send) leaves nothing."""
+    env = clean_env()
+    process, base = start_serve(tmp_path, env)
+    try:
+        # Two supervised children, each a Celery worker: the job worker and the validator.
+        workers = {
+            "validate" if "validator@%h" in cmdline(pid) else "jobs": pid
+            for pid in children_of(process.pid)
+        }
+        assert sorted(workers) == ["jobs", "validate"], [cmdline(p) for p in workers.values()]
+
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "slimformer.cli",
+                "serve",
+                "--port",
+                str(free_port()),
+                "--data-dir",
+                str(tmp_path / "data"),
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode != 0
+        assert f"another `slimformer serve` (pid {process.pid}) is using" in second.stderr
+
+        os.kill(workers["jobs"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            current = [
+                pid for pid in children_of(process.pid) if "validator@%h" not in cmdline(pid)
+            ]
+            if current and current != [workers["jobs"]]:
+                break
+            time.sleep(0.3)
+        else:
+            raise AssertionError((tmp_path / "serve.log").read_text()[-3000:])
+        assert (
+            "the worker exited (killed by SIGKILL); restarting it"
+            in (tmp_path / "serve.log").read_text()
+        )
+
+        with httpx.Client(base_url=base, timeout=30) as client:
+            job = client.post(
+                "/v1/jobs",
+                json={
+                    "model_id": builtin_id(client, "models", "all-MiniLM-L6-v2"),
+                    "recipe": {"stages": [{"method": "dynamic_int8"}]},
+                    "evaluation": {
+                        "max_samples": 8,
+                        "seq_len": 32,
+                        "metrics": ["embedding_cosine"],
+                        "latency": {"runs": 1, "warmup": 0},
+                    },
+                },
+            ).json()
+            final = wait_for(client, job["id"], {"succeeded", "failed"}, timeout=300)
+            assert final["status"] == "succeeded", (tmp_path / "serve.log").read_text()[-3000:]
+            assert final["attempt"] == 1
+            ready = client.get("/readyz").json()
+            assert ready["live_workers"]["cpu"] >= 1 and ready["live_workers"]["validate"] >= 1
+
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        assert processes_using(tmp_path / "data") == []
+    finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
