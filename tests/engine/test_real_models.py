@@ -72,11 +72,13 @@ def test_smollm2_converts_once_and_predicts_wikipedia(cache_dir):
     assert 5 < baseline < 100  # measured 24.5 (512-token windows) on this text
 
     # down_proj sees SwiGLU outputs with large outliers that per-tensor int8 activations clip;
-    # left in float, the other 180 layers cost little (measured +5% at 512 tokens).
+    # left in float, the other 180 layers cost little (measured +5% at 512 tokens). Without VNNI
+    # fbgemm quantizes activations to 7 bits (runtime/int8.py): 29.11 vs 24.95 (+17%) with
+    # reduce_range forced on a VNNI CPU, 29.80 (+19%) on a CPU without it.
     recipe = Recipe(stages=[DynamicInt8Config(ignore=["down_proj"])])
     assert compress(loaded.model, recipe).stages[0]["quantized_layers"] == 180
     compressed = harness.measure(loaded.model, folder=None)["perplexity"]
-    assert baseline < compressed < 1.1 * baseline
+    assert baseline < compressed < (1.1 if FULL_RANGE_ACTIVATIONS else 1.25) * baseline
 
 
 def test_minilm_polarity_probe_accuracy_survives_int8(cache_dir):

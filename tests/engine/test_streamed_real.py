@@ -5,8 +5,9 @@ SmolLM2's built-in folder is float32; a bf16 copy of it (what most checkpoints o
 loaded streamed — its blocks stay in the bf16 file, each is upcast on the way in — and GPTQ'd with
 the same calibration as the float32 model held whole. The two differ by the bf16 rounding of the
 weights before quantization (relative 2^-8 per weight), which GPTQ's error feedback carries on
-through each layer: measured 35.73 (bf16, streamed) vs 34.82 (float32, whole), +2.6%, with 8 x 128
-calibration and 4 windows of 256 tokens; 4% is the bound. (The streamed path itself is exact: on
+through each layer, either way: measured 35.73 (bf16, streamed) vs 34.82 (float32, whole), +2.6%,
+with column-order GPTQ, and 30.73 vs 32.03 (−4.1%) with act_order on another CPU, with 8 x 128
+calibration and 4 windows of 256 tokens. The bound is one-sided: at most 4% worse. (The streamed path itself is exact: on
 the float32 checkpoint it gives the whole model's codes bit for bit.) The streamed export is also
 checked, and written in bf16 where untouched.
 """
@@ -62,10 +63,9 @@ def test_a_bf16_checkpoint_streamed_quantizes_as_float32_held_whole(cache_dir, t
     assert streamed.model.model.layers[0].mlp.up_proj.weight.device.type == "meta"
     compress(streamed.model, recipe, calibration)
     bf16_streamed = harness.measure(streamed.model, folder=None)["perplexity"]
-    assert abs(bf16_streamed - float32_whole) <= 0.04 * float32_whole, (
-        bf16_streamed,
-        float32_whole,
-    )
+    # No worse than the float32 path by more than 4%; better happens (the bf16 rounding moves
+    # GPTQ's small-calibration result either way) and is no defect.
+    assert bf16_streamed <= 1.04 * float32_whole, (bf16_streamed, float32_whole)
 
     draft = write_draft(
         streamed, streamed.model, tmp_path / "out", recipe=RECIPE, inputs={}, sparse_storage="dense"
