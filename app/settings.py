@@ -21,7 +21,14 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".slimformer")
     database_url: str | None = None  # default: sqlite:///<data_dir>/slimformer.db
     broker_url: str | None = None  # default: filesystem:// under <data_dir>/broker
-    storage_url: str | None = None  # default: file://<data_dir>/storage
+    storage_url: str | None = None  # default: file://<data_dir>/storage; or s3://bucket/prefix
+    # S3 storage: presigned download URLs are signed for this endpoint when clients reach the store
+    # by another name than the API and workers do (AWS_ENDPOINT_URL); unset = the same one.
+    s3_presign_endpoint_url: str | None = None
+    # GET /v1/artifacts/{id}/content answers 307 to a presigned URL without `?redirect=true`
+    # (where the store has such URLs); `?redirect=false` still streams.
+    download_redirect: bool = False
+    download_url_ttl_s: int = Field(default=300, ge=1, le=7 * 24 * 3600)  # S3's maximum: 7 days
     queue_prefix: str = ""  # prefixes Celery queue names (lets tests share one Redis)
 
     # None = decided by the backend: off for the embedded default (single user), on otherwise.

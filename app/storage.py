@@ -1,8 +1,8 @@
 """Object storage for uploads, datasets, checkpoints and artifacts.
 
-Callers see keys (`models/mdl_…/upload.tar.gz`), never paths, so an S3-compatible store can implement
-the same interface without touching them. Every write is atomic (temp file, fsync, rename) and returns
-the bytes' sha256: an object either exists whole and verified, or not at all.
+Callers see keys (`models/mdl_…/upload.tar.gz`), never paths, so the filesystem (`LocalStore`, here)
+and S3-compatible storage (`app/storage_s3.py`, `S3Store`) implement one interface. Every write is
+atomic and returns the bytes' sha256: an object either exists whole and verified, or not at all.
 """
 
 from __future__ import annotations
@@ -53,7 +53,11 @@ class Store(Protocol):
     def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
     def fetch(self, key: str, destination: Path) -> Path: ...
+    def presigned_url(
+        self, key: str, *, expires_s: int, filename: str | None = None
+    ) -> str | None: ...
     def ping(self) -> None: ...
+    def prepare(self) -> None: ...
 
 
 class HashingWriter:
@@ -157,10 +161,17 @@ class LocalStore:
         shutil.copyfile(self._path(key), destination)
         return destination
 
+    def presigned_url(self, key: str, *, expires_s: int, filename: str | None = None) -> str | None:
+        """A folder has no URLs of its own: downloads stream through the API."""
+        return None
+
     def ping(self) -> None:
         probe = self.root / ".ping"
         probe.write_bytes(b"ok")
         probe.unlink()
+
+    def prepare(self) -> None:
+        """Nothing to create: the folder was made on construction."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -182,9 +193,18 @@ def get_store(settings: Settings | None = None) -> Store:
         parsed = urlparse(url)
         if parsed.scheme == "file":
             store = LocalStore(Path(parsed.path))
+        elif parsed.scheme == "s3":
+            from app.storage_s3 import S3Store  # boto3 only where S3 is used
+
+            store = S3Store(
+                parsed.netloc,
+                parsed.path,
+                presign_endpoint_url=settings.s3_presign_endpoint_url,
+            )
         else:
             raise ValueError(
-                f"SLIMFORMER_STORAGE_URL scheme {parsed.scheme!r} is not supported yet (file:// only)"
+                f"SLIMFORMER_STORAGE_URL scheme {parsed.scheme!r} is not supported "
+                "(file:///path or s3://bucket/prefix)"
             )
         _stores[url] = store
     return store

@@ -22,16 +22,19 @@ def cli() -> None:
 
 @cli.command()
 def migrate() -> None:
-    """Create or upgrade the database schema, and register the built-in examples."""
+    """Create or upgrade the database schema, create the storage bucket if it is missing, and
+    register the built-in examples."""
     _migrate_and_seed()
     click.echo(f"database at {_redacted(get_settings().resolved_database_url)} is up to date")
 
 
 def _migrate_and_seed() -> None:
     from app.db.migrate import upgrade
+    from app.storage import get_store
     from workers.seed import seed_builtins
 
     upgrade()
+    get_store().prepare()
     seed_builtins()
 
 

@@ -234,6 +234,45 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         yield svc
 
 
+@contextmanager
+def s3_server() -> Iterator[dict[str, str]]:
+    """A real S3-compatible HTTP endpoint: moto's standalone server in a process of its own, on a
+    free port. Yields the AWS environment that points boto3 (and so `S3Store`) at it."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(endpoint, timeout=1)
+                break
+            except httpx.HTTPError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto's S3 server did not start") from None
+                time.sleep(0.1)
+        yield {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "slimformer-test",
+            "AWS_SECRET_ACCESS_KEY": "slimformer-test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def s3_env() -> Iterator[dict[str, str]]:
+    with s3_server() as env:
+        yield env
+
+
 def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
     job: dict = {}

@@ -3,13 +3,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import RedirectResponse, StreamingResponse
 
 from app.artifacts import service
 from app.artifacts.schemas import ArtifactList
 from app.auth import CallerDep, SessionDep
 from app.jobs.router import JobDep
+from app.settings import get_settings
 from app.storage import CHUNK, Store, get_store
 
 router = APIRouter(tags=["artifacts"])
@@ -23,16 +24,24 @@ def list_artifacts(job: JobDep, session: SessionDep) -> ArtifactList:
 
 @router.get(
     "/v1/artifacts/{artifact_id}/content",
-    responses={200: {"content": {"application/octet-stream": {}}}, 206: {}, 416: {}},
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {},
+        307: {"description": "Redirect to a short-lived presigned URL of the same bytes"},
+        416: {},
+    },
 )
 def artifact_content(
     artifact_id: str,
     caller: CallerDep,
     session: SessionDep,
+    redirect: Annotated[bool | None, Query()] = None,
     range: Annotated[str | None, Header()] = None,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """The file, streamed; `ETag` is its sha256; `Range: bytes=a-b` answers 206 (bad range 416)."""
+    """The file, streamed; `ETag` is its sha256; `Range: bytes=a-b` answers 206 (bad range 416).
+    `?redirect=true` (or `SLIMFORMER_DOWNLOAD_REDIRECT=true` without `?redirect=false`) answers 307
+    to a presigned URL instead, where the store has them (S3); otherwise it streams."""
     artifact = service.get_artifact(
         session=session, project_id=caller.project_id, artifact_id=artifact_id
     )
@@ -46,6 +55,21 @@ def artifact_content(
     }
     if if_none_match and etag in [tag.strip() for tag in if_none_match.split(",")]:
         return Response(status_code=304, headers=headers)
+    settings = get_settings()
+    if redirect if redirect is not None else settings.download_redirect:
+        url = store.presigned_url(
+            artifact.storage_key,
+            expires_s=settings.download_url_ttl_s,
+            filename=artifact.filename,
+        )
+        if url is not None:
+            # 307 keeps the method and the client's Range header; the URL is a bearer
+            # credential for a few minutes, so nothing may cache it.
+            return RedirectResponse(
+                url,
+                status_code=307,
+                headers={"ETag": etag, "Cache-Control": "no-store"},
+            )
     if range:
         start, end = service.parse_range(range, size)
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
