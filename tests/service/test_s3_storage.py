@@ -140,8 +140,10 @@ def test_a_job_on_s3_storage_uploads_runs_and_downloads_streamed_and_presigned(
     s3_env: dict[str, str], tmp_path: Path
 ) -> None:
     bucket = f"svc-{secrets.token_hex(4)}"
+    data_dir = tmp_path / "svc"  # logs and the worker's cache; no storage folder in it
+    data_dir.mkdir()
     with running_service(
-        tmp_path / "svc",
+        data_dir,
         SLIMFORMER_STORAGE_URL=f"s3://{bucket}/slim",
         SLIMFORMER_DOWNLOAD_REDIRECT="true",  # this install redirects unless asked not to
         **s3_env,
