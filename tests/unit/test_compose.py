@@ -159,7 +159,25 @@ def test_application_services_share_one_image_and_the_production_settings(servic
         env = spec["environment"]
         assert env["SLIMFORMER_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert env["SLIMFORMER_BROKER_URL"] == "redis://redis:6379/0"
-        # Every application container sees the same artifact store.
-        assert env["SLIMFORMER_STORAGE_URL"] == "file:///data/storage"
-        assert "artifacts:/data/storage" in spec["volumes"]
+        # Every application container sees the same artifact store: the bucket on MinIO.
+        assert env["SLIMFORMER_STORAGE_URL"] == "s3://slimformer/v1"
+        assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+        assert env["AWS_SECRET_ACCESS_KEY"] == "${MINIO_ROOT_PASSWORD:?set MINIO_ROOT_PASSWORD}"
+        assert not any(volume.endswith(":/data/storage") for volume in spec["volumes"])
         assert env["SLIMFORMER_DATA_DIR"] == "/data"
+
+
+def test_storage_is_minio_and_everything_that_stores_waits_for_it(services):
+    minio = services["minio"]
+    assert minio["image"].startswith("minio/minio:RELEASE.")
+    assert argv(minio)[:2] == ["server", "/data"]
+    assert "minio-data:/data" in minio["volumes"]
+    assert minio["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
+    # The root password the app signs with is the one MinIO starts with, never a default.
+    assert (
+        minio["environment"]["MINIO_ROOT_PASSWORD"]
+        == "${MINIO_ROOT_PASSWORD:?set MINIO_ROOT_PASSWORD}"
+    )
+    # migrate creates the bucket and seeds it; the API and workers read and write it.
+    for name in ("migrate", "api", "worker-cpu", "worker-gpu-0", "worker-gpu-1"):
+        assert services[name]["depends_on"]["minio"]["condition"] == "service_healthy", name
