@@ -249,6 +249,10 @@ class _MultipartUpload:
         self._upload_id: str | None = None
         self._parts: list[Future] = []
         self._pool: ThreadPoolExecutor | None = None
+        # As s3transfer does: with boto3's default checksum policy the upload is created with
+        # CRC32 and every part carries its own, which the store checks on receipt.
+        checksums = client.meta.config.request_checksum_calculation == "when_supported"
+        self._checksum = {"ChecksumAlgorithm": "CRC32"} if checksums else {}
 
     def write(self, chunk: bytes) -> None:
         self._pending.append(bytes(chunk))
@@ -263,7 +267,9 @@ class _MultipartUpload:
 
     def _send(self, data: bytes) -> None:
         if self._upload_id is None:
-            created = self._client.create_multipart_upload(Bucket=self._bucket, Key=self._name)
+            created = self._client.create_multipart_upload(
+                Bucket=self._bucket, Key=self._name, **self._checksum
+            )
             self._upload_id = created["UploadId"]
             self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="s3-part")
         # Wait for the oldest part while IN_FLIGHT are out: memory stays bounded, and a failed
@@ -285,6 +291,7 @@ class _MultipartUpload:
             UploadId=self._upload_id,
             PartNumber=number,
             Body=data,
+            **self._checksum,
         )
         part = {"PartNumber": number, "ETag": response["ETag"]}
         for field in ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumSHA1"):
