@@ -34,8 +34,8 @@ from botocore.exceptions import ClientError
 from app.storage import CHUNK, HashingWriter, StoredObject
 
 # 8 MiB parts (s3transfer's default; S3's floor is 5 MiB and 10,000 parts make at most 80 GB per
-# object) with four in flight: an upload holds about five parts (~40 MB) whatever the object's size.
-# bench/storage_throughput.py saw no gain from larger parts or more in flight against moto.
+# object) with four in flight: an upload holds about six parts (~50 MB measured) whatever the object's
+# size. bench/storage_throughput.py saw no gain from larger parts or more in flight against moto.
 PART_SIZE = 8 * 1024 * 1024
 IN_FLIGHT = 4
 DELETE_BATCH = 1000  # DeleteObjects takes at most 1,000 keys
