@@ -3,15 +3,22 @@ limit; it is never held whole in memory or spooled to a temporary file first."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+import anyio
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
 
 from app.errors import APIError
 from app.storage import StoredObject, TooLarge, get_store
 
 FIELD_LIMIT = 64 * 1024  # text form fields (name, format) are small
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -104,7 +111,7 @@ async def receive_upload(
         },
     )
     try:
-        with store.writer(key, max_bytes=max_bytes) as writer:
+        async with _opened_in_thread(store.writer(key, max_bytes=max_bytes)) as writer:
             async for chunk in request.stream():
                 parser.write(chunk)
             parser.finalize()
@@ -121,3 +128,24 @@ async def receive_upload(
     assert writer.result is not None
     filename = fields.pop("__filename__", None) or None
     return Upload(stored=writer.result, filename=filename, fields=fields)
+
+
+@asynccontextmanager
+async def _opened_in_thread(manager: AbstractContextManager[T]) -> AsyncIterator[T]:
+    """Enter and leave a store's writer off the event loop: finishing one is an fsync on disk and a
+    CompleteMultipartUpload (or an abort) on S3, seconds for a large object, during which every
+    other request of this process would wait. Leaving is shielded: a cancelled request still
+    aborts its upload."""
+    value = await run_in_threadpool(manager.__enter__)
+    try:
+        yield value
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            suppressed = await run_in_threadpool(
+                manager.__exit__, type(exc), exc, exc.__traceback__
+            )
+        if not suppressed:
+            raise
+    else:
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(manager.__exit__, None, None, None)
