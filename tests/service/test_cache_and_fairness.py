@@ -108,7 +108,8 @@ def test_higher_priority_starts_first(service: Service) -> None:
     order = sorted(jobs, key=lambda job_id: started(jobs[job_id]))
     assert order[0] == high, [(j, jobs[j]["priority"], jobs[j]["started_at"]) for j in order]
     assert order[1:] == low  # first in, first out within a priority
-    service.start_worker()  # the next test's second worker starts while pytest moves on
+    # The next test's second worker starts while pytest moves on (one webhook companion is enough).
+    service.start_worker(args=("--no-webhooks",))
 
 
 def test_cap_defers_a_projects_second_job_and_the_cache_reuses_the_first(
