@@ -250,10 +250,7 @@ def run_attempt(job_id: str, work: Work, *, shortcut: Shortcut | None = None) ->
     and record how the attempt ended."""
     context = claim(job_id)
     if context is None:
-        log.info(
-            "job %s was not claimed (someone else has it, it is finished, or it waits for a slot): leaving",
-            job_id,
-        )
+        log.info("job %s not claimed (taken, finished or waiting for a slot): leaving", job_id)
         return
     try:
         _run_claimed(context, work, shortcut)
