@@ -28,6 +28,15 @@ VALIDATE_QUEUE = "validate"
 # Webhook deliveries are short HTTP calls: their own queue, consumed by a thread-pool worker that
 # runs beside each job worker (`slimformer worker`), so a delivery never waits behind a job.
 WEBHOOK_QUEUE = "webhooks"
+# A job's `priority` (0-9, higher first) orders its queue. kombu's Redis transport and our
+# filesystem one (app/broker_fs.py) both serve the LOWEST message priority first, one list (or
+# file-name prefix) per level: so a job's message carries 9 - priority.
+PRIORITY_LEVELS = 10
+
+
+def message_priority(job_priority: int) -> int:
+    """The broker's priority for a job's message: 0 (served first) for a job of priority 9."""
+    return PRIORITY_LEVELS - 1 - min(max(job_priority, 0), PRIORITY_LEVELS - 1)
 
 
 def celery_config(settings: Settings) -> dict:
@@ -77,9 +86,16 @@ def celery_config(settings: Settings) -> dict:
             "polling_interval": settings.broker_polling_interval_s,
         }
     else:
-        # Redis redelivers an unacked message after the visibility timeout: make it longer than
-        # any job, so a healthy long job is never handed to a second worker.
-        config["broker_transport_options"] = {"visibility_timeout": longest_job_s + 3600}
+        config["broker_transport_options"] = {
+            # Redis redelivers an unacked message after the visibility timeout: make it longer
+            # than any job, so a healthy long job is never handed to a second worker.
+            "visibility_timeout": longest_job_s + 3600,
+            # One Redis list per priority level (`cpu`, `cpu:1` … `cpu:9`), popped in that order.
+            # The queue order strategy stays round-robin: "priority" would order the *queues* a
+            # worker consumes (cpu before validate), not the messages within one.
+            "priority_steps": list(range(PRIORITY_LEVELS)),
+            "sep": ":",
+        }
     return config
 
 
@@ -100,12 +116,12 @@ def client() -> Celery:
     return _client
 
 
-def send_run_job(job_id: str, queue: str) -> bool:
+def send_run_job(job_id: str, queue: str, priority: int = 0) -> bool:
     """Best effort: on failure the job stays queued and the reaper re-sends it. `queue` is one of
-    JOB_QUEUES, chosen by `app.jobs.routing`."""
+    JOB_QUEUES, chosen by `app.jobs.routing`; `priority` is the job's (0-9, higher first)."""
     if queue not in JOB_QUEUES:
         raise ValueError(f"{queue!r} is not a job queue ({', '.join(JOB_QUEUES)})")
-    return _send(RUN_JOB, job_id, queue)
+    return _send(RUN_JOB, job_id, queue, priority=message_priority(priority))
 
 
 def send_validate_model(model_id: str) -> bool:
@@ -117,10 +133,20 @@ def send_deliver_webhook(message_id: str, countdown: float | None = None) -> boo
     return _send(DELIVER_WEBHOOK, message_id, WEBHOOK_QUEUE, countdown=countdown)
 
 
-def _send(task: str, resource_id: str, queue: str, countdown: float | None = None) -> bool:
+def _send(
+    task: str,
+    resource_id: str,
+    queue: str,
+    countdown: float | None = None,
+    priority: int | None = None,
+) -> bool:
     try:
         client().send_task(
-            task, args=[resource_id], queue=get_settings().queue(queue), countdown=countdown
+            task,
+            args=[resource_id],
+            queue=get_settings().queue(queue),
+            countdown=countdown,
+            priority=priority,
         )
         return True
     except Exception:  # noqa: BLE001 - any broker failure means "the reaper will retry"

@@ -3,6 +3,10 @@
 The stock transport creates the message file and then writes into it, so a consumer polling the
 folder at that moment reads an empty file and its consumer loop crashes. Here a message is written
 to a temporary file beside the queue folder and renamed in, so a reader sees all of it or nothing.
+
+Priorities: the stock consumer takes a queue's files in sorted name order, so a name that starts
+with the message's priority (0 first, as kombu's Redis transport orders them) and then the time
+makes the folder a priority queue, first in first out within a level.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ SCHEME = "slimfs"
 
 class Channel(filesystem.Channel):
     def _put(self, queue: str, payload: dict, **kwargs: object) -> None:
-        name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        priority = self._get_message_priority(payload, reverse=False)  # 0-9, 0 served first
+        # Zero-padded, so that sorting the names sorts the times; no dot before the queue name.
+        name = f"{priority}_{int(round(monotonic() * 1000)):015d}_{uuid.uuid4()}.{queue}.msg"
         staging = os.path.join(os.path.dirname(self.data_folder_out.rstrip("/")), "staging")
         os.makedirs(staging, exist_ok=True)
         try:

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     default_max_attempts: int = 3
     default_max_runtime_s: int = 7200
     progress_min_interval_s: float = 0.5  # throttle for progress events
+    # Fairness (workers/fairness.py): at most this many running jobs per project; a job over the
+    # cap waits (queued, not failed) until one of its project's jobs ends. 0: no cap.
+    max_running_per_project: int = Field(default=0, ge=0)
     # Event streams (app/jobs/feed.py): how often the embedded default's one poller per API process
     # looks for new events, and how often an idle stream sends a heartbeat comment line.
     sse_poll_s: float = 0.5

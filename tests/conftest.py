@@ -91,13 +91,15 @@ class Service:
         raise RuntimeError("API did not start")
 
     def start_worker(
-        self, name: str | None = None, *, memory_cgroup: Path | None = None
+        self, name: str | None = None, *, memory_cgroup: Path | None = None, args: tuple = ()
     ) -> subprocess.Popen:
-        """A worker process; with `memory_cgroup` (a cgroup v1 memory folder) it and everything
-        it starts run inside that cgroup's memory limit from the first instruction."""
+        """A worker process (`args`: more `slimformer worker` options); with `memory_cgroup` (a
+        cgroup v1 memory folder) it and everything it starts run inside that cgroup's memory limit
+        from the first instruction."""
         name = name or f"w{len(self.workers)}"
         process = self._spawn(
             "worker",
+            *args,
             "--hostname",
             f"{name}@%h",
             log=f"worker-{name}.log",
@@ -209,9 +211,7 @@ def service_env(data_dir: Path, **overrides: str) -> tuple[dict[str, str], calla
 
 
 @contextmanager
-def running_service(
-    data_dir: Path, *, worker: bool = True, **overrides: str
-) -> Iterator[Service]:
+def running_service(data_dir: Path, *, worker: bool = True, **overrides: str) -> Iterator[Service]:
     """A migrated service with its API up and, unless `worker` is False, one worker; stopped and
     its backend dropped on the way out. `overrides` are extra environment variables."""
     env, cleanup = service_env(data_dir, **overrides)

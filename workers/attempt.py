@@ -32,6 +32,7 @@ from app.ids import new_id
 from app.jobs.lifecycle import add_event, lease_deadline, transition
 from app.settings import get_settings
 from app.storage import get_store
+from workers import fairness
 from workers.presence import NODE_ENV
 
 log = logging.getLogger("slimformer.runner")
@@ -60,7 +61,10 @@ class JobContext:
     job_id: str
     attempt: int
     max_runtime_s: int
+    project_id: str = ""
     stage_names: list[str] = field(default_factory=list)
+    # The sha256 of the job's inputs (workers/result_cache.py), recorded when it succeeds.
+    fingerprint: str | None = None
     interrupt: str | None = None
     started: float = field(default_factory=time.monotonic)
     clear_checkpoints: Callable[[], object] = lambda: None
@@ -145,6 +149,8 @@ class JobContext:
 # What an attempt runs: (context, a private scratch folder) -> (metrics, files to store), each file
 # {"path", "filename", "kind", "format", "sha256"}.
 Work = Callable[[JobContext, Path], tuple[dict, list[dict]]]
+# What may end an attempt before its work starts (a result-cache hit): True when it did.
+Shortcut = Callable[[JobContext], bool]
 
 
 class Heartbeat(threading.Thread):
@@ -195,42 +201,72 @@ def worker_name() -> str:
 
 
 def claim(job_id: str) -> JobContext | None:
+    """queued -> running for this worker, or None: someone else has the job, it is finished, or
+    its project is at its cap of running jobs (`workers.fairness`: then it waits, deferred)."""
     settings = get_settings()
+    limit = fairness.cap()
     now = utcnow()
+    claimable = Job.attempt < Job.max_attempts
+    deferred_in = None
     with session_scope() as session:
-        if not transition(
+        if limit:
+            fairness.hold_project(session, job_id)
+            claimable = claimable & fairness.under_cap(limit)
+        if transition(
             session,
             job_id=job_id,
             to="running",
             from_=("queued",),
-            extra_where=Job.attempt < Job.max_attempts,
+            extra_where=claimable,
             values={
                 "attempt": Job.attempt + 1,
                 "lease_until": lease_deadline(settings.lease_s),
                 "worker": worker_name(),
                 "started_at": func.coalesce(Job.started_at, now),
                 "error": None,
+                "deferred_at": None,
             },
             message=f"status: running on {worker_name()}",
             data={"worker": worker_name()},
         ):
-            return None
-        job = session.get(Job, job_id)
-        assert job is not None
-        return JobContext(job_id=job_id, attempt=job.attempt, max_runtime_s=job.max_runtime_s)
+            job = session.get(Job, job_id)
+            assert job is not None
+            return JobContext(
+                job_id=job_id,
+                attempt=job.attempt,
+                max_runtime_s=job.max_runtime_s,
+                project_id=job.project_id,
+            )
+        if limit:
+            deferred_in = fairness.defer(session, job_id=job_id, limit=limit)
+    if deferred_in is not None:
+        log.info("job %s waits: its project is at its cap of running jobs", job_id)
+        fairness.release(deferred_in)  # a slot may have freed before the deferral committed
+    return None
 
 
-def run_attempt(job_id: str, work: Work) -> None:
-    """Claim the job, run `work` under a heartbeat, and record how the attempt ended."""
+def run_attempt(job_id: str, work: Work, *, shortcut: Shortcut | None = None) -> None:
+    """Claim the job, run `work` under a heartbeat (unless `shortcut` ends the attempt first),
+    and record how the attempt ended."""
     context = claim(job_id)
     if context is None:
-        log.info("job %s is not queued (someone else has it, or it is finished): leaving", job_id)
+        log.info("job %s not claimed (taken, finished or waiting for a slot): leaving", job_id)
         return
+    try:
+        _run_claimed(context, work, shortcut)
+    finally:
+        fairness.release(context.project_id)  # this attempt's slot is free
+
+
+def _run_claimed(context: JobContext, work: Work, shortcut: Shortcut | None) -> None:
+    job_id = context.job_id
     heartbeat = Heartbeat(context)
     heartbeat.start()
     prefix = f"jobs/{job_id}/attempt-{context.attempt}"
     scratch = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=_scratch_root()))
     try:
+        if shortcut is not None and shortcut(context):
+            return
         metrics, files = work(context, scratch)
         context.check()
         _succeed(context, prefix, metrics, files)
@@ -309,7 +345,7 @@ def _succeed(context: JobContext, prefix: str, metrics: dict, files: list[dict])
             session,
             to="succeeded",
             from_=("running",),
-            values={"metrics": metrics, "progress": progress},
+            values={"metrics": metrics, "progress": progress, "fingerprint": context.fingerprint},
             message="status: succeeded",
         )
         if not moved:

@@ -98,18 +98,7 @@ def gather(job: Job) -> JobInputs:
         assert model_row is not None
         session.expunge_all()
     model_row, folder = ready_folder(model_row, "model")
-    evaluation_dataset_id = (job.evaluation or {}).get("dataset_id")
-    if evaluation_dataset_id is None:
-        # Submitted while its model was validating: the task, so the default, was not known yet.
-        with session_scope() as session:
-            evaluation_dataset_id = default_dataset_id(
-                session=session, task=model_row.task, purpose="evaluation"
-            )
-        if evaluation_dataset_id is None:
-            raise JobFailure(
-                "invalid_request",
-                f"no evaluation dataset given and no built-in one for {model_row.task}",
-            )
+    evaluation_dataset_id = evaluation_dataset(job, model_row)
     evaluation_records, evaluation_sha = dataset_records(evaluation_dataset_id)
     calibration_records = calibration_sha = None
     if job.calibration:
@@ -126,9 +115,36 @@ def gather(job: Job) -> JobInputs:
     )
 
 
+def evaluation_dataset(job: Job, model_row: Model) -> str:
+    """The job's evaluation dataset: the one it names, or the built-in for its model's task when
+    it was submitted while the model was validating (the task, so the default, was not known)."""
+    evaluation_dataset_id = (job.evaluation or {}).get("dataset_id")
+    if evaluation_dataset_id is None:
+        with session_scope() as session:
+            evaluation_dataset_id = default_dataset_id(
+                session=session, task=model_row.task, purpose="evaluation"
+            )
+        if evaluation_dataset_id is None:
+            raise JobFailure(
+                "invalid_request",
+                f"no evaluation dataset given and no built-in one for {model_row.task}",
+            )
+    return evaluation_dataset_id
+
+
 def ready_folder(row: Model, what: str) -> tuple[Model, Path]:
     """The model's files on local disk, once it is validated (the row as it is then, and the
     folder); a model that is not ready fails the job with its own error."""
+    row = ready_row(row, what)
+    try:
+        return row, materialize(row)
+    except ModelUnavailable as exc:
+        raise JobFailure(exc.code, exc.message) from exc
+
+
+def ready_row(row: Model, what: str) -> Model:
+    """The model's row once it is validated; a model that is not ready fails the job with its
+    own error."""
     if row.status == "validating":
         validate_model(row.id)  # the validation message may still be queued behind us
         with session_scope() as session:
@@ -140,10 +156,7 @@ def ready_folder(row: Model, what: str) -> tuple[Model, Path]:
             error.get("code", "unsupported_model"),
             f"{what} {row.id} is {row.status}: {error.get('message', '')}",
         )
-    try:
-        return row, materialize(row)
-    except ModelUnavailable as exc:
-        raise JobFailure(exc.code, exc.message) from exc
+    return row
 
 
 def dataset_records(dataset_id: str) -> tuple[list[dict], str | None]:

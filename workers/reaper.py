@@ -51,11 +51,11 @@ def reap_once() -> dict[str, int]:
     with session_scope() as session:
         live = workers.live_queue_counts(session)
         expired = session.execute(
-            select(Job.id, Job.status, Job.attempt, Job.max_attempts, Job.device).where(
-                Job.status.in_(("running", "cancelling")), Job.lease_until < now
-            )
+            select(
+                Job.id, Job.status, Job.attempt, Job.max_attempts, Job.device, Job.priority
+            ).where(Job.status.in_(("running", "cancelling")), Job.lease_until < now)
         ).all()
-    for job_id, status, attempt, max_attempts, device in expired:
+    for job_id, status, attempt, max_attempts, device, priority in expired:
         still_expired = Job.lease_until < now
         with session_scope() as session:
             if status == "cancelling":
@@ -84,7 +84,10 @@ def reap_once() -> dict[str, int]:
                 ):
                     counts["requeued"] += 1
                     queue = routing.choose(device, live).queue
-                    after_commit(session, lambda j=job_id, q=queue: broker.send_run_job(j, q))
+                    after_commit(
+                        session,
+                        lambda j=job_id, q=queue, p=priority: broker.send_run_job(j, q, p),
+                    )
             elif transition(
                 session,
                 job_id=job_id,
@@ -109,10 +112,14 @@ def reap_once() -> dict[str, int]:
         resent = _touch_stale(
             session, Job, status="queued", stamp="enqueued_at", stale=stale, now=now
         )
-        devices = dict(session.execute(select(Job.id, Job.device).where(Job.id.in_(resent))).all())
-        for job_id in resent:
-            queue = routing.choose(devices[job_id], live).queue
-            after_commit(session, lambda j=job_id, q=queue: broker.send_run_job(j, q))
+        rows = session.execute(
+            select(Job.id, Job.device, Job.priority).where(Job.id.in_(resent))
+        ).all()
+        for job_id, device, priority in rows:
+            queue = routing.choose(device, live).queue
+            after_commit(
+                session, lambda j=job_id, q=queue, p=priority: broker.send_run_job(j, q, p)
+            )
         counts["resent"] = len(resent)
         validations = _touch_stale(
             session, Model, status="validating", stamp="updated_at", stale=stale, now=now
@@ -164,7 +171,10 @@ def _tell_waiting(session: Session, live: Mapping[str, int]) -> int:
     when it changes, fenced on the job's last event so two reapers write it once."""
     told = 0
     queued = session.execute(
-        select(Job.id, Job.device, Job.progress, Job.event_seq).where(Job.status == "queued")
+        select(Job.id, Job.device, Job.progress, Job.event_seq).where(
+            Job.status == "queued",
+            Job.deferred_at.is_(None),  # its message says it waits for its project's cap
+        )
     ).all()
     for job_id, device, progress, event_seq in queued:
         message = routing.choose(device, live).message

@@ -25,12 +25,14 @@ from workers.job_inputs import (
     streams,
 )
 from workers.packaging import package, write_export
+from workers.result_cache import reuse_if_cached
 
 QUALITY = ("perplexity", "embedding_cosine", "accuracy")
 
 
 def run_job(job_id: str) -> None:
-    run_attempt(job_id, execute)
+    # A job whose inputs equal an earlier succeeded one's ends before `execute` loads anything.
+    run_attempt(job_id, execute, shortcut=reuse_if_cached)
 
 
 def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:

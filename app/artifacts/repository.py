@@ -36,3 +36,16 @@ def ids_by_job(*, session: Session, job_ids: list[str]) -> dict[str, list[str]]:
 
 def storage_keys_of_job(*, session: Session, job_id: str) -> list[str]:
     return list(session.scalars(select(Artifact.storage_key).where(Artifact.job_id == job_id)))
+
+
+def still_referenced(*, session: Session, storage_keys: list[str]) -> set[str]:
+    """Which of these stored objects an artifact row still points at. A result-cache hit's rows
+    share the stored bytes of the job it reused (workers/result_cache.py): the bytes go only with
+    the last row."""
+    if not storage_keys:
+        return set()
+    return set(
+        session.scalars(
+            select(Artifact.storage_key).where(Artifact.storage_key.in_(storage_keys)).distinct()
+        )
+    )

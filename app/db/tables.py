@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -124,7 +126,10 @@ class Dataset(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_status_lease", "status", "lease_until"),)
+    __table_args__ = (
+        Index("ix_jobs_status_lease", "status", "lease_until"),
+        Index("ix_jobs_project_fingerprint", "project_id", "fingerprint"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     project_id: Mapped[str] = mapped_column(
@@ -152,6 +157,13 @@ class Job(Base):
     event_seq: Mapped[int] = mapped_column(Integer, default=0)  # last event's seq for this job
     enqueued_at: Mapped[datetime | None]  # when a message for it was last sent
     webhook: Mapped[dict[str, Any] | None]  # the job's own {url, events, endpoint_id}
+    # The result cache (workers/result_cache.py): `cache` false forces a fresh run; `fingerprint`
+    # is the sha256 of everything the result depends on, written when the job succeeds.
+    cache: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # Set while the job waits for its project's running-jobs cap (workers/fairness.py): its
+    # message was consumed, and the attempt that frees a slot sends it again.
+    deferred_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

@@ -42,6 +42,7 @@ class ResolvedJob:
     device: str  # cpu | gpu | any: `resources.device` narrowed by what the stages run on
     metadata: dict[str, str]
     priority: int
+    cache: bool
     max_runtime_s: int
     max_attempts: int
 
@@ -81,6 +82,7 @@ def resolve_job(*, session: Session, project_id: str, spec: JobCreate) -> Resolv
         device=device,
         metadata=dict(spec.metadata),
         priority=spec.priority,
+        cache=spec.cache,
         max_runtime_s=spec.max_runtime_s or settings.default_max_runtime_s,
         max_attempts=spec.max_attempts or settings.default_max_attempts,
     )

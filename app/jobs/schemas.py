@@ -62,7 +62,10 @@ class JobCreate(Strict):
     targets: TargetsSpec | None = None
     export: ExportSpec = Field(default_factory=ExportSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    priority: int = Field(default=0, ge=-100, le=100)
+    # Higher first; orders the job's queue on both brokers (app/broker.py).
+    priority: int = Field(default=0, ge=0, le=9)
+    # False: run even when an earlier succeeded job had the same inputs (workers/result_cache.py).
+    cache: bool = True
     max_runtime_s: int | None = Field(default=None, ge=10, le=7 * 24 * 3600)
     max_attempts: int | None = Field(default=None, ge=1, le=10)
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
@@ -107,6 +110,7 @@ class JobOut(BaseModel):
     export: dict[str, Any]
     resources: ResourcesSpec
     priority: int
+    cache: bool = True
     max_runtime_s: int
     metadata: dict[str, Any]
     progress: Progress

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from app import broker
-from app.artifacts.repository import ids_by_job, storage_keys_of_job
+from app.artifacts.repository import ids_by_job, still_referenced, storage_keys_of_job
 from app.db.session import after_commit
 from app.db.tables import Job, JobEvent, utcnow
 from app.errors import APIError, not_found
@@ -52,7 +52,7 @@ def create_job(
     if spec.webhook is not None:
         _attach_webhook(session, job=job, spec=spec.webhook)
     # Commit first, then send: a worker must never receive an id the database does not have yet.
-    after_commit(session, lambda: broker.send_run_job(job_id, route.queue))
+    after_commit(session, lambda: broker.send_run_job(job_id, route.queue, resolved.priority))
     return job, True
 
 
@@ -73,6 +73,7 @@ def _insert_queued(
         device=resolved.device,
         job_metadata=resolved.metadata,
         priority=resolved.priority,
+        cache=resolved.cache,
         max_runtime_s=resolved.max_runtime_s,
         max_attempts=resolved.max_attempts,
         attempt=0,
@@ -181,7 +182,8 @@ def retry_job(*, session: Session, project_id: str, job: Job) -> Job:
             "targets": job.targets,
             "export": job.export,
             "resources": {"device": job.device},
-            "priority": job.priority,
+            "priority": min(max(job.priority, 0), 9),  # rows from before the 0-9 range
+            "cache": job.cache,
             "max_runtime_s": job.max_runtime_s,
             "max_attempts": job.max_attempts,
             "metadata": {**job.job_metadata},
@@ -202,17 +204,26 @@ def retry_job(*, session: Session, project_id: str, job: Job) -> Job:
 
 
 def delete_job(*, session: Session, job: Job) -> None:
+    """Deletes the job, its rows and the stored bytes that no other job's artifact rows share
+    (a result-cache hit points at the bytes of the job it reused)."""
     if job.status in LIVE:
         raise APIError("conflict", f"Job {job.id} is {job.status}; cancel it first")
     store = get_store()
     keys = storage_keys_of_job(session=session, job_id=job.id)
     session.delete(job)
+    # Delete first, then ask who else points at the bytes: the delete locks the row (PostgreSQL)
+    # or the database (SQLite), so a cache hit reusing this job either committed its rows before
+    # (and is seen here) or waits and then finds this job gone (workers/result_cache.py).
+    session.flush()
+    shared = still_referenced(session=session, storage_keys=keys)
     prefix = f"jobs/{job.id}"
 
     def remove_files() -> None:
         for key in keys:
-            store.delete(key)
-        store.delete_prefix(prefix)
+            if key not in shared:
+                store.delete(key)
+        if not any(key.startswith(f"{prefix}/") for key in shared):
+            store.delete_prefix(prefix)
 
     after_commit(session, remove_files)
 
@@ -236,6 +247,7 @@ def to_out(session: Session, job: Job, *, artifacts: list[str] | None = None) ->
         export=job.export,
         resources=ResourcesSpec(device=job.device),
         priority=job.priority,
+        cache=job.cache,
         max_runtime_s=job.max_runtime_s,
         metadata=job.job_metadata,
         progress=Progress.model_validate(job.progress or {}),
