@@ -552,6 +552,17 @@ def safe_filename(name: str | None) -> str | None:
     return name if name and name not in (".", "..") else None
 
 
+def local_filename(artifact: dict) -> str | None:
+    """The name a job's artifact is saved under: the server's, which names the model and the job;
+    an artifact from before it did (`model.tar.gz`) gets its job's id in front, so that the
+    downloads of two jobs never overwrite each other."""
+    name = safe_filename(artifact.get("filename"))
+    job_id = safe_filename(artifact.get("job_id"))
+    if name and job_id and job_id not in name:
+        return f"{job_id}-{name}"
+    return name
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as source:
@@ -710,10 +721,13 @@ def check_member_name(name: str) -> None:
 
 def safe_extract(archive: Path, destination: Path) -> Path:
     """Unpack a .tar.gz/.tar/.zip into the new folder `destination`, refusing absolute paths, `..`
-    and anything but regular files and folders (links, devices) before writing a single byte."""
+    and anything but regular files and folders (links, devices) before writing a single byte.
+    An archive holding one folder (a model artifact holds `model/`) becomes that folder, renamed,
+    never `destination/model/`. Permissions follow the umask, as a folder made here would."""
     if destination.exists():
         raise CommandError("conflict", f"{destination} already exists; remove it or use -o")
     destination.parent.mkdir(parents=True, exist_ok=True)
+    mask = current_umask()
     staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=destination.parent))
     try:
         if archive.name.endswith(".zip"):
@@ -731,15 +745,35 @@ def safe_extract(archive: Path, destination: Path) -> Path:
                     check_member_name(member.name)
                     if not (member.isfile() or member.isdir()):
                         raise UnsafeArchive(f"{member.name!r} is a link or special file")
-                bundle.extractall(staging, members=members, filter="data")
-        os.replace(staging, destination)
+                bundle.extractall(staging, members=members, filter=masked_data_filter(mask))
+        entries = list(staging.iterdir())
+        root = entries[0] if len(entries) == 1 and entries[0].is_dir() else staging
+        root.chmod(0o777 & ~mask)  # mkdtemp makes the staging folder private (0700)
+        os.replace(root, destination)
     except (tarfile.TarError, zipfile.BadZipFile) as exc:
-        shutil.rmtree(staging, ignore_errors=True)
         raise CommandError("bad_archive", f"{archive}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already, unless a folder came out of it
     return destination
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def masked_data_filter(mask: int) -> Callable[[tarfile.TarInfo, str], tarfile.TarInfo]:
+    """tarfile's `data` filter (no links, devices or paths outside; no setuid or group/other
+    write bits), with the umask applied to the archive's modes as `tar` applies it."""
+
+    def keep(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+        member = tarfile.data_filter(member, path)
+        if member.mode is not None:
+            member = member.replace(mode=member.mode & ~mask, deep=False)
+        return member
+
+    return keep
 
 
 def extraction_folder(archive: Path) -> Path:
@@ -1071,7 +1105,11 @@ def _inherited(ctx: click.Context, name: str, value: Any) -> Any:
     show_default=True,
     help="Which of a job's artifacts to download",
 )
-@click.option("--extract", is_flag=True, help="Unpack the archive into a folder next to it")
+@click.option(
+    "--extract",
+    is_flag=True,
+    help="Unpack the archive next to it, into a folder named like it (the model's files inside)",
+)
 @connection_options
 def download(
     job_or_artifact_id: str,
@@ -1100,7 +1138,7 @@ def download(
                 artifact["id"],
                 directory,
                 expected_sha256=artifact.get("sha256"),
-                filename=safe_filename(artifact.get("filename")),
+                filename=local_filename(artifact),
             )
             click.echo(str(path))
             if extract:

@@ -22,6 +22,7 @@ from app.settings import get_settings
 from app.storage import get_store
 from workers.attempt import JobFailure
 from workers.checkpoints import StorageBlockCheckpoint, fingerprint
+from workers.compression.examples import BUILTIN_MODELS
 from workers.compression.preflight import estimate_memory
 from workers.compression.recipe import DistillConfig, Recipe
 from workers.compression.records import read_records
@@ -41,10 +42,20 @@ class JobInputs:
 
     @property
     def provenance(self) -> dict:
-        """What the artifact was made from, as the model card and report.json record it."""
+        """What the artifact was made from, as the model card and report.json record it: the
+        model (its Hugging Face id as `base_model` and its license where the registry knows them:
+        a built-in, or the repository of a hub model) and the data."""
+        source = self.model_row.source or {}
+        builtin = None
+        if source.get("type") == "builtin":
+            builtin = BUILTIN_MODELS.get(source.get("name", ""))
+        base_model = builtin.hub_id if builtin else source.get("repo")  # a hub model's repo
         return {
             "model_sha256": self.model_row.sha256,
             "model_id": self.model_row.id,
+            "model_name": self.model_row.name,
+            "base_model": base_model,
+            "license": builtin.license if builtin else None,
             "evaluation_dataset_sha256": self.evaluation_sha,
             "calibration_dataset_sha256": self.calibration_sha,
         }

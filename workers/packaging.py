@@ -3,7 +3,9 @@
 The export is written as a draft (weights, config, tokenizer), loaded back the documented way and
 compared with the model in memory; the caller measures that same loaded artifact (what users will
 run) and only then is the model card and `slimformer.json` written, once, with the final metrics,
-and the folder packed into a deterministic `model.tar.gz` beside `report.json`.
+and the folder packed into a deterministic archive beside the report. Both are named after the
+model and the job (`all-MiniLM-L6-v2-job_….tar.gz`), so that downloads of several jobs never
+overwrite each other; inside the archive the folder is `model/`, whatever the job.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -29,14 +32,23 @@ def write_export(loaded: Any, model: Any, scratch: Path, *, recipe: dict, inputs
     )
 
 
-def package(draft: Any, scratch: Path, *, recipe: dict, metrics: dict, inputs: dict) -> list[dict]:
-    """Publish the draft with its final card, then the files to store: the packed folder and
-    report.json."""
+def package(
+    draft: Any, scratch: Path, *, recipe: dict, metrics: dict, inputs: dict, name: str
+) -> list[dict]:
+    """Publish the draft with its final card, then the files to store: the packed folder
+    (`<name>.tar.gz`) and the report (`<name>.report.json`); `name` is `artifact_name`'s."""
     draft.publish(metrics=metrics)
     return [
-        pack(draft.folder, scratch / "model.tar.gz"),
-        write_report(metrics, recipe, inputs, scratch / "report.json"),
+        pack(draft.folder, scratch / f"{name}.tar.gz"),
+        write_report(metrics, recipe, inputs, scratch / f"{name}.report.json"),
     ]
+
+
+def artifact_name(model_name: str, job_id: str) -> str:
+    """`<model name>-<job id>` in the characters every file system and HTTP header takes: runs
+    of anything else become one `-`, and a long model name is cut."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name).strip("-.")[:80].rstrip("-.")
+    return f"{safe}-{job_id}" if safe else job_id
 
 
 def pack(folder: Path, target: Path) -> dict:
@@ -57,7 +69,7 @@ def pack(folder: Path, target: Path) -> dict:
                 tar.addfile(info)
     return {
         "path": target,
-        "filename": "model.tar.gz",
+        "filename": target.name,
         "kind": "model",
         "format": "hf-safetensors+tar.gz",
         "sha256": sha256_file(target),
@@ -74,7 +86,7 @@ def write_report(metrics: dict, recipe: dict, inputs: dict, target: Path) -> dic
     target.write_bytes(body)
     return {
         "path": target,
-        "filename": "report.json",
+        "filename": target.name,
         "kind": "report",
         "format": "json",
         "sha256": hashlib.sha256(body).hexdigest(),

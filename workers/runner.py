@@ -24,7 +24,7 @@ from workers.job_inputs import (
     read_job,
     streams,
 )
-from workers.packaging import package, write_export
+from workers.packaging import artifact_name, package, write_export
 from workers.result_cache import reuse_if_cached
 
 QUALITY = ("perplexity", "embedding_cosine", "accuracy")
@@ -179,7 +179,14 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     }
     if job.targets:
         metrics["targets"] = _targets_report(job.targets, baseline, compressed)
-    files = package(draft, scratch, recipe=job.recipe, metrics=metrics, inputs=inputs.provenance)
+    files = package(
+        draft,
+        scratch,
+        recipe=job.recipe,
+        metrics=metrics,
+        inputs=inputs.provenance,
+        name=artifact_name(inputs.model_row.name, context.job_id),
+    )
     return metrics, files
 
 

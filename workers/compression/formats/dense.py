@@ -22,5 +22,6 @@ class Dense(Layout):
             f"```python\nfrom transformers import {model_class}, AutoTokenizer\n\n"
             f'model = {model_class}.from_pretrained("path/to/this/folder")\n'
             'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")\n```'
+            "\n\nSlimformer's runtime loads it the same way:\n\n" + slimformer_load
         )
         return "a dense float32 safetensors model.", how

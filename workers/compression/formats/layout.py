@@ -99,6 +99,9 @@ class Layout:
     # The `sparse_storage` value that picks this layout for a model with no quantized layer; None
     # for a quantized layout, which is picked by the layers it finds.
     float_storage: str | None = None
+    # Whether transformers (with compressed-tensors), and so the tools that load through it
+    # (sentence-transformers), read this layout's folders as they are.
+    plain_transformers: bool = True
 
     # --- writing
 

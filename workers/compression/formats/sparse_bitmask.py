@@ -53,6 +53,7 @@ class SparseBitmask(Layout):
     kind = "sparse"
     formats = (BITMASK_FORMAT, TWO_FOUR_FORMAT)
     float_storage = "bitmask"
+    plain_transformers = False  # transformers 5.24 loads these layers uninitialised
 
     def layers(self, model):
         return {
