@@ -6,6 +6,11 @@ this attempt's prefix  ->  in ONE transaction: artifact rows + running -> succee
 attempt. A worker that lost its lease (the reaper handed the job to someone else) fails the fence,
 deletes its files and leaves. Every other ending (cancel, timeout, a refusal, an engine error) goes
 through `app.jobs.lifecycle.transition` too, and removes what the attempt stored.
+
+A database blip shorter than the lease costs nothing (`workers.outage`): the heartbeat retries
+every second or so, a progress event that cannot be written is dropped, a log event is retried
+briefly then dropped, and the ending transition is retried until the database is back or this
+attempt's lease (as last renewed) would have run out.
 """
 
 from __future__ import annotations
@@ -33,9 +38,15 @@ from app.jobs.lifecycle import add_event, lease_deadline, transition
 from app.settings import get_settings
 from app.storage import get_store
 from workers import fairness
+from workers.outage import is_transient, retry_until
 from workers.presence import NODE_ENV
 
 log = logging.getLogger("slimformer.runner")
+
+# How long a log / metric event is retried through a database blip before it is dropped.
+LOG_RETRY_S = 3.0
+# How soon the heartbeat tries again after a failed beat (a blip must not eat the lease's slack).
+BEAT_RETRY_S = 1.0
 
 
 class Interrupted(Exception):
@@ -69,6 +80,19 @@ class JobContext:
     started: float = field(default_factory=time.monotonic)
     clear_checkpoints: Callable[[], object] = lambda: None
     _last_progress: float = 0.0
+    # When the lease was last renewed (monotonic; at the claim, then by each heartbeat): this
+    # attempt owns the job at least until lease_renewed + lease_s.
+    lease_renewed: float = field(default_factory=time.monotonic)
+    lease_s: float = field(default_factory=lambda: get_settings().lease_s)
+
+    def lease_left_until(self) -> float:
+        """The monotonic time until which the job is surely still this attempt's (a second of
+        slack for clocks and the reaper's own pace)."""
+        return self.lease_renewed + self.lease_s - 1.0
+
+    def retry_db(self, what: str, action: Callable[[], Any]) -> Any:
+        """Run one transaction, retried through a database blip while the lease holds."""
+        return retry_until(f"job {self.job_id}: {what}", action, deadline=self.lease_left_until)
 
     def check(self) -> None:
         if self.interrupt is not None:
@@ -112,16 +136,23 @@ class JobContext:
             "message": message,
             "updated_at": utcnow().isoformat(),
         }
-        with session_scope() as session:
-            seq = add_event(
-                session,
-                job_id=self.job_id,
-                type="progress",
-                message=message,
-                data={**progress, "details": data} if data else progress,
-                values={"progress": progress},
-                attempt=self.attempt,
-            )
+        try:
+            with session_scope() as session:
+                seq = add_event(
+                    session,
+                    job_id=self.job_id,
+                    type="progress",
+                    message=message,
+                    data={**progress, "details": data} if data else progress,
+                    values={"progress": progress},
+                    attempt=self.attempt,
+                )
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # The next progress update says more than this one: drop it, keep working.
+            log.warning("job %s: progress not recorded (database unreachable)", self.job_id)
+            return
         if seq is None:
             self.interrupt = "lease_lost"
             self.check()
@@ -134,16 +165,26 @@ class JobContext:
         type: str = "log",
         level: str = "info",
     ) -> None:
-        with session_scope() as session:
-            add_event(
-                session,
-                job_id=self.job_id,
-                type=type,
-                message=message,
-                data=data,
-                level=level,
-                attempt=self.attempt,
-            )
+        def write() -> None:
+            with session_scope() as session:
+                add_event(
+                    session,
+                    job_id=self.job_id,
+                    type=type,
+                    message=message,
+                    data=data,
+                    level=level,
+                    attempt=self.attempt,
+                )
+
+        # A few seconds' retries, then dropped: the job's metrics hold the figures anyway.
+        give_up = time.monotonic() + LOG_RETRY_S
+        try:
+            retry_until(f"job {self.job_id}: event", write, deadline=lambda: give_up)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("job %s: event %r dropped (database unreachable)", self.job_id, message)
 
 
 # What an attempt runs: (context, a private scratch folder) -> (metrics, files to store), each file
@@ -163,14 +204,22 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         settings = get_settings()
-        while not self.stopped.wait(settings.lease_s / 4):
+        pause = settings.lease_s / 4
+        while not self.stopped.wait(pause):
             try:
                 self.beat(settings.lease_s)
-            except Exception:  # noqa: BLE001 - one failed beat is fine; the lease has slack
-                log.warning("heartbeat for %s failed", self.context.job_id, exc_info=True)
+                pause = settings.lease_s / 4
+            except Exception as exc:  # noqa: BLE001 - one failed beat is fine; the lease has slack
+                # A database blip: beat again soon, so the lease is renewed as soon as it is back.
+                pause = min(BEAT_RETRY_S, settings.lease_s / 4)
+                if is_transient(exc):
+                    log.warning("heartbeat for %s: database unreachable", self.context.job_id)
+                else:
+                    log.warning("heartbeat for %s failed", self.context.job_id, exc_info=True)
 
     def beat(self, lease_s: float) -> None:
         context = self.context
+        sent = time.monotonic()  # the new deadline is counted from no earlier than this
         with session_scope() as session:
             status = session.execute(
                 update(Job)
@@ -185,7 +234,9 @@ class Heartbeat(threading.Thread):
             ).scalar_one_or_none()
         if status is None:
             context.interrupt = "lease_lost"
-        elif status == "cancelling":
+            return
+        context.lease_renewed = max(context.lease_renewed, sent)
+        if status == "cancelling":
             context.interrupt = context.interrupt or "cancelled"
         elif time.monotonic() - context.started > context.max_runtime_s:
             context.interrupt = context.interrupt or "timeout"
@@ -316,55 +367,76 @@ def _succeed(context: JobContext, prefix: str, metrics: dict, files: list[dict])
         if obj.sha256 != item["sha256"]:
             raise RuntimeError(f"{item['filename']}: stored bytes do not match what was written")
         stored.append((item, obj))
-    with session_scope() as session:
-        job = session.get(Job, context.job_id)
-        assert job is not None
-        for item, obj in stored:
-            session.execute(
-                insert(Artifact).values(
-                    id=new_id("art"),
-                    job_id=context.job_id,
-                    project_id=job.project_id,
-                    kind=item["kind"],
-                    format=item["format"],
-                    filename=item["filename"],
-                    size_bytes=obj.size_bytes,
-                    sha256=obj.sha256,
-                    storage_key=obj.key,
-                    created_at=utcnow(),
-                )
-            )
-        progress = {
-            **(job.progress or {}),
-            "fraction": 1.0,
-            "eta_s": 0,
-            "message": "done",
-            "updated_at": utcnow().isoformat(),
-        }
-        moved = context.move(
-            session,
-            to="succeeded",
-            from_=("running",),
-            values={"metrics": metrics, "progress": progress, "fingerprint": context.fingerprint},
-            message="status: succeeded",
-        )
-        if not moved:
-            # Cancelled meanwhile, or the lease went to another worker: this attempt leaves no trace.
-            session.rollback()
+    tries = 0
+
+    def record() -> bool:
+        nonlocal tries
+        tries += 1
+        with session_scope() as session:
+            job = session.get(Job, context.job_id)
+            assert job is not None
+            if tries > 1 and job.status == "succeeded" and job.attempt == context.attempt:
+                return True  # an earlier try committed, and only its answer was lost
+            return _record_success(session, context, job, stored, metrics)
+
+    moved = context.retry_db("record success", record)
     if not moved:
         store.delete_prefix(prefix)
         _interrupted(context, "cancelled")
 
 
+def _record_success(
+    session: Session, context: JobContext, job: Job, stored: list, metrics: dict
+) -> bool:
+    """In the caller's transaction: the artifact rows and running -> succeeded, fenced."""
+    for item, obj in stored:
+        session.execute(
+            insert(Artifact).values(
+                id=new_id("art"),
+                job_id=context.job_id,
+                project_id=job.project_id,
+                kind=item["kind"],
+                format=item["format"],
+                filename=item["filename"],
+                size_bytes=obj.size_bytes,
+                sha256=obj.sha256,
+                storage_key=obj.key,
+                created_at=utcnow(),
+            )
+        )
+    progress = {
+        **(job.progress or {}),
+        "fraction": 1.0,
+        "eta_s": 0,
+        "message": "done",
+        "updated_at": utcnow().isoformat(),
+    }
+    moved = context.move(
+        session,
+        to="succeeded",
+        from_=("running",),
+        values={"metrics": metrics, "progress": progress, "fingerprint": context.fingerprint},
+        message="status: succeeded",
+    )
+    if not moved:
+        # Cancelled meanwhile, or the lease went to another worker: this attempt leaves no trace.
+        session.rollback()
+    return moved
+
+
 def _interrupted(context: JobContext, reason: str) -> None:
     if reason == "cancelled":
-        with session_scope() as session:
-            context.move(
-                session,
-                to="cancelled",
-                from_=("cancelling",),
-                message="status: cancelled; nothing kept",
-            )
+
+        def cancel() -> None:
+            with session_scope() as session:
+                context.move(
+                    session,
+                    to="cancelled",
+                    from_=("cancelling",),
+                    message="status: cancelled; nothing kept",
+                )
+
+        context.retry_db("record cancel", cancel)
     elif reason == "timeout":
         message = f"ran past max_runtime_s={context.max_runtime_s}"
         _fail(context, "timeout", message, retryable=False)
@@ -372,14 +444,17 @@ def _interrupted(context: JobContext, reason: str) -> None:
 
 
 def _fail(context: JobContext, code: str, message: str, *, retryable: bool) -> None:
-    with session_scope() as session:
-        moved = context.move(
-            session,
-            to="failed",
-            from_=("running",),
-            level="error",
-            values={"error": {"code": code, "message": message, "retryable": retryable}},
-            message=f"status: failed ({code}): {message}",
-        )
+    def fail() -> bool:
+        with session_scope() as session:
+            return context.move(
+                session,
+                to="failed",
+                from_=("running",),
+                level="error",
+                values={"error": {"code": code, "message": message, "retryable": retryable}},
+                message=f"status: failed ({code}): {message}",
+            )
+
+    moved = context.retry_db("record failure", fail)
     if not moved:  # a cancel arrived meanwhile: it wins
         _interrupted(context, "cancelled")

@@ -1,0 +1,87 @@
+"""Riding out a database (or object store) outage: which errors are transient, and the backoff.
+
+A message whose task cannot reach the database is not acked as done: the task re-sends itself
+with exponential backoff and jitter (`task_backoff_s`, capped so the queue moves again within
+seconds of the database coming back). A running attempt retries its own database writes
+(`retry_until`) with a short backoff for as long as its lease would still be its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+log = logging.getLogger("slimformer.outage")
+
+T = TypeVar("T")
+
+# A task retried this many times keeps the last backoff: a long outage costs no more messages.
+TASK_BACKOFF_BASE_S = 0.5
+TASK_BACKOFF_MAX_S = 5.0
+# Within an attempt: a short backoff, so a write lands within a second of the database returning.
+WRITE_BACKOFF_BASE_S = 0.1
+WRITE_BACKOFF_MAX_S = 1.0
+
+# SQLite raises OperationalError for a broken schema or query too: those are not outages.
+_PERMANENT_SQLITE = ("no such table", "no such column", "syntax error", "has no column")
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+    except ImportError:  # pragma: no cover - boto3 is an optional extra
+        return ()
+    return (BotoConnectionError, HTTPClientError)
+
+
+_STORAGE_ERRORS = _storage_errors()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for an error that says the database or the object store cannot be reached now (a
+    refused or dropped connection, a restart, a lock timeout), as opposed to a wrong query."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        text = str(exc.orig or exc).lower()
+        return not any(marker in text for marker in _PERMANENT_SQLITE)
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return bool(_STORAGE_ERRORS) and isinstance(exc, _STORAGE_ERRORS)
+
+
+def task_backoff_s(retries: int) -> float:
+    """The countdown before a task's `retries`-th re-delivery: 0.5, 1, 2, 4, 5, 5 … s, each with up
+    to 50 % jitter added, so that workers coming back together do not stampede the database."""
+    base = min(TASK_BACKOFF_MAX_S, TASK_BACKOFF_BASE_S * 2 ** min(retries, 16))
+    return base * (1 + random.random() / 2)
+
+
+def retry_until(
+    what: str,
+    action: Callable[[], T],
+    *,
+    deadline: Callable[[], float],
+    stopped: Callable[[], bool] = lambda: False,
+) -> T:
+    """Run `action`; while it fails with a transient error and `time.monotonic()` is before
+    `deadline()` (read again after each try: a lease may be renewed meanwhile), sleep a short,
+    growing backoff and run it again. Re-raises the last error once the deadline has passed (or
+    `stopped()` is true). `action` must be safe to repeat: one transaction that rolls back."""
+    tries = 0
+    while True:
+        try:
+            return action()
+        except Exception as exc:
+            if not is_transient(exc) or stopped() or time.monotonic() >= deadline():
+                raise
+            pause = min(WRITE_BACKOFF_MAX_S, WRITE_BACKOFF_BASE_S * 2 ** min(tries, 8))
+            pause *= 1 + random.random() / 2
+            if tries == 0:
+                log.warning("%s: database unreachable (%s); retrying", what, type(exc).__name__)
+            tries += 1
+            time.sleep(max(0.0, min(pause, deadline() - time.monotonic())))
