@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 # A task retried this many times keeps the last backoff: a long outage costs no more messages.
 TASK_BACKOFF_BASE_S = 0.5
-TASK_BACKOFF_MAX_S = 5.0
+TASK_BACKOFF_MAX_S = 4.0
 # Within an attempt: a short backoff, so a write lands within a second of the database returning.
 WRITE_BACKOFF_BASE_S = 0.1
 WRITE_BACKOFF_MAX_S = 1.0
@@ -55,7 +55,7 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def task_backoff_s(retries: int) -> float:
-    """The countdown before a task's `retries`-th re-delivery: 0.5, 1, 2, 4, 5, 5 … s, each with up
+    """The countdown before a task's `retries`-th re-delivery: 0.5, 1, 2, 4, 4 … s, each with up
     to 50 % jitter added, so that workers coming back together do not stampede the database."""
     base = min(TASK_BACKOFF_MAX_S, TASK_BACKOFF_BASE_S * 2 ** min(retries, 16))
     return base * (1 + random.random() / 2)
