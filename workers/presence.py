@@ -22,6 +22,7 @@ from app.broker import VALIDATE_QUEUE
 from app.db.session import session_scope
 from app.settings import get_settings
 from app.workers import repository
+from workers.outage import is_transient
 
 log = logging.getLogger("slimformer.presence")
 
@@ -78,9 +79,11 @@ class Presence(threading.Thread):
                     present = repository.beat(session, hostname=self.hostname)
                 if not present:  # pruned while this worker could not reach the database
                     self.register()
-            except Exception:  # noqa: BLE001 - a database blip must not end the heartbeat
+            except Exception as exc:  # noqa: BLE001 - a database blip must not end the heartbeat
                 log.warning(
-                    "worker heartbeat failed; trying again in %.0f s", interval, exc_info=True
+                    "worker heartbeat failed; trying again in %.0f s",
+                    interval,
+                    exc_info=not is_transient(exc),  # an outage: one line a beat, no traceback
                 )
 
     def stop(self) -> None:
