@@ -28,11 +28,16 @@ test: install services lint
 	$(MAKE) test-embedded
 	$(MAKE) test-postgres
 
+# Two pytest processes (pytest-xdist), a test file each at a time: one core computes while the other
+# waits on a worker. The slowest tests are listed at the end of each run.
+PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadfile --durations=20
+TEST_PROCESSES ?= 2
+
 test-embedded: install
-	HF_HUB_OFFLINE=1 SLIMFORMER_TEST_BACKEND=embedded $(PY) -m pytest -q -p no:cacheprovider
+	SLIMFORMER_TEST_BACKEND=embedded $(PYTEST)
 
 test-postgres: install
-	HF_HUB_OFFLINE=1 SLIMFORMER_TEST_BACKEND=postgres $(PY) -m pytest -q -p no:cacheprovider -m service
+	SLIMFORMER_TEST_BACKEND=postgres $(PYTEST) -m service
 
 services:
 	./.ci/services

@@ -304,3 +304,27 @@ def builtin_id(client: httpx.Client, kind: str, name: str) -> str:
         if not body["has_more"]:
             raise AssertionError(f"no {kind} named {name}")
         after = body["data"][-1]["id"]
+
+
+# The files that take minutes go first, so that with two test processes (pytest-xdist, a file at a
+# time) the long ones overlap instead of one finishing alone at the end.
+SLOW_FIRST = (
+    "service/test_big_model.py",
+    "service/test_faults.py",
+    "engine/test_pruning_real.py",
+    "engine/test_quant_real.py",
+    "engine/test_structured_real.py",
+    "engine/test_streamed_real.py",
+    "service/test_end_to_end.py",
+    "engine/test_distill_real.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return next(
+            (i for i, slow in enumerate(SLOW_FIRST) if path.endswith(slow)), len(SLOW_FIRST)
+        )
+
+    items.sort(key=rank)  # stable: the order within a file and among the rest is kept
