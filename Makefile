@@ -30,8 +30,8 @@ test: install services lint
 
 # Two pytest processes (pytest-xdist), a test file each at a time: one core computes while the other
 # waits on a worker. The slowest tests are listed at the end of each run.
-PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadfile --durations=20
 TEST_PROCESSES ?= 2
+PYTEST = HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadfile --durations=20
 
 test-embedded: install
 	SLIMFORMER_TEST_BACKEND=embedded $(PYTEST)
