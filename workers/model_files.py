@@ -27,7 +27,7 @@ from workers.compression.model_inspection import (
     inspect_model_folder,
     is_pickled_weight,
 )
-from workers.compression.shapes import describe_folder
+from workers.compression.shapes import describe_folder, shape_mismatches
 
 log = logging.getLogger("slimformer.models")
 
@@ -139,6 +139,12 @@ def validate_model(model_id: str) -> None:
         info = inspect_model_folder(folder)
         if info.weight_format == "gguf":  # llama.cpp tensor names: take the shapes from the config
             info.linear_shapes, _ = describe_folder(folder, info.architecture)
+        elif wrong := shape_mismatches(folder, info.tensor_shapes):
+            raise ModelRejected(
+                "unsupported_model",
+                f"config.json does not describe these weights ({len(wrong)} tensors differ): "
+                + "; ".join(wrong[:3]),
+            )
     except Exception as exc:  # noqa: BLE001 - the files are data: any failure reading them rejects
         if not isinstance(exc, ArchiveError | ModelRejected | ModelUnavailable):
             log.exception("validating %s failed unexpectedly", model_id)

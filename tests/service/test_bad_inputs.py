@@ -145,3 +145,19 @@ def test_malformed_requests(service: Service) -> None:
             ).status_code
             == 422
         )
+
+
+def test_a_config_that_lies_about_its_shapes_is_rejected(service: Service, tiny_bert: Path) -> None:
+    """Refused at registration (`rejected`, naming the tensors), not `ready` and then an
+    `engine_error` at the first job."""
+    files = without(tiny_bert)
+    config = json.loads(files["config.json"])
+    config["intermediate_size"] = 2 * config["intermediate_size"]
+    files["config.json"] = json.dumps(config).encode()
+    with service.client() as client:
+        model = rejected(client, zip_of(files), "lying-config.zip")
+        assert model["error"]["code"] == "unsupported_model"
+        message = model["error"]["message"]
+        assert "config.json does not describe these weights (6 tensors differ)" in message
+        assert "encoder.layer.0.intermediate.dense.weight: config.json gives [128, 32]" in message
+        assert storage_files(service, model["id"]) == []

@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,6 +64,8 @@ class ModelInfo:
     # empty for GGUF, whose tensor names are llama.cpp's until the worker converts them.
     linear_shapes: dict[str, list[int]]
     config: dict[str, Any]  # config.json, or for GGUF the scalar metadata
+    # Every stored tensor's shape, from the safetensors headers (empty for GGUF).
+    tensor_shapes: dict[str, list[int]] = field(default_factory=dict)
 
 
 def is_pickled_weight(name: str) -> bool:
@@ -172,6 +174,7 @@ def _inspect_safetensors(folder: Path, weight_files: list[str]) -> ModelInfo:
 
     parameters = 0
     linear_shapes: dict[str, list[int]] = {}
+    tensor_shapes: dict[str, list[int]] = {}
     seen: dict[str, str] = {}
     for name in weight_files:
         for tensor, (dtype, shape) in _read_safetensors_header(folder / name).items():
@@ -183,6 +186,7 @@ def _inspect_safetensors(folder: Path, weight_files: list[str]) -> ModelInfo:
             # Integer tensors are buffers (BERT's position_ids), not parameters.
             if dtype.startswith(("F", "BF")):
                 parameters += math.prod(shape)
+            tensor_shapes[tensor] = list(shape)
             if len(shape) == 2 and tensor.endswith(".weight"):
                 linear_shapes[tensor.removesuffix(".weight")] = list(shape)
     return ModelInfo(
@@ -195,6 +199,7 @@ def _inspect_safetensors(folder: Path, weight_files: list[str]) -> ModelInfo:
         weight_files=weight_files,
         linear_shapes=linear_shapes,
         config=config,
+        tensor_shapes=tensor_shapes,
     )
 
 
