@@ -7,7 +7,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.artifacts.router import router as artifacts_router
@@ -23,6 +24,8 @@ from app.webhooks.router import router as webhooks_router
 from app.workers.router import router as workers_router
 
 STATIC = Path(__file__).parent / "static"
+# Swagger UI for /docs, vendored from npm (swagger-ui-dist 5.36.0): an install without internet
+# access shows the API, not a blank page.
 
 
 def create_app() -> FastAPI:
@@ -30,6 +33,8 @@ def create_app() -> FastAPI:
         title="Slimformer",
         version="1.0.0",
         description="Compress Transformer models as durable jobs. See API.md.",
+        docs_url=None,  # served below from local assets: no CDN (offline installs)
+        redoc_url=None,
     )
     install_error_handlers(app)
     for router in (
@@ -57,6 +62,16 @@ def create_app() -> FastAPI:
 
     install_openapi(app)
     app.add_middleware(RequestContext)  # outermost: request id, NUL bytes, 500 envelope
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="Slimformer API",
+            swagger_js_url="/static/vendor/swagger-ui-5.36.0/swagger-ui-bundle.js",
+            swagger_css_url="/static/vendor/swagger-ui-5.36.0/swagger-ui.css",
+            swagger_favicon_url="/static/vendor/swagger-ui-5.36.0/favicon-32x32.png",
+        )
 
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")

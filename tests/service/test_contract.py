@@ -74,3 +74,20 @@ def test_metrics_and_readiness_details_need_a_key(service: Service) -> None:
         detailed = client.get("/readyz").json()
         assert detailed["live_workers"] is not None
         assert all(value.startswith("ok (") for value in detailed["checks"].values())
+
+
+def test_docs_work_offline(service: Service) -> None:
+    """/docs is Swagger UI from the API's own files: nothing from a CDN (installs without internet
+    would show a blank page)."""
+    with httpx.Client(base_url=service.base_url, timeout=30) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert "cdn" not in page.text.lower() and "https://" not in page.text
+        for asset in (
+            "/static/vendor/swagger-ui-5.36.0/swagger-ui-bundle.js",
+            "/static/vendor/swagger-ui-5.36.0/swagger-ui.css",
+        ):
+            assert asset in page.text
+            response = client.get(asset)
+            assert response.status_code == 200 and len(response.content) > 10_000
+        assert '"/openapi.json"' in page.text or "'/openapi.json'" in page.text
