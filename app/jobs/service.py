@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from app import broker
+from app import broker, quotas
 from app.artifacts.repository import ids_by_job, storage_keys_of_job
 from app.db.session import after_commit
 from app.db.tables import Job, JobEvent, utcnow
@@ -34,6 +34,7 @@ def create_job(
     if existing is not None:
         return get_job(session=session, project_id=project_id, job_id=existing), False
     resolved = resolve_job(session=session, project_id=project_id, spec=spec)
+    quotas.check_new_job(session=session, project_id=project_id)
     job_id = new_id("job")
     winner = remember(
         session,
