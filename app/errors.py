@@ -170,8 +170,11 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(
             exc.status_code, "invalid_request"
         )
+        # FastAPI answers 400 for a body it cannot decode (not UTF-8, say); the contract's
+        # status for a request it cannot accept is 422.
+        status = 422 if exc.status_code == 400 else exc.status_code
         return JSONResponse(
             error_body(code, str(exc.detail), None, _request_id(request)),
-            status_code=exc.status_code,
+            status_code=status,
             headers=exc.headers,
         )

@@ -55,8 +55,8 @@ def _statuses(path: str, method: str) -> set[str]:
     if not path.startswith("/v1/"):
         return {"503"} if path == "/readyz" else set()
     statuses |= {"401", "429"}
-    if "{" in path:
-        statuses.add("404")
+    if "{" in path or (method == "post" and path == "/v1/jobs"):
+        statuses.add("404")  # the resource, or a model or dataset the job names
     if method == "delete" or path.endswith(("/cancel", "/retry")):
         statuses.add("409")
     if method == "post" and path in ("/v1/jobs", "/v1/models", "/v1/datasets"):

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -89,6 +89,19 @@ class Service:
                 raise RuntimeError(f"API exited:\n{(self.data_dir / 'api.log').read_text()}")
             time.sleep(0.2)
         raise RuntimeError("API did not start")
+
+    def with_api(self, **overrides: str) -> Service:
+        """Another API process on this service's backend, with `overrides` in its environment
+        (settings of its own, e.g. limits). It shares keys, data and processes with this one, so
+        it stops with it."""
+        other = replace(
+            self,
+            env={**self.env, **overrides},
+            base_url=f"http://127.0.0.1:{free_port()}",
+            api_process=None,
+        )
+        other.start_api()
+        return other
 
     def start_worker(
         self, name: str | None = None, *, memory_cgroup: Path | None = None
@@ -209,9 +222,7 @@ def service_env(data_dir: Path, **overrides: str) -> tuple[dict[str, str], calla
 
 
 @contextmanager
-def running_service(
-    data_dir: Path, *, worker: bool = True, **overrides: str
-) -> Iterator[Service]:
+def running_service(data_dir: Path, *, worker: bool = True, **overrides: str) -> Iterator[Service]:
     """A migrated service with its API up and, unless `worker` is False, one worker; stopped and
     its backend dropped on the way out. `overrides` are extra environment variables."""
     env, cleanup = service_env(data_dir, **overrides)
@@ -231,6 +242,14 @@ def running_service(
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """One API and one worker for the whole session (tests that kill things make their own)."""
     with running_service(tmp_path_factory.mktemp("service")) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="session")
+def idle_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """An API without a worker for the whole session: a job stays queued and costs nothing, so
+    tests of the API alone (limits, fuzzing) share one migrated backend."""
+    with running_service(tmp_path_factory.mktemp("idle"), worker=False) as svc:
         yield svc
 
 

@@ -10,7 +10,7 @@ from app.datasets import service
 from app.datasets.schemas import DatasetList, DatasetOut
 from app.db.tables import Dataset
 from app.errors import APIError
-from app.idempotency import remember, replay_upload, request_hash
+from app.idempotency import remember, replay_upload, replaying, request_hash
 from app.ids import new_id
 from app.responses import resource_response
 from app.settings import get_settings
@@ -75,10 +75,11 @@ async def create_dataset(
         store.delete(upload.stored.key)
         raise
     if existing:
-        return _created(
-            request,
-            service.get_dataset(session=session, project_id=caller.project_id, dataset_id=existing),
-        )
+        with replaying(existing):
+            dataset = service.get_dataset(
+                session=session, project_id=caller.project_id, dataset_id=existing
+            )
+        return _created(request, dataset)
     try:
         dataset = service.create_dataset(
             session=session,

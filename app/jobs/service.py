@@ -9,7 +9,7 @@ from app.artifacts.repository import ids_by_job, storage_keys_of_job
 from app.db.session import after_commit
 from app.db.tables import Job, JobEvent, utcnow
 from app.errors import APIError, not_found
-from app.idempotency import remember, replay, request_hash
+from app.idempotency import remember, replay, replaying, request_hash
 from app.ids import new_id
 from app.jobs import repository, routing
 from app.jobs.lifecycle import LIVE, TERMINAL, add_event, transition
@@ -32,7 +32,8 @@ def create_job(
         session, project_id=project_id, endpoint=ENDPOINT, key=idempotency_key, body_hash=body_hash
     )
     if existing is not None:
-        return get_job(session=session, project_id=project_id, job_id=existing), False
+        with replaying(existing):
+            return get_job(session=session, project_id=project_id, job_id=existing), False
     resolved = resolve_job(session=session, project_id=project_id, spec=spec)
     quotas.check_new_job(session=session, project_id=project_id)
     job_id = new_id("job")

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from app.auth import CallerDep, SessionDep
 from app.db.tables import Model
 from app.errors import APIError, param_path
-from app.idempotency import remember, replay_upload, request_hash
+from app.idempotency import remember, replay_upload, replaying, request_hash
 from app.ids import new_id
 from app.models import service
 from app.models.schemas import ModelList, ModelOut, ModelRegister
@@ -76,10 +76,11 @@ async def create_model(
         upload_key=upload.stored.key if upload else None,
     )
     if existing:
-        return _created(
-            request,
-            service.get_model(session=session, project_id=caller.project_id, model_id=existing),
-        )
+        with replaying(existing):
+            model = service.get_model(
+                session=session, project_id=caller.project_id, model_id=existing
+            )
+        return _created(request, model)
     if spec is not None:
         model = service.register(
             session=session, project_id=caller.project_id, model_id=model_id, spec=spec

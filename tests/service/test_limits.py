@@ -1,17 +1,16 @@
-"""Rate limits per API key and per-project quotas, on a service with tiny limits and no worker
-(queued jobs stay queued: nothing runs, so nothing here costs a real job)."""
+"""Rate limits per API key and per-project quotas, on an API with tiny limits and no worker (queued
+jobs stay queued: nothing runs, so nothing here costs a real job)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import BACKEND, REDIS_URL, Service, builtin_id, running_service
+from tests.conftest import BACKEND, REDIS_URL, Service, builtin_id
 
 pytestmark = pytest.mark.service
 
@@ -22,16 +21,14 @@ MAX_STORED_BYTES = 10_000
 
 
 @pytest.fixture(scope="module")
-def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    with running_service(
-        tmp_path_factory.mktemp("limits"),
-        worker=False,
+def limited(idle_service: Service) -> Service:
+    """An API process of its own with tiny limits, on the session's service without a worker."""
+    return idle_service.with_api(
         SLIMFORMER_RATE_LIMIT_PER_S=str(RATE),
         SLIMFORMER_RATE_LIMIT_BURST=str(BURST),
         SLIMFORMER_MAX_LIVE_JOBS_PER_PROJECT=str(MAX_LIVE_JOBS),
         SLIMFORMER_MAX_STORED_BYTES_PER_PROJECT=str(MAX_STORED_BYTES),
-    ) as svc:
-        yield svc
+    )
 
 
 def _job_spec(client: httpx.Client) -> dict:
