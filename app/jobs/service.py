@@ -156,6 +156,8 @@ def cancel_job(*, session: Session, job: Job) -> Job:
             from_=("cancelling",),
             message="cancelled before it started",
         )
+        job_id = job.id
+        after_commit(session, lambda: broker.withdraw_run_job(job_id))  # where the broker can
     elif not transition(
         session,
         job_id=job.id,
