@@ -201,6 +201,81 @@ def run_stale(backend: str, cancelled: int, resend: bool = False) -> dict:
         cleanup()
 
 
+def run_reads(backend: str, workers: list[int], clients: int, seconds: float) -> list[dict]:
+    """GET /v1/jobs/{id} from `clients` concurrent keep-alive clients for `seconds`, against
+    `slimformer api --workers N` for each N (no job worker: the job stays queued)."""
+    import asyncio
+    import time
+
+    import httpx
+
+    harness = _harness(backend)
+    service, cleanup = _service(harness, backend)
+    rows = []
+    try:
+        service.cli("migrate")
+        service.start_api()
+        with service.client() as client:
+            job = client.post(
+                "/v1/jobs",
+                json={
+                    "model_id": harness.builtin_id(client, "models", "all-MiniLM-L6-v2"),
+                    "recipe": {"stages": [{"method": "dynamic_int8"}]},
+                },
+            ).json()
+            headers = dict(client.headers)
+
+        async def load(base_url: str) -> list[float]:
+            latencies: list[float] = []
+            stop = time.monotonic() + seconds
+
+            async def one_client() -> None:
+                async with httpx.AsyncClient(base_url=base_url, headers=headers) as http:
+                    while time.monotonic() < stop:
+                        started = time.perf_counter()
+                        response = await http.get(f"/v1/jobs/{job['id']}")
+                        assert response.status_code == 200
+                        latencies.append(time.perf_counter() - started)
+
+            await asyncio.gather(*(one_client() for _ in range(clients)))
+            return latencies
+
+        for count in workers:
+            api = service.with_api("--workers", str(count))
+            asyncio.run(load(api.base_url))  # warm-up: connections, imports, caches
+            latencies = sorted(asyncio.run(load(api.base_url)))
+            rows.append(
+                {
+                    "backend": backend,
+                    "api_workers": count,
+                    "clients": clients,
+                    "seconds": seconds,
+                    "requests_per_s": len(latencies) / seconds,
+                    "p50_ms": 1000 * latencies[len(latencies) // 2],
+                    "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)],
+                }
+            )
+            os.killpg(api.api_process.pid, 15)
+            api.api_process.wait(timeout=30)
+        return rows
+    finally:
+        service.stop()
+        cleanup()
+
+
+def reads_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| backend | API processes | clients | GET /v1/jobs/{id} req/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['backend']} | {r['api_workers']} | {r['clients']} "
+            f"| {r['requests_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def stale_markdown(results: list[dict]) -> str:
     lines = [
         "| backend | cancelled jobs | sent again | messages left in the broker "
@@ -239,7 +314,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["embedded", "postgres", "both"], default="both")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--scenario", choices=["jobs", "stale"], default="jobs")
+    parser.add_argument("--scenario", choices=["jobs", "stale", "reads"], default="jobs")
+    parser.add_argument("--api-workers", default="1,2", help="API processes to try (reads)")
+    parser.add_argument("--clients", type=int, default=20, help="concurrent clients (reads)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="load per setting (reads)")
     parser.add_argument("--stale", type=int, default=200, help="cancelled jobs (--scenario stale)")
     parser.add_argument("--label", default="", help="a name for this run's rows (stale)")
     parser.add_argument(
@@ -247,6 +325,34 @@ def main() -> None:
     )
     args = parser.parse_args()
     backends = ["embedded", "postgres"] if args.backend == "both" else [args.backend]
+    if args.scenario == "reads":
+        counts = [int(n) for n in args.api_workers.split(",")]
+        rows = [
+            row
+            for backend in backends
+            for row in run_reads(backend, counts, args.clients, args.seconds)
+        ]
+        RESULTS.mkdir(exist_ok=True)
+        command = (
+            f"python -m bench.service_bench --scenario reads --backend {args.backend} "
+            f"--api-workers {args.api_workers} --clients {args.clients} --seconds {args.seconds:g}"
+        )
+        body = {
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "command": command,
+            "results": rows,
+        }
+        (RESULTS / "api_workers.json").write_text(json.dumps(body, indent=2) + "\n")
+        table = reads_markdown(rows)
+        (RESULTS / "api_workers.md").write_text(
+            "# GET /v1/jobs/{id} with 1 and 2 API processes\n\nThe load generator (asyncio "
+            "httpx, keep-alive) runs on the same machine and shares its cores. Reproduce: `"
+            + command
+            + "`.\n\n"
+            + table
+        )
+        print(table)
+        return
     if args.scenario == "stale":
         write_stale([run_stale(backend, args.stale, args.resend) for backend in backends], args)
         return

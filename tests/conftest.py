@@ -75,9 +75,11 @@ class Service:
             raise RuntimeError(f"slimformer {' '.join(args)} failed:\n{result.stderr}")
         return result.stdout
 
-    def start_api(self) -> None:
+    def start_api(self, *args: str) -> None:
         port = int(self.base_url.rsplit(":", 1)[1])
-        self.api_process = self._spawn("api", "--port", str(port), log="api.log")
+        first = not (self.data_dir / "api.log").exists()
+        log = "api.log" if first else f"api-{port}.log"  # another API (`with_api`) beside it
+        self.api_process = self._spawn("api", "--port", str(port), *args, log=log)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -86,21 +88,21 @@ class Service:
             except httpx.HTTPError:
                 pass
             if self.api_process.poll() is not None:
-                raise RuntimeError(f"API exited:\n{(self.data_dir / 'api.log').read_text()}")
+                raise RuntimeError(f"API exited:\n{self.logs()}")
             time.sleep(0.2)
         raise RuntimeError("API did not start")
 
-    def with_api(self, **overrides: str) -> Service:
-        """Another API process on this service's backend, with `overrides` in its environment
-        (settings of its own, e.g. limits). It shares keys, data and processes with this one, so
-        it stops with it."""
+    def with_api(self, *args: str, **overrides: str) -> Service:
+        """Another API on this service's backend, started with `args` (`--workers 2`) and
+        `overrides` in its environment (settings of its own, e.g. limits). It shares keys, data
+        and processes with this one, so it stops with it."""
         other = replace(
             self,
             env={**self.env, **overrides},
             base_url=f"http://127.0.0.1:{free_port()}",
             api_process=None,
         )
-        other.start_api()
+        other.start_api(*args)
         return other
 
     def start_worker(
