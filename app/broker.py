@@ -6,11 +6,14 @@ never imports the worker code (or torch).
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterable
+from functools import lru_cache
 
 from celery import Celery
 
-import app.broker_fs  # noqa: F401 - registers the slimfs:// transport
+from app import broker_fs  # registers the slimfs:// transport
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -141,12 +144,15 @@ def _send(
     priority: int | None = None,
 ) -> bool:
     try:
+        # The task id is the resource's id: a message can be found by the id it carries (to
+        # withdraw a cancelled job's, or to tell a waiting message from a lost one).
         client().send_task(
             task,
             args=[resource_id],
             queue=get_settings().queue(queue),
             countdown=countdown,
             priority=priority,
+            task_id=resource_id,
         )
         return True
     except Exception:  # noqa: BLE001 - any broker failure means "the reaper will retry"
@@ -154,6 +160,90 @@ def _send(
             "could not send %s for %s; it will be re-sent", task, resource_id, exc_info=True
         )
         return False
+
+
+# kombu's Redis transport keeps a queue's priority-0 messages in a list named after it and each
+# other level's in one beside it (`<queue>:<n>`, the `sep` and `priority_steps` set above).
+REDIS_PRIORITY_SEPARATOR = ":"
+REDIS_PRIORITY_STEPS = tuple(range(1, PRIORITY_LEVELS))
+# Remove every message of one queue list that mentions the id (its task id and argsrepr do).
+REDIS_WITHDRAW = """
+local removed = 0
+for _, key in ipairs(KEYS) do
+  for _, item in ipairs(redis.call('LRANGE', key, 0, -1)) do
+    if string.find(item, ARGV[1], 1, true) then
+      removed = removed + redis.call('LREM', key, 1, item)
+    end
+  end
+end
+return removed
+"""
+
+
+@lru_cache
+def redis_client():  # noqa: ANN201 - redis.Redis, imported lazily
+    """The broker's Redis, for what Celery has no verb for (and shared state such as rate limits)."""
+    import redis
+
+    url = get_settings().redis_url
+    if url is None:
+        raise RuntimeError("the broker is not Redis")
+    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+
+def _redis_lists(queues: Iterable[str]) -> list[str]:
+    return [
+        name
+        for queue in queues
+        for name in (
+            queue,
+            *(f"{queue}{REDIS_PRIORITY_SEPARATOR}{step}" for step in REDIS_PRIORITY_STEPS),
+        )
+    ]
+
+
+def withdraw_run_job(job_id: str) -> int:
+    """Remove the waiting messages of a job cancelled while queued, from both job queues (the
+    reaper may have re-routed it); how many went. Best effort: a message already taken by a
+    worker, or one this broker cannot remove, is dropped by the worker without running
+    (`workers/tasks.py`)."""
+    settings = get_settings()
+    queues = [settings.queue(name) for name in JOB_QUEUES]
+    try:
+        if settings.is_filesystem_broker:
+            return broker_fs.remove_messages(settings.broker_dir / "queue", job_id, queues)
+        if settings.redis_url:
+            script = redis_client().register_script(REDIS_WITHDRAW)
+            return int(script(keys=_redis_lists(queues), args=[job_id]))
+    except Exception:  # noqa: BLE001 - the worker drops what is left
+        log.warning("could not withdraw the messages of %s", job_id, exc_info=True)
+    return 0
+
+
+def waiting_ids(queue_names: Iterable[str]) -> dict[str, set[str]] | None:
+    """For each of these queues (names without the prefix), the ids that have a message waiting
+    in it; None when the broker cannot tell: then nothing can be known to be waiting."""
+    settings = get_settings()
+    names = list(queue_names)
+    try:
+        if settings.is_filesystem_broker:
+            folder = settings.broker_dir / "queue"
+            return {name: broker_fs.message_ids(folder, [settings.queue(name)]) for name in names}
+        if settings.redis_url:
+            client = redis_client()
+            waiting = {}
+            for name in names:
+                items = (
+                    item
+                    for key in _redis_lists([settings.queue(name)])
+                    for item in client.lrange(key, 0, -1)
+                )
+                ids = {json.loads(item).get("headers", {}).get("id") for item in items}
+                waiting[name] = ids - {None}
+            return waiting
+    except Exception:  # noqa: BLE001 - the caller then assumes nothing is waiting
+        log.warning("could not list the waiting messages", exc_info=True)
+    return None
 
 
 def ping() -> None:

@@ -26,6 +26,7 @@ ERROR_CODES = {
     "unsupported_model": 422,
     "unsafe_model": 422,
     "rate_limited": 429,
+    "quota_exceeded": 409,  # a project limit (app/quotas.py); the body's `error.quota` says which
     "idempotency_mismatch": 409,
     "range_not_satisfiable": 416,
     "method_not_allowed": 405,
@@ -43,9 +44,11 @@ class APIError(Exception):
         param: str | None = None,
         status: int | None = None,
         headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.headers = headers
+        self.extra = extra  # more members of the error object (`quota`)
         self.code = code
         self.message = message
         self.param = param
@@ -57,9 +60,13 @@ def not_found(kind: str, resource_id: str) -> APIError:
 
 
 def error_body(
-    code: str, message: str, param: str | None = None, request_id: str | None = None
+    code: str,
+    message: str,
+    param: str | None = None,
+    request_id: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"code": code, "message": message, "param": param}
+    body: dict[str, Any] = {"code": code, "message": message, "param": param, **(extra or {})}
     if request_id is not None:
         body["request_id"] = request_id
     return {"error": body}
@@ -117,7 +124,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(
-            error_body(exc.code, exc.message, exc.param, _request_id(request)),
+            error_body(exc.code, exc.message, exc.param, _request_id(request), exc.extra),
             status_code=exc.status,
             headers=exc.headers,
         )
@@ -163,8 +170,11 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(
             exc.status_code, "invalid_request"
         )
+        # FastAPI answers 400 for a body it cannot decode (not UTF-8, say); the contract's
+        # status for a request it cannot accept is 422.
+        status = 422 if exc.status_code == 400 else exc.status_code
         return JSONResponse(
             error_body(code, str(exc.detail), None, _request_id(request)),
-            status_code=exc.status_code,
+            status_code=status,
             headers=exc.headers,
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -44,6 +46,24 @@ def replay(
             "idempotency_mismatch", "This Idempotency-Key was used with a different request body"
         )
     return row.resource_id
+
+
+@contextmanager
+def replaying(resource_id: str) -> Iterator[None]:
+    """Around the lookup of the resource a key made: if it has been deleted since, the replay is
+    a 409 saying so (the first response cannot be given again, and a new resource under the old
+    key would surprise whoever deleted the first)."""
+    try:
+        yield
+    except APIError as exc:
+        if exc.code != "not_found":
+            raise
+        raise APIError(
+            "conflict",
+            f"This Idempotency-Key made {resource_id}, which has since been deleted; "
+            "send a new key to create another",
+            param="Idempotency-Key",
+        ) from None
 
 
 def replay_upload(

@@ -99,7 +99,8 @@ class RequestContext:
                 )
                 await send_with_id({"type": "http.response.body", "body": b""})
                 return
-        if _is_json_body(scope):
+        # Only a method served at the path: any other is the router's 405, whatever its body.
+        if _is_json_body(scope) and scope["method"] in _allowed_methods(scope):
             body, receive = await _buffer(receive)
             param = _nul_in_json(body)
             if param is not None:

@@ -22,6 +22,15 @@ ERROR_SCHEMA = {
                 "message": {"type": "string"},
                 "param": {"type": ["string", "null"]},
                 "request_id": {"type": "string"},
+                "quota": {  # quota_exceeded only: which project limit, and the usage now
+                    "type": "object",
+                    "required": ["name", "limit", "usage"],
+                    "properties": {
+                        "name": {"type": "string", "enum": ["live_jobs", "stored_bytes"]},
+                        "limit": {"type": "integer"},
+                        "usage": {"type": "integer"},
+                    },
+                },
             },
         }
     },
@@ -31,10 +40,11 @@ DESCRIPTIONS = {
     "304": "Not modified (If-None-Match matched the ETag)",
     "401": "Missing or invalid API key",
     "404": "No such resource in this project",
-    "409": "Conflict with the resource's state",
+    "409": "Conflict with the resource's or the project's state (`quota_exceeded`: a project limit)",
     "413": "Upload larger than the limit",
     "416": "Range not satisfiable (Content-Range: bytes */size)",
     "422": "Invalid request",
+    "429": "Rate limited (per API key); retry after Retry-After seconds",
     "500": "Internal error (quote the request id)",
     "503": "Database unreachable; retry after Retry-After seconds",
 }
@@ -44,13 +54,13 @@ def _statuses(path: str, method: str) -> set[str]:
     statuses = {"422", "500", "503"}
     if not path.startswith("/v1/"):
         return {"503"} if path == "/readyz" else set()
-    statuses.add("401")
-    if "{" in path:
-        statuses.add("404")
+    statuses |= {"401", "429"}
+    if "{" in path or (method == "post" and path == "/v1/jobs"):
+        statuses.add("404")  # the resource, or a model or dataset the job names
     if method == "delete" or path.endswith(("/cancel", "/retry")):
         statuses.add("409")
-    if method == "post" and path in ("/v1/jobs", "/v1/models"):
-        statuses.add("409")  # an Idempotency-Key reused with another body; a model id taken
+    if method == "post" and path in ("/v1/jobs", "/v1/models", "/v1/datasets"):
+        statuses.add("409")  # an Idempotency-Key reused with another body; a project quota
     if method == "post" and path in ("/v1/models", "/v1/datasets"):
         statuses.add("413")
     if method == "get" and "{" in path and not path.endswith(("/events", "/artifacts")):
@@ -79,7 +89,7 @@ def build(app: FastAPI) -> dict[str, Any]:
                     "description": DESCRIPTIONS[status],
                     "content": {"application/json": {"schema": ERROR_REF}},
                 }
-                if status == "503":
+                if status in ("503", "429"):
                     entry["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
                 if status == "416":
                     entry["headers"] = {"Content-Range": {"schema": {"type": "string"}}}

@@ -41,6 +41,16 @@ class Settings(BaseSettings):
     max_extracted_bytes: int = 16 * 1024**3
     model_path_roots: list[Path] = Field(default_factory=list)  # allow-list for source.type=path
 
+    # Rate limit per API key (app/ratelimit.py): a token bucket refilled at `rate_limit_per_s`
+    # holding at most `rate_limit_burst` requests; 0 turns it off. Shared through Redis when the
+    # broker is Redis, kept in each API process on the embedded default.
+    rate_limit_per_s: float = 0.0
+    rate_limit_burst: int = 100
+    # Per-project quotas (app/quotas.py); 0 turns one off. Live jobs are queued, running or
+    # cancelling; stored bytes are the project's uploaded models and datasets plus its artifacts.
+    max_live_jobs_per_project: int = 0
+    max_stored_bytes_per_project: int = 0
+
     lease_s: float = 60.0  # a running job's lease; the heartbeat renews it every lease_s / 4
     reaper_interval_s: float = 15.0
     requeue_after_s: float = 300.0  # a queued job untouched this long gets its message re-sent
@@ -89,6 +99,10 @@ class Settings(BaseSettings):
             )
         if self.lease_s <= 0 or self.reaper_interval_s <= 0 or self.worker_heartbeat_s <= 0:
             raise ValueError("lease_s, reaper_interval_s and worker_heartbeat_s must be positive")
+        if self.rate_limit_per_s < 0 or self.rate_limit_burst < 1:
+            raise ValueError("rate_limit_per_s must be >= 0 (0: off) and rate_limit_burst >= 1")
+        if self.max_live_jobs_per_project < 0 or self.max_stored_bytes_per_project < 0:
+            raise ValueError("per-project quotas must be >= 0 (0: off)")
         if self.worker_lost_after_beats < 2:
             raise ValueError(
                 "worker_lost_after_beats must be at least 2: one late beat is not a loss"
@@ -115,6 +129,12 @@ class Settings(BaseSettings):
     @property
     def is_filesystem_broker(self) -> bool:
         return self.resolved_broker_url.startswith(("slimfs", "filesystem"))
+
+    @property
+    def redis_url(self) -> str | None:
+        """The broker's Redis, which the API also uses for shared state (rate limits)."""
+        url = self.resolved_broker_url
+        return url if url.startswith(("redis://", "rediss://")) else None
 
     @property
     def auth_enabled(self) -> bool:

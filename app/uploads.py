@@ -11,9 +11,13 @@ from typing import TypeVar
 import anyio
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from app import quotas
+from app.db.session import release_connection
 from app.errors import APIError
+from app.quotas import Room
 from app.storage import StoredObject, TooLarge, get_store
 
 FIELD_LIMIT = 64 * 1024  # text form fields (name, format) are small
@@ -28,14 +32,34 @@ class Upload:
     fields: dict[str, str] = field(default_factory=dict)
 
 
+async def upload_room(
+    session: Session, project_id: str, idempotency_key: str | None
+) -> Room | None:
+    """The project's byte quota before an upload streams (refused at once when full). None
+    without a quota, or with an Idempotency-Key: a replay of an upload that filled the quota must
+    still be answered; the check after the upload (in the insert's transaction) covers it."""
+    if idempotency_key is not None:
+        return None
+
+    def room() -> Room | None:
+        try:
+            return quotas.upload_room(session=session, project_id=project_id)
+        finally:
+            release_connection(session)  # no pooled connection held while the body streams
+
+    return await run_in_threadpool(room)
+
+
 async def receive_upload(
     request: Request,
     *,
     key: str,
     max_bytes: int,
+    room: Room | None = None,
 ) -> Upload:
     """Parse `multipart/form-data` from the request body; the part named `file` is written to `key`.
-    Raises APIError 413 (nothing stored) past `max_bytes`, 422 on a malformed body or no file."""
+    Raises APIError 413 (nothing stored) past `max_bytes`, 409 `quota_exceeded` past the project's
+    `room`, 422 on a malformed body or no file."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in options:
         raise APIError(
@@ -46,6 +70,9 @@ async def receive_upload(
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes + FIELD_LIMIT:
         raise APIError("payload_too_large", f"Upload is larger than the limit of {max_bytes} bytes")
+    quota_binds = room is not None and room.bytes < max_bytes
+    if quota_binds and declared and declared.isdigit() and int(declared) > room.bytes + FIELD_LIMIT:
+        raise room.error()
 
     store = get_store()
     fields: dict[str, str] = {}
@@ -111,13 +138,17 @@ async def receive_upload(
         },
     )
     try:
-        async with _opened_in_thread(store.writer(key, max_bytes=max_bytes)) as writer:
+        async with _opened_in_thread(
+            store.writer(key, max_bytes=room.bytes if quota_binds else max_bytes)
+        ) as writer:
             async for chunk in request.stream():
                 parser.write(chunk)
             parser.finalize()
             if not state["file_seen"]:
                 raise APIError("invalid_request", "The form has no 'file' part", param="file")
     except TooLarge:
+        if quota_binds:
+            raise room.error() from None
         raise APIError(
             "payload_too_large", f"Upload is larger than the limit of {max_bytes} bytes"
         ) from None

@@ -3,6 +3,11 @@ dynamic_int8 job's wall time, size and cosine. Writes bench/results/service.{jso
 
     .venv/bin/python -m bench.service_bench            # both backends (needs PostgreSQL + Redis)
     .venv/bin/python -m bench.service_bench --backend embedded
+    .venv/bin/python -m bench.service_bench --scenario stale --stale 200
+
+`--scenario stale`: N jobs submitted and cancelled while no worker runs, then a worker starts and one
+real job is submitted; how long it waits to start behind what the cancelled jobs left in the broker
+(bench/results/stale_messages.{json,md}).
 
 It starts the real API and a real Celery worker as processes (the same harness the service tests
 use), submits jobs over HTTP while the worker is idle, and reads the timestamps the service records.
@@ -27,13 +32,16 @@ def _seconds(job: dict, start: str, end: str) -> float:
     return (datetime.fromisoformat(job[end]) - datetime.fromisoformat(job[start])).total_seconds()
 
 
-def run_backend(backend: str, repeats: int) -> dict:
+def _harness(backend: str):  # noqa: ANN202 - the tests' module, reloaded for this backend
     os.environ["SLIMFORMER_TEST_BACKEND"] = backend
     import importlib
 
     import tests.conftest as harness
 
-    importlib.reload(harness)  # BACKEND is read at import
+    return importlib.reload(harness)  # BACKEND is read at import
+
+
+def _service(harness, backend: str):  # noqa: ANN001, ANN202
     data_dir = Path(tempfile.mkdtemp(prefix=f"slimformer-bench-{backend}-"))
     # The tests' fast timings (short leases, 0.1 s broker polling, one thread) would flatter or
     # hobble the numbers: measure the shipped defaults.
@@ -49,6 +57,12 @@ def run_backend(backend: str, repeats: int) -> dict:
     service = harness.Service(
         env=env, data_dir=data_dir, base_url=f"http://127.0.0.1:{harness.free_port()}"
     )
+    return service, cleanup
+
+
+def run_backend(backend: str, repeats: int) -> dict:
+    harness = _harness(backend)
+    service, cleanup = _service(harness, backend)
     try:
         service.cli("migrate")
         service.start_api()
@@ -102,6 +116,183 @@ def run_backend(backend: str, repeats: int) -> dict:
         cleanup()
 
 
+def _queued_messages(service, backend: str) -> int:  # noqa: ANN001
+    """Messages waiting in the job queues, read from the broker itself."""
+    if backend == "embedded":
+        return len(list((service.data_dir / "broker" / "queue").glob("*.msg")))
+    import redis
+
+    client = redis.Redis.from_url(service.env["SLIMFORMER_BROKER_URL"])
+    prefix = service.env["SLIMFORMER_QUEUE_PREFIX"]
+    return sum(client.llen(f"{prefix}{queue}") for queue in ("cpu", "gpu"))
+
+
+def run_stale(backend: str, cancelled: int, resend: bool = False) -> dict:
+    """`cancelled` jobs submitted and cancelled with no worker up; then a worker starts, and one
+    real job is submitted once it is ready: its wait to start, and what the worker did. With
+    `resend`, a message for each cancelled job is sent again before the worker starts (what a
+    broker that cannot withdraw a message keeps, or a duplicate re-send)."""
+    import subprocess
+    import sys
+    import time
+
+    harness = _harness(backend)
+    service, cleanup = _service(harness, backend)
+    try:
+        service.cli("migrate")
+        service.start_api()
+        with service.client() as client:
+            model_id = harness.builtin_id(client, "models", "all-MiniLM-L6-v2")
+            quick = {
+                "model_id": model_id,
+                "recipe": {"stages": [{"method": "dynamic_int8"}]},
+                "evaluation": {"metrics": ["size"]},
+            }
+            started = time.monotonic()
+            for _ in range(cancelled):
+                job = client.post("/v1/jobs", json=quick).json()
+                assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+            submit_and_cancel_s = time.monotonic() - started
+            if resend:
+                ids, after = [], None
+                while True:
+                    params = {"limit": 100, **({"after": after} if after else {})}
+                    page = client.get("/v1/jobs", params=params).json()
+                    ids += [j["id"] for j in page["data"]]
+                    if not page["has_more"]:
+                        break
+                    after = ids[-1]
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-c",
+                        "import sys; from app import broker\n"
+                        "for job_id in sys.argv[1:]: broker.send_run_job(job_id, 'cpu')",
+                        *ids,
+                    ],
+                    env=service.env,
+                    check=True,
+                    timeout=600,
+                )
+            left_in_broker = _queued_messages(service, backend)
+            service.start_worker()
+            deadline = time.monotonic() + 300
+            while not any(w["live"] for w in client.get("/v1/workers").json()["data"]):
+                assert time.monotonic() < deadline, "the worker did not come up"
+                time.sleep(0.2)
+            job = client.post("/v1/jobs", json=quick).json()
+            job = harness.wait_for(client, job["id"], {"succeeded", "failed"}, timeout=1200)
+            assert job["status"] == "succeeded", job
+        log = next(service.data_dir.glob("worker-*.log")).read_text(errors="replace")
+        return {
+            "backend": backend,
+            "cancelled_jobs": cancelled,
+            "messages_sent_again": resend,
+            "submit_and_cancel_s": submit_and_cancel_s,
+            "messages_left_in_broker": left_in_broker,
+            "next_job_queue_to_running_s": _seconds(job, "created_at", "started_at"),
+            "worker_log": {
+                "stale_dropped_before_the_pool": log.count("dropped a stale message"),
+                "not_queued_in_a_pool_child": log.count("is not queued"),
+            },
+        }
+    finally:
+        service.stop()
+        cleanup()
+
+
+def run_reads(backend: str, workers: list[int], clients: int, seconds: float) -> list[dict]:
+    """GET /v1/jobs/{id} from `clients` concurrent keep-alive clients for `seconds`, against
+    `slimformer api --workers N` for each N (no job worker: the job stays queued)."""
+    import asyncio
+    import time
+
+    import httpx
+
+    harness = _harness(backend)
+    service, cleanup = _service(harness, backend)
+    rows = []
+    try:
+        service.cli("migrate")
+        service.start_api()
+        with service.client() as client:
+            job = client.post(
+                "/v1/jobs",
+                json={
+                    "model_id": harness.builtin_id(client, "models", "all-MiniLM-L6-v2"),
+                    "recipe": {"stages": [{"method": "dynamic_int8"}]},
+                },
+            ).json()
+            headers = dict(client.headers)
+
+        async def load(base_url: str) -> list[float]:
+            latencies: list[float] = []
+            stop = time.monotonic() + seconds
+
+            async def one_client() -> None:
+                async with httpx.AsyncClient(base_url=base_url, headers=headers) as http:
+                    while time.monotonic() < stop:
+                        started = time.perf_counter()
+                        response = await http.get(f"/v1/jobs/{job['id']}")
+                        assert response.status_code == 200
+                        latencies.append(time.perf_counter() - started)
+
+            await asyncio.gather(*(one_client() for _ in range(clients)))
+            return latencies
+
+        for count in workers:
+            api = service.with_api("--workers", str(count))
+            asyncio.run(load(api.base_url))  # warm-up: connections, imports, caches
+            latencies = sorted(asyncio.run(load(api.base_url)))
+            rows.append(
+                {
+                    "backend": backend,
+                    "api_workers": count,
+                    "clients": clients,
+                    "seconds": seconds,
+                    "requests_per_s": len(latencies) / seconds,
+                    "p50_ms": 1000 * latencies[len(latencies) // 2],
+                    "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)],
+                }
+            )
+            os.killpg(api.api_process.pid, 15)
+            api.api_process.wait(timeout=30)
+        return rows
+    finally:
+        service.stop()
+        cleanup()
+
+
+def reads_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| backend | API processes | clients | GET /v1/jobs/{id} req/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['backend']} | {r['api_workers']} | {r['clients']} "
+            f"| {r['requests_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def stale_markdown(results: list[dict]) -> str:
+    lines = [
+        "| backend | cancelled jobs | sent again | messages left in the broker "
+        "| next job queue→running (s) | dropped before the pool | no-op runs in a pool child |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['backend']} | {r['cancelled_jobs']} | {r.get('messages_sent_again', False)} "
+            f"| {r['messages_left_in_broker']} "
+            f"| {r['next_job_queue_to_running_s']:.2f} "
+            f"| {r['worker_log']['stale_dropped_before_the_pool']} "
+            f"| {r['worker_log']['not_queued_in_a_pool_child']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: list[dict]) -> str:
     lines = [
         "| backend | queue→running median (s) | MiniLM job wall (s) | cosine (mean / min) "
@@ -123,8 +314,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["embedded", "postgres", "both"], default="both")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--scenario", choices=["jobs", "stale", "reads"], default="jobs")
+    parser.add_argument("--api-workers", default="1,2", help="API processes to try (reads)")
+    parser.add_argument("--clients", type=int, default=20, help="concurrent clients (reads)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="load per setting (reads)")
+    parser.add_argument("--stale", type=int, default=200, help="cancelled jobs (--scenario stale)")
+    parser.add_argument("--label", default="", help="a name for this run's rows (stale)")
+    parser.add_argument(
+        "--resend", action="store_true", help="send the cancelled jobs' messages again (stale)"
+    )
     args = parser.parse_args()
     backends = ["embedded", "postgres"] if args.backend == "both" else [args.backend]
+    if args.scenario == "reads":
+        counts = [int(n) for n in args.api_workers.split(",")]
+        rows = [
+            row
+            for backend in backends
+            for row in run_reads(backend, counts, args.clients, args.seconds)
+        ]
+        RESULTS.mkdir(exist_ok=True)
+        command = (
+            f"python -m bench.service_bench --scenario reads --backend {args.backend} "
+            f"--api-workers {args.api_workers} --clients {args.clients} --seconds {args.seconds:g}"
+        )
+        body = {
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "command": command,
+            "results": rows,
+        }
+        (RESULTS / "api_workers.json").write_text(json.dumps(body, indent=2) + "\n")
+        table = reads_markdown(rows)
+        (RESULTS / "api_workers.md").write_text(
+            "# GET /v1/jobs/{id} with 1 and 2 API processes\n\nThe load generator (asyncio "
+            "httpx, keep-alive) runs on the same machine and shares its cores. Reproduce: `"
+            + command
+            + "`.\n\n"
+            + table
+        )
+        print(table)
+        return
+    if args.scenario == "stale":
+        write_stale([run_stale(backend, args.stale, args.resend) for backend in backends], args)
+        return
     results = [run_backend(backend, args.repeats) for backend in backends]
     RESULTS.mkdir(exist_ok=True)
     body = {
@@ -140,6 +371,42 @@ def main() -> None:
         + body["command"]
         + "`.\n\n"
         + table
+    )
+    print(table)
+
+
+def write_stale(results: list[dict], args: argparse.Namespace) -> None:
+    """Rows are kept per (label, backend), so a run before a change and one after sit together."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "stale_messages.json"
+    rows = json.loads(path.read_text())["results"] if path.exists() else []
+    for result in results:
+        result["label"] = args.label
+        rows = [r for r in rows if (r["label"], r["backend"]) != (args.label, result["backend"])]
+        rows.append(result)
+    body = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "command": f"python -m bench.service_bench --scenario stale --stale {args.stale}"
+        + (" --resend" if args.resend else ""),
+        "results": rows,
+    }
+    path.write_text(json.dumps(body, indent=2) + "\n")
+    write_stale_markdown(rows)
+
+
+def write_stale_markdown(rows: list[dict]) -> None:
+    table = "\n".join(
+        f"### {label or 'current'}\n\n" + stale_markdown([r for r in rows if r["label"] == label])
+        for label in dict.fromkeys(r["label"] for r in rows)
+    )
+    (RESULTS / "stale_messages.md").write_text(
+        "# Stale messages\n\nJobs submitted and cancelled with no worker up, then a worker starts "
+        "and one real MiniLM `dynamic_int8` job (size only) is submitted once the worker is live: "
+        "how long it waits to start. `before`: the code before stale messages were made cheap "
+        "(the worker's pool ran each one, a child forked anew every 20). `sent again` "
+        "(`--resend`): each cancelled job's message is sent again before the worker starts, as a "
+        "broker that cannot withdraw a message would keep it. Reproduce: `python -m "
+        "bench.service_bench --scenario stale --stale 200 [--resend] --label NAME`.\n\n" + table
     )
     print(table)
 

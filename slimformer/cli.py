@@ -4,9 +4,11 @@ API keys, and carries the client commands (submit, jobs, download). Nothing impo
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -41,13 +43,38 @@ def _migrate_and_seed() -> None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-def api(host: str, port: int) -> None:
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="API processes sharing the port (each with its own event notifier)",
+)
+def api(host: str, port: int, workers: int) -> None:
     """Run the HTTP API only (production: workers run separately)."""
     import uvicorn
 
-    from app.main import create_app
+    log_level = get_settings().log_level.lower()
+    if workers == 1:
+        from app.main import create_app
 
-    uvicorn.run(create_app(), host=host, port=port, log_level=get_settings().log_level.lower())
+        uvicorn.run(create_app(), host=host, port=port, log_level=log_level)
+        return
+    # Several processes: /metrics must add up every process's request histograms, which
+    # prometheus_client does through files in one folder named before any process imports it.
+    metrics_dir = tempfile.mkdtemp(prefix="slimformer-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level,
+        )
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @cli.command()

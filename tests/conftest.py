@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -75,9 +75,11 @@ class Service:
             raise RuntimeError(f"slimformer {' '.join(args)} failed:\n{result.stderr}")
         return result.stdout
 
-    def start_api(self) -> None:
+    def start_api(self, *args: str) -> None:
         port = int(self.base_url.rsplit(":", 1)[1])
-        self.api_process = self._spawn("api", "--port", str(port), log="api.log")
+        first = not (self.data_dir / "api.log").exists()
+        log = "api.log" if first else f"api-{port}.log"  # another API (`with_api`) beside it
+        self.api_process = self._spawn("api", "--port", str(port), *args, log=log)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -86,9 +88,22 @@ class Service:
             except httpx.HTTPError:
                 pass
             if self.api_process.poll() is not None:
-                raise RuntimeError(f"API exited:\n{(self.data_dir / 'api.log').read_text()}")
+                raise RuntimeError(f"API exited:\n{self.logs()}")
             time.sleep(0.2)
         raise RuntimeError("API did not start")
+
+    def with_api(self, *args: str, **overrides: str) -> Service:
+        """Another API on this service's backend, started with `args` (`--workers 2`) and
+        `overrides` in its environment (settings of its own, e.g. limits). It shares keys, data
+        and processes with this one, so it stops with it."""
+        other = replace(
+            self,
+            env={**self.env, **overrides},
+            base_url=f"http://127.0.0.1:{free_port()}",
+            api_process=None,
+        )
+        other.start_api(*args)
+        return other
 
     def start_worker(
         self, name: str | None = None, *, memory_cgroup: Path | None = None, args: tuple = ()
@@ -271,6 +286,14 @@ def s3_server() -> Iterator[dict[str, str]]:
 def s3_env() -> Iterator[dict[str, str]]:
     with s3_server() as env:
         yield env
+
+
+@pytest.fixture(scope="session")
+def idle_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """An API without a worker for the whole session: a job stays queued and costs nothing, so
+    tests of the API alone (limits, fuzzing) share one migrated backend."""
+    with running_service(tmp_path_factory.mktemp("idle"), worker=False) as svc:
+        yield svc
 
 
 def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 300) -> dict:

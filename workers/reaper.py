@@ -1,4 +1,5 @@
-"""The reaper: hands back jobs whose worker died, and re-sends messages the broker lost.
+"""The reaper: hands back jobs whose worker died, and re-sends messages the broker lost (only
+those: a job long queued whose message is still in the broker's queue is merely in line).
 
 It runs as a thread in each worker's main process (several workers may run it at once: every action
 is a conditional update, so two reapers cannot both act on the same job). A job it re-queues or
@@ -43,6 +44,7 @@ def reap_once() -> dict[str, int]:
         "failed": 0,
         "cancelled": 0,
         "resent": 0,
+        "in_line": 0,
         "validations_resent": 0,
         "waiting_told": 0,
         "workers_forgotten": 0,
@@ -109,21 +111,26 @@ def reap_once() -> dict[str, int]:
 
     stale = now - timedelta(seconds=settings.requeue_after_s)
     with session_scope() as session:
-        resent = _touch_stale(
+        touched = _touch_stale(
             session, Job, status="queued", stamp="enqueued_at", stale=stale, now=now
         )
         rows = session.execute(
-            select(Job.id, Job.device, Job.priority).where(Job.id.in_(resent))
+            select(Job.id, Job.device, Job.priority).where(Job.id.in_(touched))
         ).all()
-        for job_id, device, priority in rows:
-            queue = routing.choose(device, live).queue
+        routes = {job_id: routing.choose(device, live).queue for job_id, device, _ in rows}
+        priorities = {job_id: priority for job_id, _, priority in rows}
+        resent = _lost(routes)
+        counts["in_line"] = len(touched) - len(resent)
+        for job_id in resent:
+            queue, priority = routes[job_id], priorities[job_id]
             after_commit(
                 session, lambda j=job_id, q=queue, p=priority: broker.send_run_job(j, q, p)
             )
         counts["resent"] = len(resent)
-        validations = _touch_stale(
+        validating = _touch_stale(
             session, Model, status="validating", stamp="updated_at", stale=stale, now=now
         )
+        validations = _lost(dict.fromkeys(validating, broker.VALIDATE_QUEUE))
         for model_id in validations:
             after_commit(session, lambda m=model_id: broker.send_validate_model(m))
         counts["validations_resent"] = len(validations)
@@ -147,9 +154,10 @@ def _touch_stale(
     stale: datetime,
     now: datetime,
 ) -> list[str]:
-    """The rows waiting in `status` since before `stale` whose message this reaper re-sends.
-    Touching the stamp with a conditional update first means two reapers never both send for one
-    row."""
+    """The rows waiting in `status` since before `stale` that this reaper looks at (their message
+    is re-sent unless it is still in line). Touching the stamp with a conditional update first
+    means two reapers never both send for one row, and one in line is looked at again only after
+    another `requeue_after_s`."""
     column = getattr(table, stamp)
     touched = []
     waiting = session.scalars(select(table.id).where(table.status == status, column < stale)).all()
@@ -163,6 +171,18 @@ def _touch_stale(
         if moved.rowcount:
             touched.append(row_id)
     return touched
+
+
+def _lost(routes: dict[str, str]) -> list[str]:
+    """Of these long-waiting ids (each with the queue it is routed to now), those whose message
+    must be sent: it is not in that queue. One merely in line there (behind a running job, or
+    with no live worker for the queue) keeps its place, and a second message would only be a
+    stale one later; one in another queue (sent to GPU workers that have died since) is re-routed.
+    If the broker cannot tell, all of them."""
+    if not routes:
+        return []
+    waiting = broker.waiting_ids(set(routes.values())) or {}
+    return [row_id for row_id, queue in routes.items() if row_id not in waiting.get(queue, ())]
 
 
 def _tell_waiting(session: Session, live: Mapping[str, int]) -> int:

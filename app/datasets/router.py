@@ -10,12 +10,12 @@ from app.datasets import service
 from app.datasets.schemas import DatasetList, DatasetOut
 from app.db.tables import Dataset
 from app.errors import APIError
-from app.idempotency import remember, replay_upload, request_hash
+from app.idempotency import remember, replay_upload, replaying, request_hash
 from app.ids import new_id
 from app.responses import resource_response
 from app.settings import get_settings
 from app.storage import CHUNK, Store, get_store
-from app.uploads import receive_upload
+from app.uploads import receive_upload, upload_room
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 ENDPOINT = "POST /v1/datasets"
@@ -53,7 +53,10 @@ async def create_dataset(
     dataset_id = new_id("dset")
     store = get_store()
     upload = await receive_upload(
-        request, key=f"datasets/{dataset_id}/data", max_bytes=get_settings().max_upload_bytes
+        request,
+        key=f"datasets/{dataset_id}/data",
+        max_bytes=get_settings().max_upload_bytes,
+        room=await upload_room(session, caller.project_id, idempotency_key),
     )
     try:
         fmt = service.format_for(upload.filename, upload.fields.get("format"))
@@ -72,20 +75,25 @@ async def create_dataset(
         store.delete(upload.stored.key)
         raise
     if existing:
-        return _created(
-            request,
-            service.get_dataset(session=session, project_id=caller.project_id, dataset_id=existing),
+        with replaying(existing):
+            dataset = service.get_dataset(
+                session=session, project_id=caller.project_id, dataset_id=existing
+            )
+        return _created(request, dataset)
+    try:
+        dataset = service.create_dataset(
+            session=session,
+            project_id=caller.project_id,
+            dataset_id=dataset_id,
+            name=name,
+            fmt=fmt,
+            num_records=num_records,
+            stored=upload.stored,
+            source={"type": "upload", "filename": upload.filename},
         )
-    dataset = service.create_dataset(
-        session=session,
-        project_id=caller.project_id,
-        dataset_id=dataset_id,
-        name=name,
-        fmt=fmt,
-        num_records=num_records,
-        stored=upload.stored,
-        source={"type": "upload", "filename": upload.filename},
-    )
+    except APIError:  # over the project's byte quota
+        store.delete(upload.stored.key)
+        raise
     remember(
         session,
         project_id=caller.project_id,

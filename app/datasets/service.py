@@ -6,6 +6,7 @@ from collections.abc import Iterable, Iterator
 
 from sqlalchemy.orm import Session
 
+from app import quotas
 from app.datasets import repository
 from app.datasets.schemas import DatasetOut
 from app.db.session import after_commit
@@ -109,6 +110,8 @@ def create_dataset(
     stored: StoredObject,
     source: dict,
 ) -> Dataset:
+    if project_id is not None:  # built-ins belong to no project
+        quotas.check_storage(session=session, project_id=project_id, adding=stored.size_bytes)
     dataset = Dataset(
         id=dataset_id,
         project_id=project_id,

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
 from app.settings import get_settings
@@ -29,6 +29,15 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _begin_before_savepoint(connection: Connection, _name: str) -> None:
+    """pysqlite opens a transaction before INSERT/UPDATE/DELETE only, so a SAVEPOINT after mere
+    SELECTs is outside any: SQLite then makes it the transaction, and its RELEASE commits (an
+    Idempotency-Key row outlived the job creation that failed after it). Open one first."""
+    dbapi = connection.connection.dbapi_connection
+    if dbapi is not None and not dbapi.in_transaction:
+        connection.exec_driver_sql("BEGIN")
+
+
 def get_engine(url: str | None = None) -> Engine:
     url = url or get_settings().resolved_database_url
     with _lock:
@@ -39,6 +48,7 @@ def get_engine(url: str | None = None) -> Engine:
                     url, connect_args={"check_same_thread": False, "timeout": 30}
                 )
                 event.listen(engine, "connect", _configure_sqlite)
+                event.listen(engine, "savepoint", _begin_before_savepoint)
             else:
                 engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
             _engines[url] = engine

@@ -155,7 +155,8 @@ class Job(Base):
     lease_until: Mapped[datetime | None]
     worker: Mapped[str | None] = mapped_column(String(200))
     event_seq: Mapped[int] = mapped_column(Integer, default=0)  # last event's seq for this job
-    enqueued_at: Mapped[datetime | None]  # when a message for it was last sent
+    # When a message for it was last sent, or last seen waiting in the broker (workers/reaper.py).
+    enqueued_at: Mapped[datetime | None]
     webhook: Mapped[dict[str, Any] | None]  # the job's own {url, events, endpoint_id}
     # The result cache (workers/result_cache.py): `cache` false forces a fresh run; `fingerprint`
     # is the sha256 of everything the result depends on, written when the job succeeds.

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from app import broker
+from app import broker, quotas
 from app.artifacts.repository import ids_by_job, still_referenced, storage_keys_of_job
 from app.db.session import after_commit
 from app.db.tables import Job, JobEvent, utcnow
 from app.errors import APIError, not_found
-from app.idempotency import remember, replay, request_hash
+from app.idempotency import remember, replay, replaying, request_hash
 from app.ids import new_id
 from app.jobs import repository, routing
 from app.jobs.lifecycle import LIVE, TERMINAL, add_event, transition
@@ -32,8 +32,10 @@ def create_job(
         session, project_id=project_id, endpoint=ENDPOINT, key=idempotency_key, body_hash=body_hash
     )
     if existing is not None:
-        return get_job(session=session, project_id=project_id, job_id=existing), False
+        with replaying(existing):
+            return get_job(session=session, project_id=project_id, job_id=existing), False
     resolved = resolve_job(session=session, project_id=project_id, spec=spec)
+    quotas.check_new_job(session=session, project_id=project_id)
     job_id = new_id("job")
     winner = remember(
         session,
@@ -155,6 +157,8 @@ def cancel_job(*, session: Session, job: Job) -> Job:
             from_=("cancelling",),
             message="cancelled before it started",
         )
+        job_id = job.id
+        after_commit(session, lambda: broker.withdraw_run_job(job_id))  # where the broker can
     elif not transition(
         session,
         job_id=job.id,

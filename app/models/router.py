@@ -8,13 +8,14 @@ from pydantic import ValidationError
 from app.auth import CallerDep, SessionDep
 from app.db.tables import Model
 from app.errors import APIError, param_path
-from app.idempotency import remember, replay_upload, request_hash
+from app.idempotency import remember, replay_upload, replaying, request_hash
 from app.ids import new_id
 from app.models import service
 from app.models.schemas import ModelList, ModelOut, ModelRegister
 from app.responses import resource_response
 from app.settings import get_settings
-from app.uploads import receive_upload
+from app.storage import get_store
+from app.uploads import receive_upload, upload_room
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 ENDPOINT = "POST /v1/models"
@@ -59,7 +60,10 @@ async def create_model(
         body_hash = request_hash(spec.model_dump(mode="json"))
     else:
         upload = await receive_upload(
-            request, key=f"models/{model_id}/upload", max_bytes=get_settings().max_upload_bytes
+            request,
+            key=f"models/{model_id}/upload",
+            max_bytes=get_settings().max_upload_bytes,
+            room=await upload_room(session, caller.project_id, idempotency_key),
         )
         name = (upload.fields.get("name") or upload.filename or model_id).strip()[:200]
         body_hash = request_hash({"name": name, "sha256": upload.stored.sha256})
@@ -72,23 +76,28 @@ async def create_model(
         upload_key=upload.stored.key if upload else None,
     )
     if existing:
-        return _created(
-            request,
-            service.get_model(session=session, project_id=caller.project_id, model_id=existing),
-        )
+        with replaying(existing):
+            model = service.get_model(
+                session=session, project_id=caller.project_id, model_id=existing
+            )
+        return _created(request, model)
     if spec is not None:
         model = service.register(
             session=session, project_id=caller.project_id, model_id=model_id, spec=spec
         )
     else:
-        model = service.create_uploaded(
-            session=session,
-            project_id=caller.project_id,
-            model_id=model_id,
-            name=name,
-            filename=upload.filename,
-            stored=upload.stored,
-        )
+        try:
+            model = service.create_uploaded(
+                session=session,
+                project_id=caller.project_id,
+                model_id=model_id,
+                name=name,
+                filename=upload.filename,
+                stored=upload.stored,
+            )
+        except APIError:
+            get_store().delete(upload.stored.key)
+            raise
     remember(
         session,
         project_id=caller.project_id,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from app import broker
+from app import broker, quotas
 from app.db.session import after_commit
 from app.db.tables import Model, utcnow
 from app.errors import APIError, not_found
@@ -42,6 +42,7 @@ def create_uploaded(
     filename: str | None,
     stored: StoredObject,
 ) -> Model:
+    quotas.check_storage(session=session, project_id=project_id, adding=stored.size_bytes)
     model = Model(
         id=model_id,
         project_id=project_id,
@@ -62,6 +63,7 @@ def register(*, session: Session, project_id: str, model_id: str, spec: ModelReg
     source = spec.source.model_dump()
     if spec.source.type == "path":
         source["path"] = str(_allowed_path(spec.source.path))
+    quotas.check_storage(session=session, project_id=project_id, adding=0)
     model = Model(
         id=model_id, project_id=project_id, name=spec.name, status="validating", source=source
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
@@ -9,6 +10,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 
@@ -73,7 +75,8 @@ class JobCollector(Collector):
         yield live
 
 
-REGISTRY.register(JobCollector())
+JOBS = JobCollector()
+REGISTRY.register(JOBS)
 
 
 @router.get("/healthz")
@@ -142,4 +145,15 @@ def metrics(request: Request) -> Response:
         raise APIError(
             "unauthorized", "Missing or invalid API key: send 'Authorization: Bearer <key>'"
         )
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(_exposed()), media_type=CONTENT_TYPE_LATEST)
+
+
+def _exposed() -> CollectorRegistry:
+    """This process's registry; with several API processes (`slimformer api --workers N`), one
+    that adds up every process's request histograms from their files, and the job figures."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    registry.register(JOBS)
+    return registry

@@ -28,15 +28,20 @@ def test_openapi_describes_the_real_errors(service: Service) -> None:
             continue
         for method, operation in operations.items():
             responses = operation["responses"]
-            for status in ("401", "422", "500", "503"):
+            for status in ("401", "422", "429", "500", "503"):
                 content = responses[status]["content"]["application/json"]
                 assert content["schema"] == error_ref, (method, path, status)
             assert "Retry-After" in responses["503"]["headers"]
+            assert "Retry-After" in responses["429"]["headers"]
             if "{" in path:
                 assert "404" in responses, (method, path)
             if method == "delete":
                 assert "409" in responses, (method, path)
     assert "413" in doc["paths"]["/v1/models"]["post"]["responses"]
+    for path in ("/v1/jobs", "/v1/models", "/v1/datasets"):  # quota_exceeded
+        assert "409" in doc["paths"][path]["post"]["responses"], path
+    quota = schemas["Error"]["properties"]["error"]["properties"]["quota"]
+    assert quota["required"] == ["name", "limit", "usage"]
     assert "304" in doc["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]
     assert "503" in doc["paths"]["/readyz"]["get"]["responses"]
     metrics = doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
