@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import uuid
 from pathlib import Path
 
@@ -119,9 +120,29 @@ def test_a_real_job_created_idempotently_followed_waited_for_and_downloaded(
         assert wrong.value.code == "checksum_mismatch"
         assert not (tmp_path / "wrong.tar.gz").exists()
 
+    # The command-line client is built on the SDK: the same job shown, its model downloaded, and the
+    # same body submitted again (a cache hit, or one more tiny run) and followed to its end.
+    auth = ["--url", service.base_url]
+    if service.env.get("SLIMFORMER_AUTH") != "false":
+        auth += ["--api-key", service.key("sdk")]
+    shown = service.cli("jobs", "show", job.id, *auth)
+    assert shown.splitlines()[0] == job.id and "succeeded" in shown and "dynamic_int8" in shown
+    printed = service.cli("download", job.id, "-o", str(tmp_path / "cli"), *auth).split()
+    assert printed == [str(tmp_path / "cli" / path.name)]
+    assert Path(printed[0]).read_bytes() == path.read_bytes()
+    recipe = tmp_path / "job.json"
+    recipe.write_text(json.dumps({k: v for k, v in body.items() if k != "cache"}))
+    submitted = json.loads(
+        service.cli("submit", model_id, "--recipe", str(recipe), "--wait", "--json", *auth)
+    )
+    assert submitted["status"] == "succeeded" and submitted["id"] != job.id
+
     async def read_async() -> None:
         async with async_sdk(service) as aclient:
-            page = await aclient.jobs.list(limit=1, **{"metadata.suite": key})
+            suite = {"metadata.suite": key}
+            page = await aclient.jobs.list(limit=1, **suite)  # the CLI's job, newest first
+            assert [j.id for j in page.data] == [submitted["id"]] and page.has_more
+            page = await aclient.jobs.list(limit=1, after=page.data[0].id, **suite)
             assert [j.id for j in page.data] == [job.id] and not page.has_more
             fetched = await aclient.jobs.get(job.id)
             assert fetched.status == "succeeded" and fetched.artifact_ids == done.artifact_ids
