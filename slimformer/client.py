@@ -415,6 +415,15 @@ def _download_target(
     return path
 
 
+def _destination(path: str | os.PathLike[str]) -> Path:
+    """A path ending in a separator names a folder (made if missing), as does an existing one."""
+    text = os.fspath(path)
+    folder = Path(text)
+    if text.endswith(("/", os.sep)):
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def _partial_for(path: Path, artifact_id: str) -> Path:
     folder = path if path.is_dir() else path.parent
     return folder / f".{artifact_id}.part"
@@ -668,6 +677,10 @@ class Client:
                 return
             query["after"] = page.data[-1].id
 
+    def wait(self, job_id: str, **kwargs: Any) -> Job:
+        """`jobs.wait`: the job once it is terminal."""
+        return self.jobs.wait(job_id, **kwargs)
+
     # Downloads
 
     def download(
@@ -680,11 +693,11 @@ class Client:
         progress: ProgressCallback | None = None,
         attempts: int = 5,
     ) -> Path:
-        """Stream an artifact to `path` (a file, or an existing folder: then the server's file
-        name), resuming a partial download with `Range`; the bytes' sha256 must equal the ETag
+        """Stream an artifact to `path` (a file, or a folder, existing or ending in `/`: then the
+        server's file name), resuming a partial download with `Range`; the bytes' sha256 must equal the ETag
         (and `expected_sha256` when given) before the file gets its name. A file already there
         with the right hash is kept. Returns the file's path."""
-        path = Path(path)
+        path = _destination(path)
         partial = _partial_for(path, artifact_id)
         partial.parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(1, attempts + 1):
@@ -1061,17 +1074,17 @@ class AsyncClient:
         retry = 0
         while True:
             try:
-                if upload is not None:
+                if upload is not None:  # reopened on every try, read in chunks as it is sent
                     fields, file_path = upload
-                    content = await asyncio.to_thread(file_path.read_bytes)
-                    response = await self.http.request(
-                        method,
-                        path,
-                        params=_clean(params or {}),
-                        headers=headers,
-                        data=fields,
-                        files={"file": (file_path.name, content)},
-                    )
+                    with file_path.open("rb") as handle:
+                        response = await self.http.request(
+                            method,
+                            path,
+                            params=_clean(params or {}),
+                            headers=headers,
+                            data=fields,
+                            files={"file": (file_path.name, handle)},
+                        )
                 else:
                     response = await self.http.request(
                         method, path, params=_clean(params or {}), json=json, headers=headers
@@ -1136,6 +1149,9 @@ class AsyncClient:
                 return
             query["after"] = page.data[-1].id
 
+    async def wait(self, job_id: str, **kwargs: Any) -> Job:
+        return await self.jobs.wait(job_id, **kwargs)
+
     async def download(
         self,
         artifact_id: str,
@@ -1146,7 +1162,7 @@ class AsyncClient:
     ) -> Path:
         """Stream an artifact to `path` (a file, or a folder: the server's name), verified
         against its ETag sha256 (and `expected_sha256`) before it gets its name."""
-        path = Path(path)
+        path = _destination(path)
         partial = _partial_for(path, artifact_id)
         partial.parent.mkdir(parents=True, exist_ok=True)
         response = await self.open_stream(
@@ -1222,6 +1238,14 @@ class AsyncModels(_AsyncCollection[Model]):
         )
         return Model.model_validate(response.json())
 
+    async def create(
+        self, *, name: str, source: Mapping[str, Any], idempotency_key: str | None = None
+    ) -> Model:
+        body = {"name": name, "source": dict(source)}
+        return Model.model_validate(
+            await self._client.post_json(self.path, body, headers=_create_headers(idempotency_key))
+        )
+
 
 class AsyncDatasets(_AsyncCollection[Dataset]):
     path, model = "/v1/datasets", Dataset
@@ -1278,6 +1302,9 @@ class AsyncJobs(_AsyncCollection[Job]):
 
     async def cancel(self, job_id: str) -> Job:
         return Job.model_validate(await self._client.post_json(f"{self.path}/{job_id}/cancel"))
+
+    async def retry(self, job_id: str) -> Job:
+        return Job.model_validate(await self._client.post_json(f"{self.path}/{job_id}/retry"))
 
     async def artifacts(self, job_id: str) -> list[Artifact]:
         path = f"{self.path}/{job_id}/artifacts"

@@ -35,7 +35,8 @@ DATASET = {
 
 
 class Peer(BaseHTTPRequestHandler):
-    """Answers `busy` (a list of (status, Retry-After)) in turn, then 201/200 with a dataset."""
+    """Answers `busy` (a list of (status, Retry-After); status None: answer normally) in turn,
+    then 201/200 with a dataset."""
 
     def handle_any(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -50,8 +51,8 @@ class Peer(BaseHTTPRequestHandler):
                 "at": time.monotonic(),
             }
         )
-        if server.busy:
-            status, retry_after = server.busy.pop(0)
+        status, retry_after = server.busy.pop(0) if server.busy else (None, "")
+        if status is not None:
             code = "rate_limited" if status == 429 else "unavailable"
             self.send(
                 status,
@@ -167,13 +168,21 @@ def test_a_service_that_comes_up_late_is_reached_after_connection_retries():
     assert raised.value.code == "service_unreachable" and raised.value.status is None
 
 
-def test_the_async_client_honours_retry_after_too():
-    async def main() -> tuple[Any, float]:
+def test_the_async_client_honours_retry_after_too(tmp_path):
+    lines = tmp_path / "lines.txt"
+    lines.write_bytes(b"line\n" * 50_000)
+
+    async def main() -> tuple[Any, Any, float]:
         async with AsyncClient(url, retry=RetryPolicy(backoff_s=0.01)) as client:
+            uploaded = await client.datasets.upload(lines, name="lines")
             started = time.monotonic()
             dataset = await client.datasets.get("dset_1")
-            return dataset, time.monotonic() - started
+            return dataset, uploaded, time.monotonic() - started
 
-    with peer([(429, "1"), (503, "0")]) as (url, seen):
-        dataset, took = asyncio.run(main())
-    assert dataset.id == "dset_1" and len(seen) == 3 and took >= 0.95
+    with peer([(503, "0"), (None, ""), (429, "1")]) as (url, seen):
+        dataset, uploaded, took = asyncio.run(main())
+    assert dataset.id == "dset_1" and took >= 0.95
+    assert uploaded.id == "dset_1" and len(seen) == 4
+    posts = [request for request in seen if request["method"] == "POST"]
+    assert len(posts) == 2 and posts[0]["key"] == posts[1]["key"]
+    assert all(lines.read_bytes() in request["body"] for request in posts)
