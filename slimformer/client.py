@@ -461,7 +461,8 @@ class RetryPolicy:
     """Up to `max_retries` more tries of a request answered 429/503 (after its `Retry-After`,
     capped at `max_delay_s`) or failing to connect; a request that may have reached the server
     (a read failed) is retried only when repeating it is safe: GET/DELETE, or a POST with an
-    `Idempotency-Key`. Without `Retry-After` the delay is exponential with full jitter."""
+    `Idempotency-Key`. Without `Retry-After` the delay is exponential with jitter: between half
+    and all of `backoff_s * 2**n`, capped at `max_delay_s`."""
 
     max_retries: int = 3
     backoff_s: float = 0.5

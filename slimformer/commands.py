@@ -31,11 +31,11 @@ from slimformer.client import (
 from slimformer.display import (
     DownloadBar,
     ProgressView,
-    _is_number,
     artifacts_table,
     describe_recipe,
     format_duration,
     format_table,
+    is_number,
     metrics_table,
     progress_cell,
     short_time,
@@ -533,7 +533,7 @@ def jobs_show(
                             [
                                 progress_cell(job),
                                 progress.get("message"),
-                                f"eta {format_duration(eta)}" if _is_number(eta) else None,
+                                f"eta {format_duration(eta)}" if is_number(eta) else None,
                             ],
                         )
                     ),

@@ -119,16 +119,16 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     rows = []
     for name in dict.fromkeys([*baseline, *compressed]):
         before, after = baseline.get(name), compressed.get(name)
-        if not any(_is_number(v) for v in (before, after)):
+        if not any(is_number(v) for v in (before, after)):
             continue  # settings (device, dataset sha256) are not comparisons
         change = ""
-        if _is_number(before) and _is_number(after) and before:
+        if is_number(before) and is_number(after) and before:
             change = f"{(after - before) / abs(before):+.1%}"
         rows.append([name, format_metric(name, before), format_metric(name, after), change])
     return format_table(rows, ["metric", "baseline", "compressed", "change"])
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -143,7 +143,7 @@ def progress_cell(job: dict[str, Any]) -> str:
         return "-"
     fraction = progress.get("fraction")
     label = stage_label(progress) if progress.get("stage") else ""
-    return f"{label} {fraction:.0%}".strip() if _is_number(fraction) else label or "-"
+    return f"{label} {fraction:.0%}".strip() if is_number(fraction) else label or "-"
 
 
 def short_time(timestamp: str | None) -> str:

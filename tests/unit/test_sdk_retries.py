@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -186,3 +188,15 @@ def test_the_async_client_honours_retry_after_too(tmp_path):
     posts = [request for request in seen if request["method"] == "POST"]
     assert len(posts) == 2 and posts[0]["key"] == posts[1]["key"]
     assert all(lines.read_bytes() in request["body"] for request in posts)
+
+
+def test_the_sdk_imports_neither_torch_nor_the_service():
+    probe = (
+        "import sys, slimformer.client; "
+        "print(sorted(m for m in ('torch', 'transformers', 'app', 'workers', 'tqdm') "
+        "if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"
