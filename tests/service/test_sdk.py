@@ -136,6 +136,9 @@ def test_a_real_job_created_idempotently_followed_waited_for_and_downloaded(
         service.cli("submit", model_id, "--recipe", str(recipe), "--wait", "--json", *auth)
     )
     assert submitted["status"] == "succeeded" and submitted["id"] != job.id
+    listed = service.cli("jobs", "--limit", "2", *auth).splitlines()
+    assert listed[0].split()[:2] == ["job", "status"]
+    assert [line.split()[0] for line in listed[1:]] == [submitted["id"], job.id]
 
     async def read_async() -> None:
         async with async_sdk(service) as aclient:
