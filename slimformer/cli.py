@@ -328,7 +328,7 @@ def _redacted(url: str) -> str:
 
 
 def main() -> None:
-    from slimformer.client import register_client_commands
+    from slimformer.commands import register_client_commands
 
     register_client_commands(cli)
     cli()

@@ -1,60 +1,118 @@
-"""The people-facing commands (`submit`, `jobs`, `download`, `cancel`).
+"""The Python SDK of the Slimformer HTTP API (`/v1`, see API.md). Needs httpx and pydantic only:
+importing it loads neither torch nor the service.
 
-They are plain HTTP clients of the public API, so they behave the same against `slimformer serve`
-on a laptop and against a remote deployment. Nothing here imports the service: what the CLI knows
-about jobs is what the API contract says, nothing more.
+    from slimformer.client import Client
+
+    with Client("http://127.0.0.1:8000", api_key="sk_…") as slim:
+        model_id = slim.models.find("all-MiniLM-L6-v2").id
+        job = slim.jobs.create(model_id=model_id, recipe={"stages": [{"method": "dynamic_int8"}]})
+        for event in slim.jobs.events(job.id):
+            print(event.type, event.message)
+        job = slim.jobs.wait(job.id)
+        path = slim.download(job.artifact_ids[0], "out/")  # sha256-verified
+
+Create calls carry an `Idempotency-Key` (made here unless given), so they are retried safely;
+429 and 503 answers are retried after their `Retry-After`, connection failures with exponential
+backoff and jitter. Every failure is a `SlimformerError` carrying the API's error envelope.
+`AsyncClient` has the same resources with `async` methods.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.message
+import email.utils
 import hashlib
 import json
 import os
-import shutil
-import stat
-import sys
-import tarfile
-import tempfile
+import random
 import time
-import zipfile
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-import click
 import httpx
-from tqdm import tqdm
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "Artifact",
+    "AsyncClient",
+    "Client",
+    "Dataset",
+    "Job",
+    "JobEvent",
+    "Model",
+    "Page",
+    "SSEDecoder",
+    "SSEEvent",
+    "ServiceUnreachable",
+    "SlimformerError",
+    "WebhookEndpoint",
+]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-ID_PREFIXES = {"models": "mdl_", "datasets": "dset_"}
 CHUNK = 1024 * 1024
-PROGRESS_STEPS = 1000  # the bar counts permille: tqdm draws float totals poorly
+RETRY_STATUSES = frozenset({429, 503})
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+# --- Errors -------------------------------------------------------------------------------------
 
 
-class CommandError(Exception):
-    """A failure the user should read as `code: message` (exit status 2)."""
+class SlimformerError(Exception):
+    """Every failure the SDK reports. For an API answer: its HTTP `status` and the error envelope
+    (`code`, `message`, `param`, `request_id`); for a local failure (unreachable service, checksum
+    mismatch) `status` is None and `code` names it."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        status: int | None = None,
+        param: str | None = None,
+        request_id: str | None = None,
+        body: Any = None,
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
-
-
-class ApiError(CommandError):
-    """A non-2xx answer, carrying the API's `{"error": {code, message, param}}`."""
-
-    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(code, f"{message} (param: {param})" if param else message)
         self.status = status
         self.param = param
+        self.request_id = request_id
+        self.body = body
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> SlimformerError:
+        request_id = response.headers.get("x-request-id")
+        try:
+            body = response.json()
+            error = body["error"]
+            return cls(
+                str(error["code"]),
+                str(error["message"]),
+                status=response.status_code,
+                param=error.get("param"),
+                request_id=error.get("request_id") or request_id,
+                body=body,
+            )
+        except (ValueError, KeyError, TypeError):
+            text = response.text.strip()[:200] or response.reason_phrase
+            return cls(
+                f"http_{response.status_code}",
+                text,
+                status=response.status_code,
+                request_id=request_id,
+            )
 
 
-class ServiceUnreachable(CommandError):
-    def __init__(self, url: str, reason: httpx.TransportError) -> None:
+class ServiceUnreachable(SlimformerError):
+    """The service did not answer (connection refused, reset, timed out), after the retries."""
+
+    def __init__(self, url: str, reason: Exception) -> None:
         if isinstance(reason, httpx.ConnectError | httpx.ConnectTimeout):
             message = (
                 f"the Slimformer service isn't running at {url} ({reason}); start it with "
@@ -65,111 +123,149 @@ class ServiceUnreachable(CommandError):
         super().__init__("service_unreachable", message)
 
 
-# --- HTTP ---------------------------------------------------------------------------------------
+# --- Resources ----------------------------------------------------------------------------------
 
 
-class Api:
-    """A thin httpx client: bearer auth, and every error turned into an `ApiError`."""
+class Resource(BaseModel):
+    """A resource as the API sends it; fields this SDK does not know yet are kept."""
 
-    def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 30.0) -> None:
-        self.url = url.rstrip("/")
-        headers = {"User-Agent": "slimformer-cli"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        # Streams may sit quiet between events; a read timeout well above the SSE keep-alive
-        # interval makes a silently dead server show up as a reconnect instead of a hang.
-        self.http = httpx.Client(
-            base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, read=120.0)
-        )
+    model_config = ConfigDict(extra="allow")
 
-    def close(self) -> None:
-        self.http.close()
-
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise ServiceUnreachable(self.url, exc) from exc
-        if response.status_code >= 400:
-            raise error_from(response)
-        return response
-
-    def get(self, path: str, **params: Any) -> Any:
-        return self.request(
-            "GET", path, params={k: v for k, v in params.items() if v is not None}
-        ).json()
-
-    def post(self, path: str, body: Any = None, *, headers: dict[str, str] | None = None) -> Any:
-        return self.request("POST", path, json=body, headers=headers).json()
-
-    @contextmanager
-    def stream(
-        self,
-        method: str,
-        path: str,
-        *,
-        headers: dict[str, str] | None = None,
-        allowed: Iterable[int] = (),
-    ) -> Iterator[httpx.Response]:
-        """A streamed response; statuses >= 400 raise unless listed in `allowed`. Transport errors
-        while reading the body are left to the caller, who knows how to resume."""
-        allowed = set(allowed)
-        try:
-            with self.http.stream(method, path, headers=headers) as response:
-                if response.status_code >= 400 and response.status_code not in allowed:
-                    response.read()
-                    raise error_from(response)
-                yield response
-        except httpx.TransportError as exc:
-            raise ServiceUnreachable(self.url, exc) from exc
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON the server sent (fields it left out stay out)."""
+        return self.model_dump(mode="json", exclude_unset=True)
 
 
-def error_from(response: httpx.Response) -> ApiError:
-    try:
-        error = response.json()["error"]
-        return ApiError(
-            response.status_code, str(error["code"]), str(error["message"]), error.get("param")
-        )
-    except (ValueError, KeyError, TypeError):
-        text = response.text.strip()[:200] or response.reason_phrase
-        return ApiError(response.status_code, f"http_{response.status_code}", text)
+class ApiErrorInfo(Resource):
+    code: str | None = None
+    message: str | None = None
+    retryable: bool | None = None
 
 
-def iter_list(api: Api, path: str, *, page_size: int = 100, **params: Any) -> Iterator[dict]:
-    """Every item of a list endpoint, newest first, following the `after` cursor."""
-    query = {k: v for k, v in params.items() if v is not None}
-    query["limit"] = page_size
-    while True:
-        page = api.get(path, **query)
-        items = page["data"]
-        yield from items
-        if not page.get("has_more") or not items:
-            return
-        query["after"] = items[-1]["id"]
+class Progress(Resource):
+    stage: str | None = None
+    stage_index: int | None = None
+    num_stages: int | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    fraction: float | None = None
+    eta_s: float | None = None
+    message: str | None = None
+    updated_at: datetime | None = None
 
 
-def resolve_id(api: Api, collection: str, name_or_id: str) -> str:
-    """`mdl_…`/`dset_…` pass through; anything else is looked up by name in the listing. Names need
-    not be unique: of several matches, the single `ready` one wins, otherwise the user must pick."""
-    prefix = ID_PREFIXES[collection]
-    if name_or_id.startswith(prefix):
-        return name_or_id
-    matches = [
-        item for item in iter_list(api, f"/v1/{collection}") if item.get("name") == name_or_id
-    ]
-    kind = collection.rstrip("s")
-    if not matches:
-        raise CommandError("not_found", f"no {kind} named {name_or_id!r} (nor a {prefix}… id)")
-    if len(matches) == 1:
-        return matches[0]["id"]
-    ready = [item for item in matches if item.get("status") == "ready"]
-    if len(ready) == 1:
-        return ready[0]["id"]
-    ids = ", ".join(item["id"] for item in matches)
-    raise CommandError(
-        "ambiguous",
-        f"{len(matches)} {collection} are named {name_or_id!r} ({ids}); pass the id instead",
-    )
+class Job(Resource):
+    id: str
+    object: str = "job"
+    status: str
+    model_id: str | None = None
+    recipe: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    targets: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None
+    resources: dict[str, Any] | None = None
+    priority: int | None = None
+    metadata: dict[str, Any] | None = None
+    progress: Progress | None = None
+    metrics: dict[str, Any] | None = None
+    error: ApiErrorInfo | None = None
+    webhook: dict[str, Any] | None = None
+    attempt: int | None = None
+    max_attempts: int | None = None
+    artifact_ids: list[str] = []
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+class Model(Resource):
+    id: str
+    object: str = "model"
+    name: str | None = None
+    status: str | None = None
+    architecture: str | None = None
+    task: str | None = None
+    parameters: int | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+    source: dict[str, Any] | None = None
+    error: ApiErrorInfo | None = None
+    created_at: datetime | None = None
+
+
+class Dataset(Resource):
+    id: str
+    object: str = "dataset"
+    name: str | None = None
+    status: str | None = None
+    format: str | None = None
+    num_records: int | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+    source: dict[str, Any] | None = None
+    created_at: datetime | None = None
+
+
+class Artifact(Resource):
+    id: str
+    object: str = "artifact"
+    job_id: str | None = None
+    kind: str | None = None
+    format: str | None = None
+    filename: str | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+    created_at: datetime | None = None
+
+
+class JobEvent(Resource):
+    seq: int
+    type: str
+    level: str = "info"
+    message: str = ""
+    data: Any = None
+    created_at: datetime | None = None
+
+
+class WebhookEndpoint(Resource):
+    id: str
+    object: str = "webhook_endpoint"
+    url: str
+    events: list[str] = []
+    description: str | None = None
+    status: str | None = None
+    disabled_reason: str | None = None
+    secret: str | None = None  # only in the creation and rotate-secret answers
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class Worker(Resource):
+    id: str
+    object: str = "worker"
+    hostname: str | None = None
+    device: str | None = None
+    status: str | None = None
+    current_job_id: str | None = None
+
+
+T = TypeVar("T", bound=Resource)
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list: `data` newest first; `has_more` says whether `after=data[-1].id` (or
+    the last event's seq) gives more."""
+
+    model_config = ConfigDict(extra="allow")
+    object: str = "list"
+    data: list[T]
+    has_more: bool = False
 
 
 # --- Server-Sent Events -------------------------------------------------------------------------
@@ -233,299 +329,25 @@ class SSEDecoder:
         return SSEEvent(data="\n".join(data), event=event or "message", id=self.last_event_id)
 
 
-def job_event(event: SSEEvent) -> dict[str, Any]:
-    """The job event an SSE message carries: `{seq, type, level, message, data, created_at}`."""
+def job_event(event: SSEEvent) -> JobEvent:
+    """The job event an SSE message carries (`{seq, type, level, message, data, created_at}`), or,
+    for a bare payload, one made from the SSE fields."""
     try:
         payload = json.loads(event.data)
     except ValueError:
         payload = event.data
-    if isinstance(payload, dict) and "type" in payload:
-        return payload
-    return {
-        "seq": event.id,
-        "type": event.event,
-        "level": "info",
-        "message": payload if isinstance(payload, str) else "",
-        "data": payload if isinstance(payload, dict) else None,
-    }
-
-
-def follow_job(
-    api: Api,
-    job_id: str,
-    on_event: Callable[[dict[str, Any]], None],
-    *,
-    reconnect_delay_s: float = 1.0,
-    max_failures: int = 8,
-) -> dict[str, Any]:
-    """Stream the job's events to `on_event` until the job is terminal; return the final job.
-
-    The stream is resumed with `Last-Event-ID` whenever it ends early, so no event is seen twice or
-    missed. Whether the job is finished is asked of the job itself, not inferred from the stream.
-    """
-    decoder = SSEDecoder()
-    failures = 0
-    while True:
-        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
-        if decoder.last_event_id is not None:
-            headers["Last-Event-ID"] = decoder.last_event_id
-        try:
-            with api.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
-                for event in decoder.feed_all(response.iter_lines()):
-                    failures = 0
-                    on_event(job_event(event))
-            job = api.get(f"/v1/jobs/{job_id}")
-        except (ServiceUnreachable, httpx.TransportError) as exc:
-            decoder.reset_partial()
-            failures += 1
-            if failures > max_failures:
-                if isinstance(exc, ServiceUnreachable):
-                    raise
-                raise ServiceUnreachable(api.url, exc) from exc
-            time.sleep(min(reconnect_delay_s * 2 ** (failures - 1), 30.0))
-            continue
-        if job["status"] in TERMINAL:
-            # The stream may have broken just before the last events: collect them as a list.
-            after = decoder.last_event_id or "0"
-            if after.isdigit():
-                for event in iter_events(api, job_id, after=int(after)):
-                    on_event(event)
-            return job
-        decoder.reset_partial()
-        delay = decoder.retry_ms / 1000 if decoder.retry_ms is not None else reconnect_delay_s
-        time.sleep(delay)
-
-
-def iter_events(api: Api, job_id: str, *, after: int) -> Iterator[dict[str, Any]]:
-    """The job's events after seq `after`, from the JSON form of the events endpoint."""
-    while True:
-        page = api.get(f"/v1/jobs/{job_id}/events", after=after, limit=1000)
-        yield from page["data"]
-        if not page.get("has_more") or not page["data"]:
-            return
-        after = page["data"][-1]["seq"]
-
-
-class ProgressView:
-    """A tqdm bar fed by progress events, with status changes printed above it (on stderr)."""
-
-    def __init__(self, *, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.bar = tqdm(
-            total=PROGRESS_STEPS,
-            file=sys.stderr,
-            disable=None if enabled else True,
-            bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}",
-            desc="queued",
-        )
-        self.stage: str | None = None
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        data = event.get("data") or {}
-        kind = event.get("type")
-        if kind == "status":
-            status = data.get("status") or "?"
-            self.bar.set_description_str(status)
-            self.say(event.get("message") or f"status: {status}")
-        elif kind == "progress":
-            self.progress(data, event.get("message"))
-        elif kind == "metric" or (kind == "log" and event.get("level") in ("warning", "error")):
-            self.say(f"{event.get('level', 'info')}: {event.get('message', '')}")
-
-    def progress(self, data: dict[str, Any], message: str | None) -> None:
-        stage = data.get("stage")
-        if stage and stage != self.stage:
-            self.stage = stage
-            self.say(f"stage {stage_label(data)}")
-        if stage:
-            self.bar.set_description_str(stage_label(data))
-        fraction = data.get("fraction")
-        if isinstance(fraction, int | float):
-            self.bar.n = round(min(max(fraction, 0.0), 1.0) * PROGRESS_STEPS)
-        parts = [data.get("message") or message or ""]
-        if data.get("eta_s") is not None:
-            parts.append(f"eta {format_duration(data['eta_s'])}")
-        self.bar.set_postfix_str("  ".join(p for p in parts if p), refresh=False)
-        self.bar.refresh()
-
-    def say(self, line: str) -> None:
-        if self.enabled:
-            tqdm.write(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def stage_label(progress: dict[str, Any]) -> str:
-    """`gptq [2/3]`; `stage_index` counts from 0."""
-    stage = progress.get("stage") or "-"
-    index, total = progress.get("stage_index"), progress.get("num_stages")
-    if isinstance(index, int) and isinstance(total, int) and total > 1:
-        return f"{stage} [{index + 1}/{total}]"
-    return str(stage)
-
-
-# --- Formatting ---------------------------------------------------------------------------------
-
-
-def format_duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def format_bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(size) < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def format_metric(name: str, value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return "-" if value is None else str(value)
-    if name.endswith("_bytes"):
-        return format_bytes(value)
-    if name == "sparsity":
-        return f"{value:.1%}"
-    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
-
-
-def format_table(rows: list[list[str]], headers: list[str] | None = None) -> str:
-    lines = [headers, *rows] if headers else rows
-    if not lines:
-        return ""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(*lines, strict=True)]
-    return "\n".join(
-        "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in lines
+    if isinstance(payload, dict) and "type" in payload and "seq" in payload:
+        return JobEvent.model_validate(payload)
+    seq = int(event.id) if event.id and event.id.isdigit() else 0
+    return JobEvent(
+        seq=seq,
+        type=event.event,
+        message=payload if isinstance(payload, str) else "",
+        data=payload if isinstance(payload, dict) else None,
     )
 
 
-def metrics_table(metrics: dict[str, Any]) -> str:
-    """Baseline against compressed for every numeric metric both sides (or either) report."""
-    baseline = metrics.get("baseline") or {}
-    compressed = metrics.get("compressed") or {}
-    rows = []
-    for name in dict.fromkeys([*baseline, *compressed]):
-        before, after = baseline.get(name), compressed.get(name)
-        if not any(_is_number(v) for v in (before, after)):
-            continue  # settings (device, dataset sha256) are not comparisons
-        change = ""
-        if _is_number(before) and _is_number(after) and before:
-            change = f"{(after - before) / abs(before):+.1%}"
-        rows.append([name, format_metric(name, before), format_metric(name, after), change])
-    return format_table(rows, ["metric", "baseline", "compressed", "change"])
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def describe_recipe(recipe: dict[str, Any] | None) -> str:
-    stages = (recipe or {}).get("stages") or []
-    return " → ".join(stage.get("method", "?") for stage in stages) or "-"
-
-
-def progress_cell(job: dict[str, Any]) -> str:
-    progress = job.get("progress") or {}
-    if job.get("status") not in ("running", "cancelling"):
-        return "-"
-    fraction = progress.get("fraction")
-    label = stage_label(progress) if progress.get("stage") else ""
-    return f"{label} {fraction:.0%}".strip() if _is_number(fraction) else label or "-"
-
-
-def short_time(timestamp: str | None) -> str:
-    return (timestamp or "-").replace("T", " ")[:19]
-
-
-# --- Building a job -----------------------------------------------------------------------------
-
-
-def parse_stage(spec: str) -> dict[str, Any]:
-    """`gptq` or `gptq:bits=4,group_size=128`; values are read as JSON scalars where they parse."""
-    method, _, options = spec.partition(":")
-    if not method:
-        raise click.BadParameter(f"{spec!r}: expected METHOD or METHOD:key=value,…")
-    stage: dict[str, Any] = {"method": method}
-    for option in filter(None, options.split(",")):
-        key, equals, raw = option.partition("=")
-        if not equals or not key:
-            raise click.BadParameter(f"{option!r} in {spec!r}: expected key=value")
-        stage[key] = _scalar(raw)
-    return stage
-
-
-def _scalar(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
-
-
-def parse_metadata(pairs: Iterable[str]) -> dict[str, str]:
-    metadata = {}
-    for pair in pairs:
-        key, equals, value = pair.partition("=")
-        if not equals or not key:
-            raise click.BadParameter(f"{pair!r}: expected key=value", param_hint="--metadata")
-        metadata[key] = value
-    return metadata
-
-
-def build_job_body(
-    *,
-    model_id: str,
-    template: dict[str, Any] | None = None,
-    stages: list[dict[str, Any]] = (),
-    calibration_id: str | None = None,
-    evaluation_id: str | None = None,
-    metrics: Iterable[str] = (),
-    metadata: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """The `POST /v1/jobs` body: the recipe file's fields, overridden by the command line."""
-    body = json.loads(json.dumps(template or {}))  # a deep copy
-    body["model_id"] = model_id
-    if stages:
-        if body.get("recipe", {}).get("stages"):
-            raise click.UsageError("give the stages either in --recipe or as --method, not both")
-        body["recipe"] = {**body.get("recipe", {}), "stages": list(stages)}
-    if calibration_id:
-        body["calibration"] = {**(body.get("calibration") or {}), "dataset_id": calibration_id}
-    metrics = list(metrics)
-    if evaluation_id or metrics:
-        evaluation = dict(body.get("evaluation") or {})
-        if evaluation_id:
-            evaluation["dataset_id"] = evaluation_id
-        if metrics:
-            evaluation["metrics"] = metrics
-        body["evaluation"] = evaluation
-    if metadata:
-        body["metadata"] = {**(body.get("metadata") or {}), **metadata}
-    return body
-
-
-def read_recipe_file(path: Path) -> dict[str, Any]:
-    """A recipe (`{"stages": […]}`) or a whole job body (`{"recipe": …, "calibration": …}`)."""
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise click.BadParameter(f"{path}: {exc}", param_hint="--recipe") from exc
-    if isinstance(document, dict) and "stages" in document:
-        return {"recipe": document}
-    if isinstance(document, dict) and "recipe" in document:
-        return document
-    raise click.BadParameter(
-        f'{path}: expected {{"stages": [...]}} or a job body with "recipe"', param_hint="--recipe"
-    )
-
-
-# --- Downloads ----------------------------------------------------------------------------------
+# --- Downloads: names and checksums -------------------------------------------------------------
 
 
 def etag_sha256(value: str | None) -> str | None:
@@ -552,102 +374,12 @@ def safe_filename(name: str | None) -> str | None:
     return name if name and name not in (".", "..") else None
 
 
-def local_filename(artifact: dict) -> str | None:
-    """The name a job's artifact is saved under: the server's, which names the model and the job;
-    an artifact from before it did (`model.tar.gz`) gets its job's id in front, so that the
-    downloads of two jobs never overwrite each other."""
-    name = safe_filename(artifact.get("filename"))
-    job_id = safe_filename(artifact.get("job_id"))
-    if name and job_id and job_id not in name:
-        return f"{job_id}-{name}"
-    return name
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as source:
         while chunk := source.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def download_artifact(
-    api: Api,
-    artifact_id: str,
-    directory: Path,
-    *,
-    expected_sha256: str | None = None,
-    filename: str | None = None,
-    show_progress: bool = True,
-    attempts: int = 5,
-    retry_delay_s: float = 1.0,
-) -> Path:
-    """Stream an artifact into `directory`, resuming a partial download with `Range`, verify its
-    sha256 and only then give it its name. A file already there with the right hash is kept."""
-    directory.mkdir(parents=True, exist_ok=True)
-    partial = directory / f".{artifact_id}.part"
-    for attempt in range(1, attempts + 1):
-        offset = partial.stat().st_size if partial.exists() else 0
-        # identity: a compressed response would make byte ranges mean something else
-        headers = {"Accept-Encoding": "identity"}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
-        try:
-            with api.stream(
-                "GET", f"/v1/artifacts/{artifact_id}/content", headers=headers, allowed=(416,)
-            ) as response:
-                if response.status_code == 416:  # the partial file is not a prefix of this one
-                    partial.unlink()
-                    continue
-                served = etag_sha256(response.headers.get("etag"))
-                if expected_sha256 and served and served != expected_sha256:
-                    raise CommandError(
-                        "checksum_mismatch",
-                        f"{artifact_id}: the server sends "
-                        f"sha256 {served}, the artifact says {expected_sha256}",
-                    )
-                expected = expected_sha256 or served
-                target = directory / (
-                    filename
-                    or disposition_filename(response.headers.get("content-disposition"))
-                    or artifact_id
-                )
-                if target.exists() and expected and file_sha256(target) == expected:
-                    partial.unlink(missing_ok=True)
-                    return target
-                resumed = response.status_code == 206 and _range_start(response) == offset
-                digest = _write_body(
-                    response,
-                    partial,
-                    resumed=resumed,
-                    offset=offset,
-                    label=target.name,
-                    show_progress=show_progress,
-                )
-        except (ServiceUnreachable, httpx.TransportError) as exc:
-            if attempt == attempts:
-                raise (
-                    exc if isinstance(exc, ServiceUnreachable) else ServiceUnreachable(api.url, exc)
-                ) from exc
-            time.sleep(retry_delay_s * attempt)
-            continue
-        if expected is None:
-            raise CommandError(
-                "checksum_missing",
-                f"{artifact_id}: the server gave no sha256 "
-                f"to verify; the download is left in {partial}",
-            )
-        if digest != expected:
-            partial.unlink()
-            if resumed:  # the old bytes were bad; one clean download settles it
-                continue
-            raise CommandError(
-                "checksum_mismatch",
-                f"{artifact_id}: downloaded sha256 {digest}, expected {expected}",
-            )
-        os.replace(partial, target)
-        return target
-    raise CommandError("download_failed", f"{artifact_id}: gave up after {attempts} attempts")
 
 
 def _range_start(response: httpx.Response) -> int | None:
@@ -666,490 +398,978 @@ def _range_total(response: httpx.Response) -> int | None:
     return int(length) if length.isdigit() else None
 
 
+ProgressCallback = Callable[[int, int | None], None]
+"""Called with (bytes written so far, total bytes or None) as a download goes."""
+
+
+def _download_target(
+    path: Path, response: httpx.Response, artifact_id: str, filename: str | None
+) -> Path:
+    if path.is_dir():
+        name = (
+            safe_filename(filename)
+            or disposition_filename(response.headers.get("content-disposition"))
+            or artifact_id
+        )
+        return path / name
+    return path
+
+
+def _destination(path: str | os.PathLike[str]) -> Path:
+    """A path ending in a separator names a folder (made if missing), as does an existing one."""
+    text = os.fspath(path)
+    folder = Path(text)
+    if text.endswith(("/", os.sep)):
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _partial_for(path: Path, artifact_id: str) -> Path:
+    folder = path if path.is_dir() else path.parent
+    return folder / f".{artifact_id}.part"
+
+
+def _checksum_error(artifact_id: str, got: str, expected: str, what: str) -> SlimformerError:
+    return SlimformerError(
+        "checksum_mismatch", f"{artifact_id}: {what} sha256 {got}, expected {expected}"
+    )
+
+
+# --- Retries ------------------------------------------------------------------------------------
+
+
+def retry_after_s(response: httpx.Response) -> float | None:
+    """`Retry-After` as seconds (a number or an HTTP date), None when absent or unreadable."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Up to `max_retries` more tries of a request answered 429/503 (after its `Retry-After`,
+    capped at `max_delay_s`) or failing to connect; a request that may have reached the server
+    (a read failed) is retried only when repeating it is safe: GET/DELETE, or a POST with an
+    `Idempotency-Key`. Without `Retry-After` the delay is exponential with jitter: between half
+    and all of `backoff_s * 2**n`, capped at `max_delay_s`."""
+
+    max_retries: int = 3
+    backoff_s: float = 0.5
+    max_delay_s: float = 30.0
+
+    def delay(self, retry: int, response: httpx.Response | None = None) -> float:
+        if response is not None:
+            after = retry_after_s(response)
+            if after is not None:
+                return min(after, self.max_delay_s)
+        ceiling = min(self.max_delay_s, self.backoff_s * 2**retry)
+        return random.uniform(ceiling / 2, ceiling)
+
+    @staticmethod
+    def safe_to_repeat(method: str, headers: Mapping[str, str]) -> bool:
+        return method.upper() in IDEMPOTENT_METHODS or any(
+            k.lower() == "idempotency-key" for k in headers
+        )
+
+    def retry_on_error(self, exc: httpx.TransportError, safe: bool) -> bool:
+        return (
+            isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+            or (safe and isinstance(exc, httpx.TimeoutException | httpx.NetworkError))
+            or (safe and isinstance(exc, httpx.RemoteProtocolError))
+        )
+
+
+# --- The request shape shared by both clients ---------------------------------------------------
+
+
+def _clean(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _create_headers(idempotency_key: str | None) -> dict[str, str]:
+    return {"Idempotency-Key": idempotency_key or f"sdk-{uuid.uuid4()}"}
+
+
+def _upload_parts(
+    file: str | os.PathLike[str], fields: Mapping[str, Any]
+) -> tuple[dict[str, str], Path]:
+    path = Path(file)
+    return {k: str(v) for k, v in fields.items() if v is not None}, path
+
+
+def _job_body(body: Mapping[str, Any] | None, fields: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(body or {})
+    merged.update(_clean(fields))
+    return merged
+
+
+def _stream_headers(last_event_id: str | None) -> dict[str, str]:
+    headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    return headers
+
+
+class _Settings:
+    def __init__(
+        self,
+        base_url: str | None,
+        api_key: str | None,
+        timeout: float,
+        retry: RetryPolicy | None,
+        user_agent: str,
+    ) -> None:
+        self.base_url = (base_url or os.environ.get("SLIMFORMER_URL") or DEFAULT_URL).rstrip("/")
+        api_key = api_key if api_key is not None else os.environ.get("SLIMFORMER_API_KEY")
+        self.headers = {"User-Agent": user_agent}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        # Streams may sit quiet between events; a read timeout well above the SSE keep-alive
+        # interval makes a silently dead server show up as a reconnect instead of a hang.
+        self.timeout = httpx.Timeout(timeout, read=max(timeout, 120.0))
+        self.retry = retry or RetryPolicy()
+
+
+# --- The synchronous client ---------------------------------------------------------------------
+
+
+class Client:
+    """A synchronous client (httpx.Client). `base_url` and `api_key` default to `SLIMFORMER_URL`
+    and `SLIMFORMER_API_KEY`. Use it as a context manager, or call `close()`."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        user_agent: str = "slimformer-sdk",
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._settings = _Settings(base_url, api_key, timeout, retry, user_agent)
+        self.url = self._settings.base_url
+        self.retry = self._settings.retry
+        self.http = httpx.Client(
+            base_url=self.url,
+            headers=self._settings.headers,
+            timeout=self._settings.timeout,
+            transport=transport,
+        )
+        self.jobs = Jobs(self)
+        self.models = Models(self)
+        self.datasets = Datasets(self)
+        self.artifacts = Artifacts(self)
+        self.webhook_endpoints = WebhookEndpoints(self)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    # HTTP with retries
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        upload: tuple[dict[str, str], Path] | None = None,
+    ) -> httpx.Response:
+        """One API call, retried per the policy; a non-2xx answer raises `SlimformerError`."""
+        headers = dict(headers or {})
+        safe = self.retry.safe_to_repeat(method, headers)
+        retry = 0
+        while True:
+            try:
+                if upload is not None:  # reopened on every try: a retry sends the whole file
+                    fields, file_path = upload
+                    with file_path.open("rb") as handle:
+                        response = self.http.request(
+                            method,
+                            path,
+                            params=_clean(params or {}),
+                            headers=headers,
+                            data=fields,
+                            files={"file": (file_path.name, handle)},
+                        )
+                else:
+                    response = self.http.request(
+                        method, path, params=_clean(params or {}), json=json, headers=headers
+                    )
+            except httpx.TransportError as exc:
+                if retry < self.retry.max_retries and self.retry.retry_on_error(exc, safe):
+                    time.sleep(self.retry.delay(retry))
+                    retry += 1
+                    continue
+                raise ServiceUnreachable(self.url, exc) from exc
+            if response.status_code in RETRY_STATUSES and retry < self.retry.max_retries:
+                time.sleep(self.retry.delay(retry, response))
+                retry += 1
+                continue
+            if response.status_code >= 400:
+                raise SlimformerError.from_response(response)
+            return response
+
+    def get_json(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params).json()
+
+    def post_json(
+        self, path: str, body: Any = None, *, headers: Mapping[str, str] | None = None
+    ) -> Any:
+        return self.request("POST", path, json=body, headers=headers).json()
+
+    def open_stream(
+        self, method: str, path: str, *, headers: Mapping[str, str], allowed: Iterable[int] = ()
+    ) -> httpx.Response:
+        """A streamed response (the caller closes it), retried per the policy until it opens;
+        statuses >= 400 raise unless in `allowed`. Redirects (presigned URLs) are followed."""
+        allowed = set(allowed)
+        retry = 0
+        while True:
+            try:
+                request = self.http.build_request(method, path, headers=dict(headers))
+                response = self.http.send(request, stream=True, follow_redirects=True)
+            except httpx.TransportError as exc:
+                if retry < self.retry.max_retries and self.retry.retry_on_error(exc, True):
+                    time.sleep(self.retry.delay(retry))
+                    retry += 1
+                    continue
+                raise ServiceUnreachable(self.url, exc) from exc
+            if response.status_code in RETRY_STATUSES and retry < self.retry.max_retries:
+                response.close()
+                time.sleep(self.retry.delay(retry, response))
+                retry += 1
+                continue
+            if response.status_code >= 400 and response.status_code not in allowed:
+                response.read()
+                response.close()
+                raise SlimformerError.from_response(response)
+            return response
+
+    def iter_pages(
+        self, path: str, model: type[T], *, page_size: int = 100, **params: Any
+    ) -> Iterator[T]:
+        """Every item of a list endpoint, newest first, following the `after` cursor."""
+        query = _clean(params)
+        query["limit"] = page_size
+        while True:
+            page = Page[model].model_validate(self.get_json(path, **query))
+            yield from page.data
+            if not page.has_more or not page.data:
+                return
+            query["after"] = page.data[-1].id
+
+    def wait(self, job_id: str, **kwargs: Any) -> Job:
+        """`jobs.wait`: the job once it is terminal."""
+        return self.jobs.wait(job_id, **kwargs)
+
+    # Downloads
+
+    def download(
+        self,
+        artifact_id: str,
+        path: str | os.PathLike[str] = ".",
+        *,
+        expected_sha256: str | None = None,
+        filename: str | None = None,
+        progress: ProgressCallback | None = None,
+        attempts: int = 5,
+    ) -> Path:
+        """Stream an artifact to `path` (a file, or a folder, existing or ending in `/`: then the
+        server's file name), resuming a partial download with `Range`; the bytes' sha256 must equal the ETag
+        (and `expected_sha256` when given) before the file gets its name. A file already there
+        with the right hash is kept. Returns the file's path."""
+        path = _destination(path)
+        partial = _partial_for(path, artifact_id)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, attempts + 1):
+            offset = partial.stat().st_size if partial.exists() else 0
+            # identity: a compressed response would make byte ranges mean something else
+            headers = {"Accept-Encoding": "identity"}
+            if offset:
+                headers["Range"] = f"bytes={offset}-"
+            response = self.open_stream(
+                "GET", f"/v1/artifacts/{artifact_id}/content", headers=headers, allowed=(416,)
+            )
+            try:
+                if response.status_code == 416:  # the partial file is not a prefix of this one
+                    partial.unlink()
+                    continue
+                served = etag_sha256(response.headers.get("etag"))
+                if expected_sha256 and served and served != expected_sha256:
+                    raise _checksum_error(artifact_id, served, expected_sha256, "the server sends")
+                expected = expected_sha256 or served
+                target = _download_target(path, response, artifact_id, filename)
+                if target.exists() and expected and file_sha256(target) == expected:
+                    partial.unlink(missing_ok=True)
+                    return target
+                resumed = response.status_code == 206 and _range_start(response) == offset
+                digest = _write_body(
+                    response.iter_bytes(CHUNK),
+                    partial,
+                    resumed=resumed,
+                    offset=offset,
+                    total=_range_total(response),
+                    progress=progress,
+                )
+            except httpx.TransportError as exc:
+                if attempt == attempts:
+                    raise ServiceUnreachable(self.url, exc) from exc
+                time.sleep(self.retry.delay(attempt - 1))
+                continue
+            finally:
+                response.close()
+            if expected is None:
+                raise SlimformerError(
+                    "checksum_missing",
+                    f"{artifact_id}: the server gave no sha256 to verify; the download is left "
+                    f"in {partial}",
+                )
+            if digest != expected:
+                partial.unlink()
+                if resumed:  # the old bytes were bad; one clean download settles it
+                    continue
+                raise _checksum_error(artifact_id, digest, expected, "downloaded")
+            os.replace(partial, target)
+            return target
+        raise SlimformerError("download_failed", f"{artifact_id}: gave up after {attempts} tries")
+
+
 def _write_body(
-    response: httpx.Response,
+    chunks: Iterable[bytes],
     partial: Path,
     *,
     resumed: bool,
     offset: int,
-    label: str,
-    show_progress: bool,
+    total: int | None,
+    progress: ProgressCallback | None,
 ) -> str:
     digest = hashlib.sha256()
+    done = 0
     if resumed:
         with partial.open("rb") as existing:
             while chunk := existing.read(CHUNK):
                 digest.update(chunk)
-    total = _range_total(response)
-    with (
-        partial.open("ab" if resumed else "wb") as out,
-        tqdm(
-            total=total,
-            initial=offset if resumed else 0,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=label,
-            file=sys.stderr,
-            disable=None if show_progress else True,
-        ) as bar,
-    ):
-        for chunk in response.iter_bytes(CHUNK):
+        done = offset
+    if progress:
+        progress(done, total)
+    with partial.open("ab" if resumed else "wb") as out:
+        for chunk in chunks:
             out.write(chunk)
             digest.update(chunk)
-            bar.update(len(chunk))
+            done += len(chunk)
+            if progress:
+                progress(done, total)
         out.flush()
         os.fsync(out.fileno())
     return digest.hexdigest()
 
 
-class UnsafeArchive(CommandError):
-    def __init__(self, message: str) -> None:
-        super().__init__("unsafe_archive", message)
+class _Collection(Generic[T]):
+    path: str
+    model: type[T]
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def get(self, resource_id: str) -> T:
+        return self.model.model_validate(self._client.get_json(f"{self.path}/{resource_id}"))
+
+    def list(
+        self, *, limit: int | None = None, after: str | None = None, **filters: Any
+    ) -> Page[T]:
+        """One page (`limit` 1–100, cursor `after` = the last id of the page before)."""
+        body = self._client.get_json(self.path, limit=limit, after=after, **filters)
+        return Page[self.model].model_validate(body)
+
+    def iter(self, *, page_size: int = 100, **filters: Any) -> Iterator[T]:
+        """Every item, newest first, page after page."""
+        return self._client.iter_pages(self.path, self.model, page_size=page_size, **filters)
+
+    def delete(self, resource_id: str) -> None:
+        self._client.request("DELETE", f"{self.path}/{resource_id}")
+
+    def find(self, name: str) -> T:
+        """The one item named `name` (of several, the single `ready` one)."""
+        matches = [item for item in self.iter() if getattr(item, "name", None) == name]
+        return _one_named(matches, name, self.path)
 
 
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
-
-
-def check_member_name(name: str) -> None:
-    path = PurePosixPath(name.replace("\\", "/"))
-    if path.is_absolute() or (len(name) > 1 and name[1] == ":"):
-        raise UnsafeArchive(f"absolute member path {name!r}")
-    if ".." in path.parts:
-        raise UnsafeArchive(f"member path leaves the folder: {name!r}")
-
-
-def safe_extract(archive: Path, destination: Path) -> Path:
-    """Unpack a .tar.gz/.tar/.zip into the new folder `destination`, refusing absolute paths, `..`
-    and anything but regular files and folders (links, devices) before writing a single byte.
-    An archive holding one folder (a model artifact holds `model/`) becomes that folder, renamed,
-    never `destination/model/`. Permissions follow the umask, as a folder made here would."""
-    if destination.exists():
-        raise CommandError("conflict", f"{destination} already exists; remove it or use -o")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    mask = current_umask()
-    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=destination.parent))
-    try:
-        if archive.name.endswith(".zip"):
-            with zipfile.ZipFile(archive) as bundle:
-                for info in bundle.infolist():
-                    check_member_name(info.filename)
-                    mode = info.external_attr >> 16
-                    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                        raise UnsafeArchive(f"{info.filename!r} is not a regular file")
-                bundle.extractall(staging)
-        else:
-            with tarfile.open(archive) as bundle:
-                members = bundle.getmembers()
-                for member in members:
-                    check_member_name(member.name)
-                    if not (member.isfile() or member.isdir()):
-                        raise UnsafeArchive(f"{member.name!r} is a link or special file")
-                bundle.extractall(staging, members=members, filter=masked_data_filter(mask))
-        entries = list(staging.iterdir())
-        root = entries[0] if len(entries) == 1 and entries[0].is_dir() else staging
-        root.chmod(0o777 & ~mask)  # mkdtemp makes the staging folder private (0700)
-        os.replace(root, destination)
-    except (tarfile.TarError, zipfile.BadZipFile) as exc:
-        raise CommandError("bad_archive", f"{archive}: {exc}") from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already, unless a folder came out of it
-    return destination
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
-def masked_data_filter(mask: int) -> Callable[[tarfile.TarInfo, str], tarfile.TarInfo]:
-    """tarfile's `data` filter (no links, devices or paths outside; no setuid or group/other
-    write bits), with the umask applied to the archive's modes as `tar` applies it."""
-
-    def keep(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
-        member = tarfile.data_filter(member, path)
-        if member.mode is not None:
-            member = member.replace(mode=member.mode & ~mask, deep=False)
-        return member
-
-    return keep
-
-
-def extraction_folder(archive: Path) -> Path:
-    for suffix in ARCHIVE_SUFFIXES:
-        if archive.name.endswith(suffix):
-            return archive.with_name(archive.name[: -len(suffix)])
-    raise CommandError("bad_archive", f"{archive.name}: not a {', '.join(ARCHIVE_SUFFIXES)} file")
-
-
-# --- Commands -----------------------------------------------------------------------------------
-
-
-def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    command = click.option(
-        "--api-key",
-        envvar="SLIMFORMER_API_KEY",
-        show_envvar=True,
-        help="API key (not needed when the service runs with auth off)",
-    )(command)
-    return click.option(
-        "--url",
-        envvar="SLIMFORMER_URL",
-        show_envvar=True,
-        default=DEFAULT_URL,
-        show_default=True,
-        help="Service URL",
-    )(command)
-
-
-@contextmanager
-def api_session(url: str, api_key: str | None) -> Iterator[Api]:
-    """An `Api` whose failures become `code: message` on stderr and exit status 2."""
-    api = Api(url, api_key)
-    try:
-        yield api
-    except CommandError as exc:
-        click.echo(f"{exc.code}: {exc.message}", err=True)
-        raise click.exceptions.Exit(2) from None
-    finally:
-        api.close()
-
-
-def echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=True))
-
-
-def register_client_commands(group: click.Group) -> None:
-    """Add `submit`, `jobs`, `download` and `cancel` to the `slimformer` command group."""
-    for command in (submit, jobs, download, cancel):
-        group.add_command(command)
-
-
-@click.command()
-@click.argument("model")
-@click.option(
-    "--recipe",
-    "recipe_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help='JSON: a recipe {"stages": [...]} or a whole job body; options override it',
-)
-@click.option(
-    "--method",
-    "methods",
-    multiple=True,
-    metavar="METHOD[:key=value,…]",
-    help="A recipe stage, e.g. dynamic_int8 or rtn:bits=4,group_size=128; "
-    "repeat for a pipeline, in order",
-)
-@click.option("--calibration", metavar="DATASET", help="Calibration dataset (name or dset_ id)")
-@click.option("--evaluation", metavar="DATASET", help="Evaluation dataset (name or dset_ id)")
-@click.option(
-    "--metric",
-    "metrics",
-    multiple=True,
-    metavar="METRIC",
-    help="perplexity, embedding_cosine, accuracy, latency or size (repeatable; "
-    "default: what fits the model)",
-)
-@click.option(
-    "--metadata",
-    "metadata_pairs",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Attach metadata (repeatable)",
-)
-@click.option("--idempotency-key", help="Resubmitting with the same key returns the same job")
-@click.option("--wait", is_flag=True, help="Follow the job to its end; exit 1 unless it succeeds")
-@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON")
-@connection_options
-def submit(
-    model: str,
-    recipe_file: Path | None,
-    methods: tuple[str, ...],
-    calibration: str | None,
-    evaluation: str | None,
-    metrics: tuple[str, ...],
-    metadata_pairs: tuple[str, ...],
-    idempotency_key: str | None,
-    wait: bool,
-    as_json: bool,
-    url: str,
-    api_key: str | None,
-) -> None:
-    """Compress MODEL (a model name or mdl_ id) as a job; print its id."""
-    template = read_recipe_file(recipe_file) if recipe_file else None
-    stages = [parse_stage(spec) for spec in methods]
-    metadata = parse_metadata(metadata_pairs)
-    with api_session(url, api_key) as api:
-        body = build_job_body(
-            model_id=resolve_id(api, "models", model),
-            template=template,
-            stages=stages,
-            calibration_id=calibration and resolve_id(api, "datasets", calibration),
-            evaluation_id=evaluation and resolve_id(api, "datasets", evaluation),
-            metrics=metrics,
-            metadata=metadata,
-        )
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        job = api.post("/v1/jobs", body, headers=headers)
-        if not wait:
-            echo_json(job) if as_json else click.echo(job["id"])
-            return
-        if not as_json:
-            click.echo(job["id"])
-        view = ProgressView(enabled=not as_json)
-        try:
-            final = follow_job(api, job["id"], view)
-        except KeyboardInterrupt:
-            view.close()
-            click.echo(
-                f"\nstopped following {job['id']}; it keeps running "
-                f"(`slimformer cancel {job['id']}` stops it)",
-                err=True,
-            )
-            raise click.exceptions.Exit(130) from None
-        finally:
-            view.close()
-        if as_json:
-            echo_json(final)
-        else:
-            report_outcome(api, final)
-    if final["status"] != "succeeded":
-        raise click.exceptions.Exit(1)
-
-
-def report_outcome(api: Api, job: dict[str, Any]) -> None:
-    click.echo(f"{job['id']} {job['status']}")
-    if job.get("error"):
-        error = job["error"]
-        click.echo(f"{error.get('code')}: {error.get('message')}", err=True)
-    if job.get("metrics"):
-        click.echo(metrics_table(job["metrics"]))
-        if job["metrics"].get("trials"):
-            click.echo(f"search trials: {len(job['metrics']['trials'])}")
-    if job["status"] == "succeeded":
-        artifacts = list(iter_list(api, f"/v1/jobs/{job['id']}/artifacts"))
-        click.echo(artifacts_table(artifacts))
-        click.echo(f"download with: slimformer download {job['id']}")
-
-
-def artifacts_table(artifacts: list[dict[str, Any]]) -> str:
-    return format_table(
-        [
-            [
-                a["id"],
-                a.get("kind", "-"),
-                a.get("format") or "-",
-                format_metric("size_bytes", a.get("size_bytes")),
-                a.get("filename") or "-",
-            ]
-            for a in artifacts
-        ],
-        ["artifact", "kind", "format", "size", "filename"],
+def _one_named(matches: list[T], name: str, path: str) -> T:
+    kind = path.rsplit("/", 1)[1]
+    if not matches:
+        raise SlimformerError("not_found", f"no {kind.rstrip('s')} named {name!r}")
+    if len(matches) == 1:
+        return matches[0]
+    ready = [item for item in matches if getattr(item, "status", None) == "ready"]
+    if len(ready) == 1:
+        return ready[0]
+    ids = ", ".join(item.id for item in matches)
+    raise SlimformerError(
+        "ambiguous", f"{len(matches)} {kind} are named {name!r} ({ids}); pass the id instead"
     )
 
 
-@click.group(invoke_without_command=True)
-@click.option(
-    "--status",
-    type=click.Choice(["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]),
-)
-@click.option("--model", metavar="MODEL", help="Only jobs of this model (name or mdl_ id)")
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
-@click.option("--json", "as_json", is_flag=True, help="Print the jobs as JSON")
-@connection_options
-@click.pass_context
-def jobs(
-    ctx: click.Context,
-    status: str | None,
-    model: str | None,
-    limit: int,
-    as_json: bool,
-    url: str,
-    api_key: str | None,
-) -> None:
-    """List jobs, newest first (`jobs show JOB_ID` for one)."""
-    if ctx.invoked_subcommand is not None:
-        return
-    with api_session(url, api_key) as api:
-        model_id = resolve_id(api, "models", model) if model else None
-        listed = []
-        for job in iter_list(
-            api, "/v1/jobs", page_size=min(limit, 100), status=status, model_id=model_id
-        ):
-            listed.append(job)
-            if len(listed) == limit:
-                break
-        if as_json:
-            echo_json(listed)
-            return
-        if not listed:
-            click.echo("no jobs" + (f" with status {status}" if status else ""))
-            return
-        names = model_names(api, {job["model_id"] for job in listed})
-        click.echo(
-            format_table(
-                [
-                    [
-                        job["id"],
-                        job["status"],
-                        names.get(job["model_id"], job["model_id"]),
-                        progress_cell(job),
-                        short_time(job.get("created_at")),
-                    ]
-                    for job in listed
-                ],
-                ["job", "status", "model", "stage / progress", "created (UTC)"],
-            )
+class Models(_Collection[Model]):
+    path, model = "/v1/models", Model
+
+    def upload(
+        self,
+        file: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Model:
+        """Upload a .zip/.tar.gz of a Hugging Face model folder; validation runs afterwards."""
+        response = self._client.request(
+            "POST",
+            self.path,
+            headers=_create_headers(idempotency_key),
+            upload=_upload_parts(file, {"name": name}),
+        )
+        return Model.model_validate(response.json())
+
+    def create(
+        self, *, name: str, source: Mapping[str, Any], idempotency_key: str | None = None
+    ) -> Model:
+        """Register a model without upload: `source` {"type": "hub"|"path", …}."""
+        body = {"name": name, "source": dict(source)}
+        return Model.model_validate(
+            self._client.post_json(self.path, body, headers=_create_headers(idempotency_key))
         )
 
 
-def model_names(api: Api, model_ids: set[str]) -> dict[str, str]:
-    names: dict[str, str] = {}
-    if not model_ids:
-        return names
-    for item in iter_list(api, "/v1/models"):
-        if item["id"] in model_ids:
-            names[item["id"]] = item.get("name") or item["id"]
-            if len(names) == len(model_ids):
-                break
-    return names
+class Datasets(_Collection[Dataset]):
+    path, model = "/v1/datasets", Dataset
+
+    def upload(
+        self,
+        file: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        format: str | None = None,  # noqa: A002 - the API's field
+        idempotency_key: str | None = None,
+    ) -> Dataset:
+        """Upload a .txt (a record per line) or .jsonl (`{"text": …}`) file."""
+        response = self._client.request(
+            "POST",
+            self.path,
+            headers=_create_headers(idempotency_key),
+            upload=_upload_parts(file, {"name": name, "format": format}),
+        )
+        return Dataset.model_validate(response.json())
 
 
-@jobs.command("show")
-@click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON")
-@connection_options
-@click.pass_context
-def jobs_show(
-    ctx: click.Context, job_id: str, as_json: bool, url: str, api_key: str | None
-) -> None:
-    """Show one job: status, progress, metrics and artifacts."""
-    url, api_key = (_inherited(ctx, "url", url), _inherited(ctx, "api_key", api_key))
-    with api_session(url, api_key) as api:
-        job = api.get(f"/v1/jobs/{job_id}")
-        if as_json:
-            echo_json(job)
-            return
-        progress = job.get("progress") or {}
-        rows = [
-            ["status", job["status"]],
-            ["model", model_label(api, job["model_id"])],
-            ["recipe", describe_recipe(job.get("recipe"))],
-            ["attempt", f"{job.get('attempt', '-')} of {job.get('max_attempts', '-')}"],
-            ["created", short_time(job.get("created_at"))],
-            ["started", short_time(job.get("started_at"))],
-            ["finished", short_time(job.get("finished_at"))],
-        ]
-        if job["status"] in ("running", "cancelling"):
-            eta = progress.get("eta_s")
-            rows.append(
-                [
-                    "progress",
-                    " ".join(
-                        filter(
-                            None,
-                            [
-                                progress_cell(job),
-                                progress.get("message"),
-                                f"eta {format_duration(eta)}" if _is_number(eta) else None,
-                            ],
-                        )
-                    ),
-                ]
+class WebhookEndpoints(_Collection[WebhookEndpoint]):
+    path, model = "/v1/webhook-endpoints", WebhookEndpoint
+
+    def create(
+        self,
+        *,
+        url: str,
+        events: list[str] | None = None,
+        description: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> WebhookEndpoint:
+        body = _clean({"url": url, "events": events, "description": description})
+        return WebhookEndpoint.model_validate(
+            self._client.post_json(self.path, body, headers=_create_headers(idempotency_key))
+        )
+
+    def rotate_secret(self, endpoint_id: str) -> WebhookEndpoint:
+        return WebhookEndpoint.model_validate(
+            self._client.post_json(f"{self.path}/{endpoint_id}/rotate-secret")
+        )
+
+
+class Artifacts:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def list(self, job_id: str) -> list[Artifact]:
+        """A job's artifacts (model, report, log)."""
+        return list(self._client.iter_pages(f"/v1/jobs/{job_id}/artifacts", Artifact))
+
+    def download(self, artifact_id: str, path: str | os.PathLike[str] = ".", **kwargs: Any) -> Path:
+        return self._client.download(artifact_id, path, **kwargs)
+
+
+class Jobs(_Collection[Job]):
+    path, model = "/v1/jobs", Job
+
+    def create(
+        self,
+        body: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        **fields: Any,
+    ) -> Job:
+        """`POST /v1/jobs` with `body` and/or its fields as keywords (`model_id`, `recipe`,
+        `calibration`, `evaluation`, `targets`, …). Retried safely: the same key, the same job."""
+        return Job.model_validate(
+            self._client.post_json(
+                self.path, _job_body(body, fields), headers=_create_headers(idempotency_key)
             )
-        if job.get("metadata"):
-            rows.append(["metadata", ", ".join(f"{k}={v}" for k, v in job["metadata"].items())])
-        if job.get("error"):
-            rows.append(["error", f"{job['error'].get('code')}: {job['error'].get('message')}"])
-        click.echo(job["id"])
-        click.echo(format_table(rows))
-        if job.get("metrics"):
-            click.echo()
-            click.echo(metrics_table(job["metrics"]))
-        if job.get("artifact_ids"):
-            click.echo()
-            click.echo(artifacts_table(list(iter_list(api, f"/v1/jobs/{job_id}/artifacts"))))
+        )
 
+    def cancel(self, job_id: str) -> Job:
+        return Job.model_validate(self._client.post_json(f"{self.path}/{job_id}/cancel"))
 
-def model_label(api: Api, model_id: str) -> str:
-    try:
-        return f"{api.get(f'/v1/models/{model_id}').get('name')} ({model_id})"
-    except ApiError:  # deleted since; the id is still worth showing
-        return model_id
+    def retry(self, job_id: str) -> Job:
+        """A new job with the same spec (the job must be terminal)."""
+        return Job.model_validate(self._client.post_json(f"{self.path}/{job_id}/retry"))
 
+    def artifacts(self, job_id: str) -> list[Artifact]:
+        return self._client.artifacts.list(job_id)
 
-def _inherited(ctx: click.Context, name: str, value: Any) -> Any:
-    """A connection option given to `jobs` (before `show`) counts unless `show` got its own."""
-    if ctx.get_parameter_source(name) in (click.core.ParameterSource.DEFAULT, None) and ctx.parent:
-        return ctx.parent.params.get(name, value)
-    return value
+    def list_events(self, job_id: str, *, after: int = 0, limit: int = 100) -> Page[JobEvent]:
+        """One page of the job's events after seq `after` (the JSON form)."""
+        body = self._client.get_json(f"{self.path}/{job_id}/events", after=after, limit=limit)
+        return Page[JobEvent].model_validate(body)
 
+    def iter_events(self, job_id: str, *, after: int = 0) -> Iterator[JobEvent]:
+        while True:
+            page = self.list_events(job_id, after=after, limit=1000)
+            yield from page.data
+            if not page.has_more or not page.data:
+                return
+            after = page.data[-1].seq
 
-@click.command()
-@click.argument("job_or_artifact_id")
-@click.option(
-    "-o",
-    "--output",
-    "directory",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("."),
-    show_default=True,
-    help="Folder to write into",
-)
-@click.option(
-    "--kind",
-    type=click.Choice(["model", "report", "log"]),
-    default="model",
-    show_default=True,
-    help="Which of a job's artifacts to download",
-)
-@click.option(
-    "--extract",
-    is_flag=True,
-    help="Unpack the archive next to it, into a folder named like it (the model's files inside)",
-)
-@connection_options
-def download(
-    job_or_artifact_id: str,
-    directory: Path,
-    kind: str,
-    extract: bool,
-    url: str,
-    api_key: str | None,
-) -> None:
-    """Download a job's compressed model (or one artifact by art_ id), verified by sha256."""
-    with api_session(url, api_key) as api:
-        if job_or_artifact_id.startswith("art_"):
-            wanted = [{"id": job_or_artifact_id}]
-        else:
-            artifacts = list(iter_list(api, f"/v1/jobs/{job_or_artifact_id}/artifacts"))
-            wanted = [artifact for artifact in artifacts if artifact.get("kind") == kind]
-            if not wanted:
-                present = ", ".join(a.get("kind", "?") for a in artifacts) or "none"
-                raise CommandError(
-                    "not_found",
-                    f"job {job_or_artifact_id} has no {kind} artifact (it has: {present})",
+    def events(
+        self,
+        job_id: str,
+        *,
+        last_event_id: str | int | None = None,
+        reconnect_delay_s: float = 1.0,
+        max_failures: int = 8,
+    ) -> Iterator[JobEvent]:
+        """The job's events as they happen (SSE), until it is terminal, each exactly once: a
+        dropped connection is resumed with `Last-Event-ID`; whether the job has ended is asked of
+        the job itself, and the events after the stream's last one are then read as a list.
+        `last_event_id` starts after that seq (what an earlier iteration saw last)."""
+        decoder = SSEDecoder(None if last_event_id is None else str(last_event_id))
+        failures = 0
+        while True:
+            try:
+                response = self._client.open_stream(
+                    "GET",
+                    f"{self.path}/{job_id}/events",
+                    headers=_stream_headers(decoder.last_event_id),
                 )
-        for artifact in wanted:
-            path = download_artifact(
-                api,
-                artifact["id"],
-                directory,
-                expected_sha256=artifact.get("sha256"),
-                filename=local_filename(artifact),
+                try:
+                    for event in decoder.feed_all(response.iter_lines()):
+                        failures = 0
+                        yield job_event(event)
+                finally:
+                    response.close()
+                job = self.get(job_id)
+            except (ServiceUnreachable, httpx.TransportError) as exc:
+                decoder.reset_partial()
+                failures += 1
+                if failures > max_failures:
+                    if isinstance(exc, ServiceUnreachable):
+                        raise
+                    raise ServiceUnreachable(self._client.url, exc) from exc
+                time.sleep(min(reconnect_delay_s * 2 ** (failures - 1), 30.0))
+                continue
+            if job.terminal:
+                # The stream may have broken just before the last events: collect them as a list.
+                after = decoder.last_event_id or "0"
+                if after.isdigit():
+                    yield from self.iter_events(job_id, after=int(after))
+                return
+            decoder.reset_partial()
+            delay = decoder.retry_ms / 1000 if decoder.retry_ms is not None else reconnect_delay_s
+            time.sleep(delay)
+
+    def wait(
+        self, job_id: str, *, timeout: float | None = None, poll_interval_s: float = 1.0
+    ) -> Job:
+        """Poll until the job is terminal and return it; `timeout` (s) raises `SlimformerError`
+        code `timeout` when it passes first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = min(0.2, poll_interval_s)
+        while True:
+            job = self.get(job_id)
+            if job.terminal:
+                return job
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise SlimformerError(
+                    "timeout", f"job {job_id} is still {job.status} after {timeout} s"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, poll_interval_s)
+
+
+# --- The asynchronous client --------------------------------------------------------------------
+
+
+class AsyncClient:
+    """`Client`'s asynchronous twin (httpx.AsyncClient): the same resources, `await`ed, and
+    `async for` over pages and events."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        user_agent: str = "slimformer-sdk",
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._settings = _Settings(base_url, api_key, timeout, retry, user_agent)
+        self.url = self._settings.base_url
+        self.retry = self._settings.retry
+        self.http = httpx.AsyncClient(
+            base_url=self.url,
+            headers=self._settings.headers,
+            timeout=self._settings.timeout,
+            transport=transport,
+        )
+        self.jobs = AsyncJobs(self)
+        self.models = AsyncModels(self)
+        self.datasets = AsyncDatasets(self)
+        self.webhook_endpoints = AsyncWebhookEndpoints(self)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        upload: tuple[dict[str, str], Path] | None = None,
+    ) -> httpx.Response:
+        headers = dict(headers or {})
+        safe = self.retry.safe_to_repeat(method, headers)
+        retry = 0
+        while True:
+            try:
+                if upload is not None:  # reopened on every try, read in chunks as it is sent
+                    fields, file_path = upload
+                    with file_path.open("rb") as handle:
+                        response = await self.http.request(
+                            method,
+                            path,
+                            params=_clean(params or {}),
+                            headers=headers,
+                            data=fields,
+                            files={"file": (file_path.name, handle)},
+                        )
+                else:
+                    response = await self.http.request(
+                        method, path, params=_clean(params or {}), json=json, headers=headers
+                    )
+            except httpx.TransportError as exc:
+                if retry < self.retry.max_retries and self.retry.retry_on_error(exc, safe):
+                    await asyncio.sleep(self.retry.delay(retry))
+                    retry += 1
+                    continue
+                raise ServiceUnreachable(self.url, exc) from exc
+            if response.status_code in RETRY_STATUSES and retry < self.retry.max_retries:
+                await asyncio.sleep(self.retry.delay(retry, response))
+                retry += 1
+                continue
+            if response.status_code >= 400:
+                raise SlimformerError.from_response(response)
+            return response
+
+    async def get_json(self, path: str, **params: Any) -> Any:
+        return (await self.request("GET", path, params=params)).json()
+
+    async def post_json(
+        self, path: str, body: Any = None, *, headers: Mapping[str, str] | None = None
+    ) -> Any:
+        return (await self.request("POST", path, json=body, headers=headers)).json()
+
+    async def open_stream(
+        self, method: str, path: str, *, headers: Mapping[str, str]
+    ) -> httpx.Response:
+        retry = 0
+        while True:
+            try:
+                request = self.http.build_request(method, path, headers=dict(headers))
+                response = await self.http.send(request, stream=True, follow_redirects=True)
+            except httpx.TransportError as exc:
+                if retry < self.retry.max_retries and self.retry.retry_on_error(exc, True):
+                    await asyncio.sleep(self.retry.delay(retry))
+                    retry += 1
+                    continue
+                raise ServiceUnreachable(self.url, exc) from exc
+            if response.status_code in RETRY_STATUSES and retry < self.retry.max_retries:
+                await response.aclose()
+                await asyncio.sleep(self.retry.delay(retry, response))
+                retry += 1
+                continue
+            if response.status_code >= 400:
+                await response.aread()
+                await response.aclose()
+                raise SlimformerError.from_response(response)
+            return response
+
+    async def iter_pages(
+        self, path: str, model: type[T], *, page_size: int = 100, **params: Any
+    ) -> AsyncIterator[T]:
+        query = _clean(params)
+        query["limit"] = page_size
+        while True:
+            page = Page[model].model_validate(await self.get_json(path, **query))
+            for item in page.data:
+                yield item
+            if not page.has_more or not page.data:
+                return
+            query["after"] = page.data[-1].id
+
+    async def wait(self, job_id: str, **kwargs: Any) -> Job:
+        return await self.jobs.wait(job_id, **kwargs)
+
+    async def download(
+        self,
+        artifact_id: str,
+        path: str | os.PathLike[str] = ".",
+        *,
+        expected_sha256: str | None = None,
+        filename: str | None = None,
+    ) -> Path:
+        """Stream an artifact to `path` (a file, or a folder: the server's name), verified
+        against its ETag sha256 (and `expected_sha256`) before it gets its name."""
+        path = _destination(path)
+        partial = _partial_for(path, artifact_id)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        response = await self.open_stream(
+            "GET", f"/v1/artifacts/{artifact_id}/content", headers={"Accept-Encoding": "identity"}
+        )
+        digest = hashlib.sha256()
+        try:
+            served = etag_sha256(response.headers.get("etag"))
+            expected = expected_sha256 or served
+            if expected is None:
+                raise SlimformerError("checksum_missing", f"{artifact_id}: no sha256 to verify")
+            if served and served != expected:
+                raise _checksum_error(artifact_id, served, expected, "the server sends")
+            target = _download_target(path, response, artifact_id, filename)
+            with partial.open("wb") as out:
+                async for chunk in response.aiter_bytes(CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+        except httpx.TransportError as exc:
+            partial.unlink(missing_ok=True)
+            raise ServiceUnreachable(self.url, exc) from exc
+        finally:
+            await response.aclose()
+        if digest.hexdigest() != expected:
+            partial.unlink()
+            raise _checksum_error(artifact_id, digest.hexdigest(), expected, "downloaded")
+        os.replace(partial, target)
+        return target
+
+
+class _AsyncCollection(Generic[T]):
+    path: str
+    model: type[T]
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def get(self, resource_id: str) -> T:
+        return self.model.model_validate(await self._client.get_json(f"{self.path}/{resource_id}"))
+
+    async def list(
+        self, *, limit: int | None = None, after: str | None = None, **filters: Any
+    ) -> Page[T]:
+        body = await self._client.get_json(self.path, limit=limit, after=after, **filters)
+        return Page[self.model].model_validate(body)
+
+    def iter(self, *, page_size: int = 100, **filters: Any) -> AsyncIterator[T]:
+        return self._client.iter_pages(self.path, self.model, page_size=page_size, **filters)
+
+    async def delete(self, resource_id: str) -> None:
+        await self._client.request("DELETE", f"{self.path}/{resource_id}")
+
+    async def find(self, name: str) -> T:
+        matches = [item async for item in self.iter() if getattr(item, "name", None) == name]
+        return _one_named(matches, name, self.path)
+
+
+class AsyncModels(_AsyncCollection[Model]):
+    path, model = "/v1/models", Model
+
+    async def upload(
+        self,
+        file: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Model:
+        response = await self._client.request(
+            "POST",
+            self.path,
+            headers=_create_headers(idempotency_key),
+            upload=_upload_parts(file, {"name": name}),
+        )
+        return Model.model_validate(response.json())
+
+    async def create(
+        self, *, name: str, source: Mapping[str, Any], idempotency_key: str | None = None
+    ) -> Model:
+        body = {"name": name, "source": dict(source)}
+        return Model.model_validate(
+            await self._client.post_json(self.path, body, headers=_create_headers(idempotency_key))
+        )
+
+
+class AsyncDatasets(_AsyncCollection[Dataset]):
+    path, model = "/v1/datasets", Dataset
+
+    async def upload(
+        self,
+        file: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        format: str | None = None,  # noqa: A002 - the API's field
+        idempotency_key: str | None = None,
+    ) -> Dataset:
+        response = await self._client.request(
+            "POST",
+            self.path,
+            headers=_create_headers(idempotency_key),
+            upload=_upload_parts(file, {"name": name, "format": format}),
+        )
+        return Dataset.model_validate(response.json())
+
+
+class AsyncWebhookEndpoints(_AsyncCollection[WebhookEndpoint]):
+    path, model = "/v1/webhook-endpoints", WebhookEndpoint
+
+    async def create(
+        self,
+        *,
+        url: str,
+        events: list[str] | None = None,
+        description: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> WebhookEndpoint:
+        body = _clean({"url": url, "events": events, "description": description})
+        return WebhookEndpoint.model_validate(
+            await self._client.post_json(self.path, body, headers=_create_headers(idempotency_key))
+        )
+
+
+class AsyncJobs(_AsyncCollection[Job]):
+    path, model = "/v1/jobs", Job
+
+    async def create(
+        self,
+        body: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        **fields: Any,
+    ) -> Job:
+        return Job.model_validate(
+            await self._client.post_json(
+                self.path, _job_body(body, fields), headers=_create_headers(idempotency_key)
             )
-            click.echo(str(path))
-            if extract:
-                click.echo(str(safe_extract(path, extraction_folder(path))))
+        )
 
+    async def cancel(self, job_id: str) -> Job:
+        return Job.model_validate(await self._client.post_json(f"{self.path}/{job_id}/cancel"))
 
-@click.command()
-@click.argument("job_id")
-@connection_options
-def cancel(job_id: str, url: str, api_key: str | None) -> None:
-    """Ask a queued or running job to stop (it stops between steps)."""
-    with api_session(url, api_key) as api:
-        job = api.post(f"/v1/jobs/{job_id}/cancel")
-        click.echo(f"{job.get('id', job_id)} {job.get('status', 'cancelling')}")
+    async def retry(self, job_id: str) -> Job:
+        return Job.model_validate(await self._client.post_json(f"{self.path}/{job_id}/retry"))
+
+    async def artifacts(self, job_id: str) -> list[Artifact]:
+        path = f"{self.path}/{job_id}/artifacts"
+        return [item async for item in self._client.iter_pages(path, Artifact)]
+
+    async def list_events(self, job_id: str, *, after: int = 0, limit: int = 100) -> Page[JobEvent]:
+        body = await self._client.get_json(f"{self.path}/{job_id}/events", after=after, limit=limit)
+        return Page[JobEvent].model_validate(body)
+
+    async def events(
+        self, job_id: str, *, last_event_id: str | int | None = None, max_failures: int = 8
+    ) -> AsyncIterator[JobEvent]:
+        """As `Client.jobs.events`: SSE, resumed with `Last-Event-ID`, until the job ends."""
+        decoder = SSEDecoder(None if last_event_id is None else str(last_event_id))
+        failures = 0
+        while True:
+            try:
+                response = await self._client.open_stream(
+                    "GET",
+                    f"{self.path}/{job_id}/events",
+                    headers=_stream_headers(decoder.last_event_id),
+                )
+                try:
+                    async for line in response.aiter_lines():
+                        event = decoder.feed(line)
+                        if event is not None:
+                            failures = 0
+                            yield job_event(event)
+                finally:
+                    await response.aclose()
+                job = await self.get(job_id)
+            except (ServiceUnreachable, httpx.TransportError) as exc:
+                decoder.reset_partial()
+                failures += 1
+                if failures > max_failures:
+                    if isinstance(exc, ServiceUnreachable):
+                        raise
+                    raise ServiceUnreachable(self._client.url, exc) from exc
+                await asyncio.sleep(min(2 ** (failures - 1), 30.0))
+                continue
+            if job.terminal:
+                after = int(decoder.last_event_id or 0)
+                while True:
+                    page = await self.list_events(job_id, after=after, limit=1000)
+                    for event in page.data:
+                        yield event
+                    if not page.has_more or not page.data:
+                        return
+                    after = page.data[-1].seq
+            decoder.reset_partial()
+            await asyncio.sleep(decoder.retry_ms / 1000 if decoder.retry_ms is not None else 1.0)
+
+    async def wait(
+        self, job_id: str, *, timeout: float | None = None, poll_interval_s: float = 1.0
+    ) -> Job:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = min(0.2, poll_interval_s)
+        while True:
+            job = await self.get(job_id)
+            if job.terminal:
+                return job
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise SlimformerError(
+                    "timeout", f"job {job_id} is still {job.status} after {timeout} s"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, poll_interval_s)

@@ -24,26 +24,22 @@ import pytest
 from click.testing import CliRunner
 
 from slimformer.cli import cli
-from slimformer.client import (
-    Api,
+from slimformer.client import Client, SlimformerError, SSEDecoder, SSEEvent, job_event
+from slimformer.commands import (
     CommandError,
-    ProgressView,
-    SSEDecoder,
-    SSEEvent,
     UnsafeArchive,
     build_job_body,
     current_umask,
     download_artifact,
     extraction_folder,
     follow_job,
-    job_event,
-    metrics_table,
     parse_metadata,
     parse_stage,
     register_client_commands,
     resolve_id,
     safe_extract,
 )
+from slimformer.display import ProgressView, metrics_table
 
 # --- a real HTTP server whose behaviour each test writes --------------------------------------
 
@@ -144,11 +140,12 @@ def test_job_event_reads_the_event_object_or_wraps_bare_data():
         "data": {"fraction": 0.3},
         "created_at": "2025-01-01T00:00:00Z",
     }
-    assert job_event(SSEEvent(data=json.dumps(whole), event="progress", id="3")) == whole
+    event = job_event(SSEEvent(data=json.dumps(whole), event="progress", id="3"))
+    assert event.to_dict() == whole
     bare = job_event(SSEEvent(data='{"status": "running"}', event="status", id="4"))
-    assert (bare["type"], bare["data"], bare["seq"]) == ("status", {"status": "running"}, "4")
+    assert (bare.type, bare.data, bare.seq) == ("status", {"status": "running"}, 4)
     text = job_event(SSEEvent(data="hello", event="log", id="5"))
-    assert (text["type"], text["message"], text["data"]) == ("log", "hello", None)
+    assert (text.type, text.message, text.data, text.seq) == ("log", "hello", None, 5)
 
 
 def sse(seq: int, kind: str, data: dict[str, Any]) -> bytes:
@@ -211,7 +208,7 @@ def test_follow_job_resumes_after_the_last_complete_event(drop):
 
     seen: list[dict[str, Any]] = []
     with serve(route) as (url, requests):
-        api = Api(url)
+        api = Client(url)
         final = follow_job(api, "job_1", seen.append, reconnect_delay_s=0)
         api.close()
     assert final["status"] == "succeeded"
@@ -281,7 +278,7 @@ def test_resolve_id_pages_until_it_finds_the_name():
     models = [{"id": f"mdl_{i:04d}", "name": f"model-{i}", "status": "ready"} for i in range(250)]
     models[10]["name"] = "the-one"  # old, so on the third page
     with serve(model_listing(models)) as (url, requests):
-        api = Api(url)
+        api = Client(url)
         assert resolve_id(api, "models", "the-one") == "mdl_0010"
         assert resolve_id(api, "models", "mdl_0099") == "mdl_0099"  # an id costs no request
         api.close()
@@ -297,9 +294,9 @@ def test_resolve_id_prefers_the_one_ready_match_and_refuses_to_guess():
         {"id": "mdl_4", "name": "gpt", "status": "ready"},
     ]
     with serve(model_listing(models)) as (url, _):
-        api = Api(url)
+        api = Client(url)
         assert resolve_id(api, "models", "bert") == "mdl_2"
-        with pytest.raises(CommandError) as ambiguous:
+        with pytest.raises(SlimformerError) as ambiguous:
             resolve_id(api, "models", "gpt")
         with pytest.raises(CommandError) as missing:
             resolve_id(api, "models", "llama")
@@ -346,7 +343,7 @@ def ranges(requests: list[dict[str, Any]]) -> list[str | None]:
 def test_download_resumes_a_partial_file_with_range(tmp_path):
     (tmp_path / ".art_1.part").write_bytes(CONTENT[:1_000_000])
     with serve(artifact_route()) as (url, requests):
-        api = Api(url)
+        api = Client(url)
         path = download_artifact(api, "art_1", tmp_path, show_progress=False)
         api.close()
     assert path == tmp_path / "model.tar.gz"  # the server's `../` does not choose the folder
@@ -358,7 +355,7 @@ def test_download_resumes_a_partial_file_with_range(tmp_path):
 def test_a_corrupt_partial_file_is_caught_by_the_hash_and_downloaded_again(tmp_path):
     (tmp_path / ".art_1.part").write_bytes(b"\0" * 1_000_000)
     with serve(artifact_route()) as (url, requests):
-        api = Api(url)
+        api = Client(url)
         path = download_artifact(
             api, "art_1", tmp_path, show_progress=False, expected_sha256=CONTENT_SHA
         )
@@ -370,7 +367,7 @@ def test_a_corrupt_partial_file_is_caught_by_the_hash_and_downloaded_again(tmp_p
 def test_a_partial_file_longer_than_the_artifact_starts_over(tmp_path):
     (tmp_path / ".art_1.part").write_bytes(CONTENT + b"more")
     with serve(artifact_route()) as (url, requests):
-        api = Api(url)
+        api = Client(url)
         path = download_artifact(api, "art_1", tmp_path, show_progress=False)
         api.close()
     assert path.read_bytes() == CONTENT
@@ -379,10 +376,10 @@ def test_a_partial_file_longer_than_the_artifact_starts_over(tmp_path):
 
 def test_bytes_that_do_not_match_the_sha256_never_get_the_final_name(tmp_path):
     with serve(artifact_route(sha="0" * 64)) as (url, _):
-        api = Api(url)
-        with pytest.raises(CommandError) as mismatch:
+        api = Client(url)
+        with pytest.raises(SlimformerError) as mismatch:
             download_artifact(api, "art_1", tmp_path, show_progress=False)
-        with pytest.raises(CommandError) as disagree:
+        with pytest.raises(SlimformerError) as disagree:
             download_artifact(
                 api, "art_1", tmp_path, show_progress=False, expected_sha256=CONTENT_SHA
             )
@@ -395,7 +392,7 @@ def test_a_file_already_downloaded_is_kept_without_reading_the_body(tmp_path):
     (tmp_path / "model.tar.gz").write_bytes(CONTENT)
     before = (tmp_path / "model.tar.gz").stat().st_mtime_ns
     with serve(artifact_route()) as (url, _):
-        api = Api(url)
+        api = Client(url)
         path = download_artifact(api, "art_1", tmp_path, show_progress=False)
         api.close()
     assert path.stat().st_mtime_ns == before

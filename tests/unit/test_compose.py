@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from slimformer.cli import cli
-from slimformer.client import register_client_commands
+from slimformer.commands import register_client_commands
 
 COMPOSE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
 
