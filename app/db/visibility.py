@@ -8,7 +8,10 @@ artifacts and webhook endpoints: the project's own rows. Another project's row i
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, and_, or_
+import difflib
+
+from sqlalchemy import ColumnElement, and_, or_, select
+from sqlalchemy.orm import Session
 
 from app.db.tables import Artifact, Dataset, Job, Model, WebhookEndpoint
 
@@ -24,3 +27,19 @@ def owned_by(
     table: type[Job] | type[Artifact] | type[WebhookEndpoint], project_id: str
 ) -> ColumnElement[bool]:
     return table.project_id == project_id
+
+
+def did_you_mean(
+    session: Session, table: type[Model] | type[Dataset], project_id: str, given: str
+) -> str:
+    """For a 404 on an id: ` Did you mean mdl_… (all-MiniLM-L6-v2)?` when `given` is (or looks
+    like) the name of a row the project sees — people pass names where ids go — else ''."""
+    rows = session.execute(
+        select(table.id, table.name).where(visible_to(table, project_id)).limit(1000)
+    ).all()
+    names = {name: row_id for row_id, name in rows if name}
+    exact = [name for name in names if name.casefold() == given.casefold()]
+    close = exact or difflib.get_close_matches(given, list(names), n=2, cutoff=0.75)
+    if not close:
+        return ""
+    return " Did you mean " + " or ".join(f"{names[name]} ({name})" for name in close) + "?"

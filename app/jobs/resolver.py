@@ -14,7 +14,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.datasets import repository as datasets
-from app.db.tables import Model
+from app.db.tables import Dataset, Model
+from app.db.visibility import did_you_mean
 from app.errors import APIError
 from app.jobs.routing import DeviceConflict, resolve_device
 from app.jobs.schemas import CalibrationSpec, JobCreate
@@ -91,7 +92,8 @@ def resolve_job(*, session: Session, project_id: str, spec: JobCreate) -> Resolv
 def _job_model(session: Session, project_id: str, model_id: str) -> Model:
     model = models.get_visible(session=session, project_id=project_id, model_id=model_id)
     if model is None:
-        raise APIError("not_found", f"No model with id {model_id!r}", param="model_id")
+        hint = did_you_mean(session, Model, project_id, model_id)
+        raise APIError("not_found", f"No model with id {model_id!r}.{hint}", param="model_id")
     if model.status == "rejected":
         raise APIError(
             "conflict",
@@ -163,7 +165,8 @@ def _check_student(
 ) -> None:
     student = models.get_visible(session=session, project_id=project_id, model_id=student_id)
     if student is None:
-        raise APIError("not_found", f"No model with id {student_id!r}", param=param)
+        hint = did_you_mean(session, Model, project_id, student_id)
+        raise APIError("not_found", f"No model with id {student_id!r}.{hint}", param=param)
     if student.status == "rejected":
         raise APIError(
             "conflict", f"Model {student.id} was rejected and cannot be a student", param=param
@@ -180,7 +183,8 @@ def _check_student(
 def _check_dataset(session: Session, project_id: str, dataset_id: str, param: str) -> None:
     dataset = datasets.get_visible(session=session, project_id=project_id, dataset_id=dataset_id)
     if dataset is None:
-        raise APIError("not_found", f"No dataset with id {dataset_id!r}", param=param)
+        hint = did_you_mean(session, Dataset, project_id, dataset_id)
+        raise APIError("not_found", f"No dataset with id {dataset_id!r}.{hint}", param=param)
     if dataset.status != "ready":
         raise APIError("conflict", f"Dataset {dataset_id} is {dataset.status}", param=param)
 

@@ -173,6 +173,33 @@ def test_out_of_range_field_and_unknown_model(service: Service, tiny_model_id: s
             json={"model_id": "mdl_missing", "recipe": {"stages": [{"method": "dynamic_int8"}]}},
         )
         assert missing.status_code == 404 and missing.json()["error"]["param"] == "model_id"
+        assert missing.json()["error"]["message"] == "No model with id 'mdl_missing'."
+
+        # A name where an id goes (the usual slip) gets the id it meant; a near miss too.
+        minilm = builtin_id(client, "models", "all-MiniLM-L6-v2")
+        calibration = builtin_id(client, "datasets", "enwiki-calibration")
+        for given in ("all-MiniLM-L6-v2", "all-minilm-l6-v2", "all-MiniLM-L6"):
+            named = client.post(
+                "/v1/jobs", json={"model_id": given, "recipe": {"stages": [{"method": "rtn"}]}}
+            )
+            assert named.status_code == 404
+            assert f"Did you mean {minilm} (all-MiniLM-L6-v2)?" in named.json()["error"]["message"]
+        dataset = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": minilm,
+                "recipe": {"stages": [{"method": "gptq"}]},
+                "calibration": {"dataset_id": "enwiki-calibration"},
+            },
+        )
+        assert (
+            dataset.status_code == 404
+            and dataset.json()["error"]["param"] == "calibration.dataset_id"
+        )
+        assert (
+            f"Did you mean {calibration} (enwiki-calibration)?"
+            in dataset.json()["error"]["message"]
+        )
 
 
 def test_idempotency(service: Service, tiny_model_id: str) -> None:
