@@ -14,6 +14,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -125,6 +126,8 @@ def build_job_body(
     evaluation_id: str | None = None,
     metrics: Iterable[str] = (),
     metadata: dict[str, str] | None = None,
+    calibration_settings: dict[str, int | None] | None = None,
+    evaluation_settings: dict[str, int | None] | None = None,
 ) -> dict[str, Any]:
     """The `POST /v1/jobs` body: the recipe file's fields, overridden by the command line."""
     body = json.loads(json.dumps(template or {}))  # a deep copy
@@ -143,6 +146,13 @@ def build_job_body(
         if metrics:
             evaluation["metrics"] = metrics
         body["evaluation"] = evaluation
+    for field, given in (
+        ("calibration", calibration_settings),
+        ("evaluation", evaluation_settings),
+    ):
+        given = {key: value for key, value in (given or {}).items() if value is not None}
+        if given:
+            body[field] = {**(body.get(field) or {}), **given}
     if metadata:
         body["metadata"] = {**(body.get("metadata") or {}), **metadata}
     return body
@@ -320,8 +330,9 @@ def echo_json(value: Any) -> None:
 
 
 def register_client_commands(group: click.Group) -> None:
-    """Add `submit`, `jobs`, `download` and `cancel` to the `slimformer` command group."""
-    for command in (submit, jobs, download, cancel):
+    """Add `submit`, `jobs`, `wait`, `download`, `cancel`, `models` and `datasets` to the
+    `slimformer` command group."""
+    for command in (submit, jobs, wait, download, cancel, models, datasets):
         group.add_command(command)
 
 
@@ -343,6 +354,16 @@ def register_client_commands(group: click.Group) -> None:
 )
 @click.option("--calibration", metavar="DATASET", help="Calibration dataset (name or dset_ id)")
 @click.option("--evaluation", metavar="DATASET", help="Evaluation dataset (name or dset_ id)")
+@click.option(
+    "--calibration-samples", type=click.IntRange(1), help="Calibration windows [the method's]"
+)
+@click.option("--calibration-seq-len", type=click.IntRange(8), help="Tokens per calibration window")
+@click.option(
+    "--eval-samples",
+    type=click.IntRange(1),
+    help="Evaluation windows (causal LMs) or texts (encoders) to score",
+)
+@click.option("--eval-seq-len", type=click.IntRange(8), help="Tokens per evaluation window")
 @click.option(
     "--metric",
     "metrics",
@@ -368,6 +389,10 @@ def submit(
     methods: tuple[str, ...],
     calibration: str | None,
     evaluation: str | None,
+    calibration_samples: int | None,
+    calibration_seq_len: int | None,
+    eval_samples: int | None,
+    eval_seq_len: int | None,
     metrics: tuple[str, ...],
     metadata_pairs: tuple[str, ...],
     idempotency_key: str | None,
@@ -389,6 +414,11 @@ def submit(
             evaluation_id=evaluation and resolve_id(api, "datasets", evaluation),
             metrics=metrics,
             metadata=metadata,
+            calibration_settings={
+                "num_samples": calibration_samples,
+                "seq_len": calibration_seq_len,
+            },
+            evaluation_settings={"max_samples": eval_samples, "seq_len": eval_seq_len},
         )
         job = api.jobs.create(body, idempotency_key=idempotency_key).to_dict()
         if not wait:
@@ -396,23 +426,42 @@ def submit(
             return
         if not as_json:
             click.echo(job["id"])
-        view = ProgressView(enabled=not as_json)
-        try:
-            final = follow_job(api, job["id"], view)
-        except KeyboardInterrupt:
-            view.close()
-            click.echo(
-                f"\nstopped following {job['id']}; it keeps running "
-                f"(`slimformer cancel {job['id']}` stops it)",
-                err=True,
-            )
-            raise click.exceptions.Exit(130) from None
-        finally:
-            view.close()
-        if as_json:
-            echo_json(final)
-        else:
-            report_outcome(api, final)
+        final = watch(api, job["id"], as_json)
+    if final["status"] != "succeeded":
+        raise click.exceptions.Exit(1)
+
+
+def watch(api: Client, job_id: str, as_json: bool) -> dict[str, Any]:
+    """Follow the job with a progress bar to its end, then print the outcome; Ctrl-C stops
+    following, not the job."""
+    view = ProgressView(enabled=not as_json)
+    try:
+        final = follow_job(api, job_id, view)
+    except KeyboardInterrupt:
+        view.close()
+        click.echo(
+            f"\nstopped following {job_id}; it keeps running "
+            f"(`slimformer wait {job_id}` follows it again, `slimformer cancel {job_id}` stops it)",
+            err=True,
+        )
+        raise click.exceptions.Exit(130) from None
+    finally:
+        view.close()
+    if as_json:
+        echo_json(final)
+    else:
+        report_outcome(api, final)
+    return final
+
+
+@click.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the final job as JSON")
+@connection_options
+def wait(job_id: str, as_json: bool, url: str, api_key: str | None) -> None:
+    """Follow a job (started elsewhere, or after Ctrl-C) to its end; exit 1 unless it succeeds."""
+    with api_session(url, api_key) as api:
+        final = watch(api, job_id, as_json)
     if final["status"] != "succeeded":
         raise click.exceptions.Exit(1)
 
@@ -633,3 +682,85 @@ def cancel(job_id: str, url: str, api_key: str | None) -> None:
     with api_session(url, api_key) as api:
         job = api.jobs.cancel(job_id)
         click.echo(f"{job.id} {job.status}")
+
+
+# --- Models and datasets ------------------------------------------------------------------------
+
+
+def _resource_group(collection: str, what: str, upload_help: str) -> click.Group:
+    """`slimformer models|datasets` (list), `… show NAME_OR_ID`, `… upload FILE --name NAME`."""
+
+    @click.group(name=collection, invoke_without_command=True, help=f"List {what} (newest first).")
+    @click.option("--json", "as_json", is_flag=True, help=f"Print the {what} as JSON")
+    @connection_options
+    @click.pass_context
+    def group(ctx: click.Context, as_json: bool, url: str, api_key: str | None) -> None:
+        if ctx.invoked_subcommand is not None:
+            return
+        with api_session(url, api_key) as api:
+            rows = [item.to_dict() for item in getattr(api, collection).iter()]
+        if as_json:
+            echo_json(rows)
+            return
+        if not rows:
+            click.echo(f"no {what}")
+            return
+        click.echo(
+            format_table(
+                [
+                    [
+                        row["id"],
+                        row.get("name") or "",
+                        row.get("status") or "",
+                        (row.get("source") or {}).get("type", ""),
+                        short_time(row.get("created_at")),
+                    ]
+                    for row in rows
+                ],
+                ["id", "name", "status", "source", "created (UTC)"],
+            )
+        )
+
+    @group.command("show", help=f"Show one of the {what}, by name or id, as JSON.")
+    @click.argument("name_or_id")
+    @connection_options
+    @click.pass_context
+    def show(ctx: click.Context, name_or_id: str, url: str, api_key: str | None) -> None:
+        url, api_key = (_inherited(ctx, "url", url), _inherited(ctx, "api_key", api_key))
+        with api_session(url, api_key) as api:
+            resources = getattr(api, collection)
+            echo_json(resources.get(resolve_id(api, collection, name_or_id)).to_dict())
+
+    @group.command("upload", help=upload_help)
+    @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+    @click.option("--name", help="Name [the file's name]")
+    @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for validation")
+    @connection_options
+    @click.pass_context
+    def upload(
+        ctx: click.Context, file: Path, name: str | None, wait: bool, url: str, api_key: str | None
+    ) -> None:
+        url, api_key = (_inherited(ctx, "url", url), _inherited(ctx, "api_key", api_key))
+        with api_session(url, api_key) as api:
+            resources = getattr(api, collection)
+            item = resources.upload(file, name=name).to_dict()
+            while wait and item.get("status") == "validating":
+                time.sleep(0.5)
+                item = resources.get(item["id"]).to_dict()
+        click.echo(f"{item['id']} {item.get('status')}")
+        if item.get("status") == "rejected":
+            error = item.get("error") or {}
+            click.echo(f"{error.get('code')}: {error.get('message')}", err=True)
+            raise click.exceptions.Exit(1)
+
+    return group
+
+
+models = _resource_group(
+    "models",
+    "models",
+    "Upload a model: a .zip or .tar.gz of a Hugging Face folder (safetensors or one GGUF).",
+)
+datasets = _resource_group(
+    "datasets", "datasets", 'Upload a dataset: .txt (a record per line) or .jsonl ({"text": …}).'
+)

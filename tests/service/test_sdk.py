@@ -139,6 +139,42 @@ def test_a_real_job_created_idempotently_followed_waited_for_and_downloaded(
     listed = service.cli("jobs", "--limit", "2", *auth).splitlines()
     assert listed[0].split()[:2] == ["job", "status"]
     assert [line.split()[0] for line in listed[1:]] == [submitted["id"], job.id]
+    # Re-attach to a job by id: the outcome again, exit 0 because it succeeded.
+    waited = service.cli("wait", job.id, *auth)
+    assert f"{job.id} succeeded" in waited and "slimformer download" in waited
+    # Models and datasets from the command line: list, show by name, upload and wait.
+    models_table = service.cli("models", *auth)
+    assert model_id in models_table and "all-MiniLM-L6-v2" in models_table
+    assert json.loads(service.cli("models", "show", "all-MiniLM-L6-v2", *auth))["id"] == model_id
+    texts = tmp_path / "cli-texts.txt"
+    texts.write_text("a first line of text\na second one\n")
+    uploaded = service.cli("datasets", "upload", str(texts), "--name", f"cli-{key}", *auth).split()
+    assert uploaded[0].startswith("dset_") and uploaded[1] == "ready"
+    shown_dataset = json.loads(service.cli("datasets", "show", f"cli-{key}", *auth))
+    assert shown_dataset["id"] == uploaded[0] and shown_dataset["num_records"] == 2
+    # Calibration and evaluation sizes from flags, over what a recipe file says.
+    flagged = json.loads(
+        service.cli(
+            "submit",
+            model_id,
+            "--method",
+            "rtn",
+            "--calibration-samples",
+            "4",
+            "--eval-samples",
+            "8",
+            "--eval-seq-len",
+            "32",
+            "--metadata",
+            f"suite={key}-flags",
+            "--json",
+            *auth,
+        )
+    )
+    assert flagged["evaluation"]["max_samples"] == 8 and flagged["evaluation"]["seq_len"] == 32
+    assert flagged["calibration"]["num_samples"] == 4
+    with sdk(service) as client:
+        client.jobs.cancel(flagged["id"])
 
     async def read_async() -> None:
         async with async_sdk(service) as aclient:
