@@ -162,7 +162,9 @@ def test_cap_defers_a_projects_second_job_and_the_cache_reuses_the_first(
 
         original = artifacts_by_name(alpha, first)
         copies = artifacts_by_name(alpha, second)
-        assert set(copies) == set(original) == {"model.tar.gz", "report.json"}
+        # The same artifacts, named as the first job's (model and job: the bytes are its).
+        archive = f"all-MiniLM-L6-v2-{first}.tar.gz"
+        assert set(copies) == set(original) == {archive, f"all-MiniLM-L6-v2-{first}.report.json"}
         for name, artifact in copies.items():
             assert artifact["sha256"] == original[name]["sha256"]
             assert artifact["id"] != original[name]["id"]
@@ -183,12 +185,12 @@ def test_cap_defers_a_projects_second_job_and_the_cache_reuses_the_first(
 
         # Deleting the first keeps the bytes the second still points at; deleting the second
         # too removes them.
-        stored = service.data_dir / "storage" / "jobs" / first / "attempt-1" / "model.tar.gz"
+        stored = service.data_dir / "storage" / "jobs" / first / "attempt-1" / archive
         assert stored.is_file()
         assert alpha.delete(f"/v1/jobs/{first}").status_code == 204
-        content = alpha.get(f"/v1/artifacts/{copies['model.tar.gz']['id']}/content")
+        content = alpha.get(f"/v1/artifacts/{copies[archive]['id']}/content")
         assert content.status_code == 200
-        assert hashlib.sha256(content.content).hexdigest() == copies["model.tar.gz"]["sha256"]
+        assert hashlib.sha256(content.content).hexdigest() == copies[archive]["sha256"]
         assert alpha.delete(f"/v1/jobs/{second}").status_code == 204
         deadline = time.monotonic() + 10
         while stored.exists() and time.monotonic() < deadline:
