@@ -26,6 +26,12 @@ def _queue_name(svc: Service, queue: str) -> str:
     return svc.env.get("SLIMFORMER_QUEUE_PREFIX", "") + queue
 
 
+def redis_lists(name: str) -> list[str]:
+    """kombu's Redis transport keeps priority 0 in the queue's list and levels 1-9 beside it
+    (`sep` ":", `priority_steps` 0-9 in app/broker.py); a job's priority picks the list."""
+    return [name, *(f"{name}:{level}" for level in range(1, 10))]
+
+
 def messages_for(svc: Service, queue: str, resource_id: str) -> int:
     """How many messages in the broker's `queue` carry `resource_id`, read off the broker."""
     name = _queue_name(svc, queue)
@@ -33,7 +39,11 @@ def messages_for(svc: Service, queue: str, resource_id: str) -> int:
         import redis
 
         client = redis.Redis.from_url(svc.env["SLIMFORMER_BROKER_URL"])
-        return sum(resource_id.encode() in item for item in client.lrange(name, 0, -1))
+        return sum(
+            resource_id.encode() in item
+            for key in redis_lists(name)
+            for item in client.lrange(key, 0, -1)
+        )
     folder = svc.data_dir / "broker" / "queue"
     return sum(
         resource_id in path.read_text(errors="replace")
@@ -50,9 +60,10 @@ def lose_messages_for(svc: Service, queue: str, resource_id: str) -> None:
         import redis
 
         client = redis.Redis.from_url(svc.env["SLIMFORMER_BROKER_URL"])
-        for item in client.lrange(name, 0, -1):
-            if resource_id.encode() in item:
-                client.lrem(name, 0, item)
+        for key in redis_lists(name):
+            for item in client.lrange(key, 0, -1):
+                if resource_id.encode() in item:
+                    client.lrem(key, 0, item)
         return
     for path in (svc.data_dir / "broker" / "queue").glob(f"*.{name}.msg"):
         if resource_id in path.read_text(errors="replace"):
