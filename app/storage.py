@@ -82,7 +82,34 @@ class HashingWriter:
         )
 
 
-class LocalStore:
+class WritesThroughWriter:
+    """`write_stream`, `put_file` and `put_bytes` for a store whose one way in is `writer`."""
+
+    read_chunk = CHUNK  # how much of a local file each write takes
+
+    def writer(
+        self, key: str, *, max_bytes: int | None = None
+    ) -> AbstractContextManager[HashingWriter]:
+        raise NotImplementedError
+
+    def write_stream(
+        self, key: str, chunks: Iterator[bytes], *, max_bytes: int | None = None
+    ) -> StoredObject:
+        with self.writer(key, max_bytes=max_bytes) as writer:
+            for chunk in chunks:
+                writer.write(chunk)
+        assert writer.result is not None
+        return writer.result
+
+    def put_file(self, key: str, source: Path) -> StoredObject:
+        with source.open("rb") as handle:
+            return self.write_stream(key, iter(lambda: handle.read(self.read_chunk), b""))
+
+    def put_bytes(self, key: str, data: bytes) -> StoredObject:
+        return self.write_stream(key, iter([data]))
+
+
+class LocalStore(WritesThroughWriter):
     """A folder on a local or shared filesystem."""
 
     def __init__(self, root: Path) -> None:
@@ -119,22 +146,6 @@ class LocalStore:
             writer = HashingWriter(key, handle, max_bytes)
             yield writer
         writer.finish()
-
-    def write_stream(
-        self, key: str, chunks: Iterator[bytes], *, max_bytes: int | None = None
-    ) -> StoredObject:
-        with self.writer(key, max_bytes=max_bytes) as writer:
-            for chunk in chunks:
-                writer.write(chunk)
-        assert writer.result is not None
-        return writer.result
-
-    def put_file(self, key: str, source: Path) -> StoredObject:
-        with source.open("rb") as handle:
-            return self.write_stream(key, iter(lambda: handle.read(CHUNK), b""))
-
-    def put_bytes(self, key: str, data: bytes) -> StoredObject:
-        return self.write_stream(key, iter([data]))
 
     def open(self, key: str) -> BinaryIO:
         return self._path(key).open("rb")

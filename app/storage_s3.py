@@ -31,7 +31,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from app.storage import CHUNK, HashingWriter, StoredObject
+from app.storage import CHUNK, HashingWriter, WritesThroughWriter
 
 # 8 MiB parts (s3transfer's default; S3's floor is 5 MiB and 10,000 parts make at most 80 GB per
 # object) with four in flight: an upload holds about six parts (~50 MB measured) whatever the object's
@@ -46,7 +46,7 @@ def _missing(error: ClientError) -> bool:
     return code in {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 
 
-class S3Store:
+class S3Store(WritesThroughWriter):
     """Keys live under `prefix/` in `bucket`."""
 
     def __init__(
@@ -62,6 +62,7 @@ class S3Store:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.part_size = part_size
+        self.read_chunk = part_size  # put_file: a part per read
         self._presign_endpoint_url = presign_endpoint_url
         self._clients: dict[tuple[int, str | None], Any] = {}
         self._lock = threading.Lock()
@@ -110,22 +111,6 @@ class S3Store:
             upload.abort()
             raise
         writer.finish()
-
-    def write_stream(
-        self, key: str, chunks: Iterator[bytes], *, max_bytes: int | None = None
-    ) -> StoredObject:
-        with self.writer(key, max_bytes=max_bytes) as writer:
-            for chunk in chunks:
-                writer.write(chunk)
-        assert writer.result is not None
-        return writer.result
-
-    def put_file(self, key: str, source: Path) -> StoredObject:
-        with source.open("rb") as handle:
-            return self.write_stream(key, iter(lambda: handle.read(self.part_size), b""))
-
-    def put_bytes(self, key: str, data: bytes) -> StoredObject:
-        return self.write_stream(key, iter([data]))
 
     # -- reads --------------------------------------------------------------------------------
 
