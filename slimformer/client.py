@@ -256,6 +256,7 @@ class Worker(Resource):
 
 
 T = TypeVar("T", bound=Resource)
+R = TypeVar("R")
 
 
 class Page(BaseModel, Generic[T]):
@@ -813,6 +814,40 @@ class _Collection(Generic[T]):
         matches = [item for item in self.iter() if getattr(item, "name", None) == name]
         return _one_named(matches, name, self.path)
 
+    def wait_validated(
+        self, resource_id: str, *, timeout: float | None = None, poll_interval_s: float = 1.0
+    ) -> T:
+        """Poll an uploaded model or dataset until its validation has ended (`ready` or
+        `rejected`) and return it; `timeout` as in `jobs.wait`."""
+        return _poll(
+            lambda: self.get(resource_id),
+            lambda item: getattr(item, "status", None) != "validating",
+            resource_id,
+            timeout,
+            poll_interval_s,
+        )
+
+
+def _poll(
+    fetch: Callable[[], R],
+    done: Callable[[R], bool],
+    label: str,
+    timeout: float | None,
+    poll_interval_s: float,
+) -> R:
+    """`fetch()` until `done`, waiting 0.2 s doubling to `poll_interval_s` between tries."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = min(0.2, poll_interval_s)
+    while True:
+        item = fetch()
+        if done(item):
+            return item
+        if deadline is not None and time.monotonic() + delay > deadline:
+            status = getattr(item, "status", None)
+            raise SlimformerError("timeout", f"{label} is still {status} after {timeout} s")
+        time.sleep(delay)
+        delay = min(delay * 2, poll_interval_s)
+
 
 def _one_named(matches: list[T], name: str, path: str) -> T:
     kind = path.rsplit("/", 1)[1]
@@ -1006,18 +1041,13 @@ class Jobs(_Collection[Job]):
     ) -> Job:
         """Poll until the job is terminal and return it; `timeout` (s) raises `SlimformerError`
         code `timeout` when it passes first."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = min(0.2, poll_interval_s)
-        while True:
-            job = self.get(job_id)
-            if job.terminal:
-                return job
-            if deadline is not None and time.monotonic() + delay > deadline:
-                raise SlimformerError(
-                    "timeout", f"job {job_id} is still {job.status} after {timeout} s"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, poll_interval_s)
+        return _poll(
+            lambda: self.get(job_id),
+            lambda job: job.terminal,
+            f"job {job_id}",
+            timeout,
+            poll_interval_s,
+        )
 
 
 # --- The asynchronous client --------------------------------------------------------------------

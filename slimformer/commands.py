@@ -14,7 +14,6 @@ import shutil
 import stat
 import tarfile
 import tempfile
-import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -743,10 +742,10 @@ def _resource_group(collection: str, what: str, upload_help: str) -> click.Group
         url, api_key = (_inherited(ctx, "url", url), _inherited(ctx, "api_key", api_key))
         with api_session(url, api_key) as api:
             resources = getattr(api, collection)
-            item = resources.upload(file, name=name).to_dict()
-            while wait and item.get("status") == "validating":
-                time.sleep(0.5)
-                item = resources.get(item["id"]).to_dict()
+            item = resources.upload(file, name=name)
+            if wait:
+                item = resources.wait_validated(item.id)
+            item = item.to_dict()
         click.echo(f"{item['id']} {item.get('status')}")
         if item.get("status") == "rejected":
             error = item.get("error") or {}
