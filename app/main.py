@@ -26,6 +26,18 @@ from app.workers.router import router as workers_router
 STATIC = Path(__file__).parent / "static"
 # Swagger UI for /docs, vendored from npm (swagger-ui-dist 5.36.0): an install without internet
 # access shows the API, not a blank page.
+DASHBOARD_PATHS = (
+    "/",
+    "/jobs",
+    "/jobs/{job_id}",
+    "/new",
+    "/compare",
+    "/models",
+    "/models/{model_id}",
+    "/datasets",
+    "/datasets/{dataset_id}",
+    "/workers",
+)
 
 
 def create_app() -> FastAPI:
@@ -76,8 +88,12 @@ def create_app() -> FastAPI:
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-        @app.get("/", include_in_schema=False)
         def dashboard() -> FileResponse:
-            return FileResponse(STATIC / "index.html")
+            return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+        # The dashboard's own URLs (History API): a job, model or dataset page opened directly
+        # or reloaded gets the page, which then shows what its path names.
+        for path in DASHBOARD_PATHS:
+            app.add_api_route(path, dashboard, methods=["GET"], include_in_schema=False)
 
     return app
