@@ -44,18 +44,20 @@ export function baselineVsCompressed(names, baseline, compressed) {
     return (comp[i] - 100) * dir > 0 ? COLORS.good : COLORS.bad;
   });
   const raw = (values) => (u, v, _s, i) => (i === null || i === undefined ? "" : metricValue(names[i], values[names[i]]));
+  // Horizontal bars: one row per metric, its name on the left, first metric on top.
   return chartBox("baseline-vs-compressed", "Compressed as % of baseline (green: better, red: worse)", () => ({
-    scales: { x: { time: false, range: [-0.5, names.length - 0.5] }, y: { range: (u, lo, hi) => [0, Math.max(110, hi * 1.05)] } },
-    axes: [indexAxis(names), { label: "% of baseline", size: 50 }],
+    scales: { x: { time: false, ori: 1, dir: -1, range: [-0.5, names.length - 0.5] },
+              y: { ori: 0, dir: 1, range: (u, lo, hi) => [0, Math.max(110, hi * 1.05)] } },
+    axes: [{ ...indexAxis(names), side: 3, size: 170 }, { side: 2, label: "% of baseline", size: 40 }],
     legend: { live: true },
     cursor: { points: { show: false } },
     series: [
       { label: "metric", value: (u, v) => (isNumber(v) ? names[v] : "") },
-      { label: "baseline", fill: COLORS.muted, stroke: COLORS.base, width: 0, paths: bars(0.35, -1), points: { show: false }, value: raw(baseline) },
+      { label: "baseline", fill: COLORS.muted, stroke: COLORS.base, width: 0, paths: bars(0.4, -1), points: { show: false }, value: raw(baseline) },
       { label: "compressed", fill: COLORS.accent, stroke: COLORS.accent, width: 0,
-        paths: bars(0.35, 1, () => colors), points: { show: false }, value: raw(compressed) },
+        paths: bars(0.4, 1, () => colors), points: { show: false }, value: raw(compressed) },
     ],
-  }), [x, base, comp], { height: Math.max(200, 160 + 4 * names.length) });
+  }), [x, base, comp], { height: 70 + 30 * names.length });
 }
 
 // Lines over a shared x, each series [{label, points: [[x, y], ...], scale, color}]; series on a

@@ -1,6 +1,17 @@
 // DOM building and formatting. Every value from the API goes in through text nodes, never
 // innerHTML; nothing here prints `null` or `undefined`: a missing value is a dash.
 
+// Replace a node's children, skipping null/undefined/false and flattening arrays (the DOM's own
+// replaceChildren would print "null" and "[object HTMLElement]").
+export function fill(node, ...children) {
+  node.replaceChildren();
+  for (const child of children.flat(Infinity)) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
 export function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [name, value] of Object.entries(attrs)) {
@@ -10,11 +21,7 @@ export function el(tag, attrs = {}, ...children) {
     else if (name === "value" || name === "checked") node[name] = value;
     else node.setAttribute(name, value === true ? "" : value);
   }
-  for (const child of children.flat(Infinity)) {
-    if (child === null || child === undefined || child === false) continue;
-    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-  return node;
+  return fill(node, ...children);
 }
 
 export const isNumber = (v) => typeof v === "number" && Number.isFinite(v);

@@ -2,7 +2,7 @@
 // URL; back and forward work), the header, the error banner and the shared model/dataset names.
 
 import { api, apiKey, listAll } from "./api.js";
-import { el } from "./dom.js";
+import { el, fill } from "./dom.js";
 import { jobsView, compareView } from "./views/jobs.js";
 import { jobView } from "./views/job.js";
 import { submitView } from "./views/submit.js";
@@ -67,7 +67,7 @@ function route() {
     a.classList.toggle("active", section === "/" ? /^\/(jobs.*)?$/.test(location.pathname)
       : location.pathname.startsWith(section));
   }
-  root.replaceChildren();
+  fill(root);
   const path = location.pathname.replace(/\/+$/, "") || "/";
   for (const [pattern, make] of ROUTES) {
     const match = pattern.exec(path);

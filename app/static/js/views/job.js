@@ -3,7 +3,7 @@
 
 import { ApiError, api, apiKey, downloadWithKey, followEvents } from "../api.js";
 import { baselineVsCompressed, layerChart, lineChart, trialsChart } from "../charts.js";
-import { QUALITY, bytes, change, duration, el, etaSeconds, facts, isNumber, link, metricValue,
+import { QUALITY, bytes, change, duration, el, etaSeconds, facts, fill, isNumber, link, metricValue,
          overallFraction, present, progressBar, progressLabel, shortTime, statusBadge, table, text } from "../dom.js";
 import { modelName, names, navigate, refreshNames, showError } from "../main.js";
 import { recipeText } from "./jobs.js";
@@ -36,7 +36,7 @@ export async function jobView(view, jobId) {
     renderProgress();
     if (!before || JSON.stringify(before.metrics) !== JSON.stringify(state.job.metrics)) renderResults();
     renderArtifacts();
-    if (!before) parts.spec.replaceChildren(el("details", {}, el("summary", {}, "Job specification (JSON)"),
+    if (!before) fill(parts.spec, el("details", {}, el("summary", {}, "Job specification (JSON)"),
       el("pre", { class: "json" }, JSON.stringify(Object.fromEntries(["model_id", "recipe", "calibration", "evaluation",
         "targets", "export", "priority", "metadata"].filter((k) => present(state.job[k])).map((k) => [k, state.job[k]])), null, 2))));
   }
@@ -46,7 +46,7 @@ export async function jobView(view, jobId) {
     const live = !TERMINAL.has(job.status);
     const m = job.metrics || {};
     const runtime = job.started_at ? ((job.finished_at ? Date.parse(job.finished_at) : Date.now()) - Date.parse(job.started_at)) / 1000 : null;
-    parts.head.replaceChildren(
+    fill(parts.head, 
       el("h2", {}, el("span", { class: "mono" }, job.id), statusBadge(job.status),
         el("span", { class: "actions" },
           live && job.status !== "cancelling" ? el("button", { class: "danger", onclick: cancel }, "Cancel") : null,
@@ -95,7 +95,8 @@ export async function jobView(view, jobId) {
     return el("ol", { class: "timeline", "aria-label": "stage timeline" }, stages.map((name, i) => {
       const next = times.slice(i + 1).find((t) => t.first !== null);
       const start = times[i].first;
-      const stop = i < currentIndex ? (next ? next.first : times[i].last) : i === currentIndex ? end : null;
+      const stop = i < currentIndex ? (next ? next.first : TERMINAL.has(job.status) ? end : times[i].last)
+        : i === currentIndex ? end : null;
       const seconds = start !== null && stop !== null ? (stop - start) / 1000 : null;
       const stateName = i < currentIndex ? "done" : i === currentIndex ? (TERMINAL.has(job.status) ? job.status : "current") : "pending";
       return el("li", { class: stateName, style: `flex-grow:${Math.max(1, Math.min(20, (seconds || 0) / 5))}`,
@@ -111,7 +112,7 @@ export async function jobView(view, jobId) {
     const live = !TERMINAL.has(job.status);
     const eta = etaSeconds(p);
     const within = isNumber(p.step) && isNumber(p.total_steps) && p.total_steps > 1;
-    parts.progress.replaceChildren(
+    fill(parts.progress, 
       live ? el("div", { class: "progress" },
         progressBar(overallFraction(p), "job progress"),
         el("div", {}, el("b", {}, `${Math.round(overallFraction(p) * 100)}%`), " ",
@@ -128,14 +129,14 @@ export async function jobView(view, jobId) {
     const before = m.baseline || {}, after = m.compressed || {};
     const metricNames = [...new Set([...Object.keys(before), ...Object.keys(after)])]
       .filter((n) => !SETTINGS.has(n) && (isNumber(before[n]) || isNumber(after[n])));
-    if (!metricNames.length) { parts.metrics.replaceChildren(); }
+    if (!metricNames.length) { fill(parts.metrics); }
     else {
       const rows = metricNames.map((n) => el("tr", {}, el("td", {}, n), el("td", {}, metricValue(n, before[n])),
         el("td", {}, metricValue(n, after[n])), el("td", {}, change(n, before[n], after[n]) || "")));
       const warnings = [before.latency_warning, after.latency_warning].filter(present);
       const charted = metricNames.filter((n) => isNumber(before[n]) && isNumber(after[n]) && before[n] !== 0
-        && !/_p(10|90|95)$/.test(n) && n !== "latency_spread");
-      parts.metrics.replaceChildren(el("h3", {}, "Metrics"),
+        && !/_p(10|90|95)$/.test(n) && !["latency_spread", "latency_runs"].includes(n));
+      fill(parts.metrics, el("h3", {}, "Metrics"),
         table(["Metric", "Baseline", "Compressed", "Change"], rows),
         warnings.map((w) => el("p", { class: "warning-text" }, w)),
         m.settings ? el("p", { class: "muted small" }, "Measured with ", Object.entries(m.settings)
@@ -168,12 +169,12 @@ export async function jobView(view, jobId) {
         }
       }
     });
-    parts.layers.replaceChildren(...(charts.length ? [el("h3", {}, "Per layer"), ...charts] : []));
+    fill(parts.layers, ...(charts.length ? [el("h3", {}, "Per layer"), ...charts] : []));
   }
 
   function renderTrials(m) {
     const trials = Array.isArray(m.trials) ? m.trials : [];
-    if (!trials.length) { parts.trials.replaceChildren(); return; }
+    if (!trials.length) { fill(parts.trials); return; }
     const quality = QUALITY.find((q) => trials.some((t) => isNumber((t.metrics || {})[q])))
       || Object.keys(trials[0].metrics || {})[0];
     const sizeKey = trials.some((t) => isNumber(t.size_bytes)) ? "size_bytes" : "bits_per_weight";
@@ -184,7 +185,7 @@ export async function jobView(view, jobId) {
       el("td", {}, bytes(t.size_bytes)), el("td", {}, metricValue("bits_per_weight", t.bits_per_weight)),
       el("td", {}, duration(t.seconds)), el("td", {}, t.held === true ? "yes" : t.held === false ? "no" : "–"),
       el("td", {}, t.pareto ? "★" : "")));
-    parts.trials.replaceChildren(el("h3", {}, `Search trials (${trials.length})`),
+    fill(parts.trials, el("h3", {}, `Search trials (${trials.length})`),
       m.targets_met !== undefined ? el("p", {}, `Targets met: ${m.targets_met ? "yes" : "no"}`) : null,
       quality ? trialsChart(trials, quality, sizeKey) : null,
       el("div", { class: "scroll" }, table(["#", "Kind", "Recipe", quality || "quality", "Size", "Bits/weight", "Time", "Held", "Pareto"], rows)));
@@ -205,17 +206,17 @@ export async function jobView(view, jobId) {
     const stageHeld = ((state.job.metrics || {}).stages || []).flatMap((s) => (s && Array.isArray(s.held_out) ? s.held_out : []));
     const held = stageHeld.length ? stageHeld : heldFromEvents;
     const heldKey = held.length ? Object.keys(held[0]).find((k) => !["step", "seconds"].includes(k) && isNumber(held[0][k])) : null;
-    if (!loss.length && !heldKey) { parts.curves.replaceChildren(); return; }
+    if (!loss.length && !heldKey) { fill(parts.curves); return; }
     const series = [];
     if (loss.length) series.push({ label: "training loss", points: loss, scale: "loss", axisLabel: "loss" });
     if (heldKey) series.push({ label: `held-out ${heldKey}`, points: held.map((h) => [h.step, h[heldKey]]), scale: "held", axisLabel: `held-out ${heldKey}` });
-    parts.curves.replaceChildren(el("h3", {}, "Distillation"),
+    fill(parts.curves, el("h3", {}, "Distillation"),
       lineChart("distillation", "Training loss and held-out quality by step", "step", series));
   }
 
   function renderArtifacts() {
     const list = state.artifacts || [];
-    parts.artifacts.replaceChildren(...(list.length ? [el("h3", {}, "Artifacts"), table(["Kind", "File", "Size", "sha256"],
+    fill(parts.artifacts, ...(list.length ? [el("h3", {}, "Artifacts"), table(["Kind", "File", "Size", "sha256"],
       list.map((a) => {
         const href = `/v1/artifacts/${encodeURIComponent(a.id)}/content`;
         const name = a.filename || a.id;
@@ -235,7 +236,7 @@ export async function jobView(view, jobId) {
     const data = event.data || {};
     const message = present(event.message) ? event.message : event.type === "status" ? `status: ${text(data.status)}` : "";
     const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
-    log.append(el("div", { class: `${event.level || "info"} ${event.type}` },
+    log.append(el("div", { class: `${event.level || "info"} ev-${event.type}` },
       el("span", { class: "muted" }, shortTime(event.created_at).slice(11)), " ",
       event.type === "status" || event.type === "progress" ? "" : `${event.type}: `, message));
     if (atBottom) log.scrollTop = log.scrollHeight;
@@ -269,7 +270,7 @@ export async function jobView(view, jobId) {
     await refresh();
   } catch (error) {
     if (error instanceof ApiError && error.status === 404) {
-      view.root.replaceChildren(el("section", {}, el("h2", {}, `No job ${jobId}`), el("p", {}, link("/", "Back to the jobs"))));
+      fill(view.root, el("section", {}, el("h2", {}, `No job ${jobId}`), el("p", {}, link("/", "Back to the jobs"))));
       return;
     }
     throw error;

@@ -3,7 +3,7 @@
 
 import { api } from "../api.js";
 import { compareChart } from "../charts.js";
-import { QUALITY, bytes, change, el, etaSeconds, duration, isNumber, link, metricValue,
+import { QUALITY, bytes, change, el, etaSeconds, duration, fill, isNumber, link, metricValue,
          overallFraction, progressBar, progressLabel, shortTime, statusBadge, table, text } from "../dom.js";
 import { modelName, navigate, refreshNames } from "../main.js";
 
@@ -74,7 +74,7 @@ export async function jobsView(view) {
     const { body: page } = await api(`/v1/jobs?${query}`);
     jobs = append ? jobs.concat(page.data) : page.data;
     hasMore = page.has_more;
-    body.replaceChildren(table(["", "Job", "Status", "Model", "Recipe", "Headline (vs baseline) / progress", "Created (UTC)"],
+    fill(body, table(["", "Job", "Status", "Model", "Recipe", "Headline (vs baseline) / progress", "Created (UTC)"],
       jobs.map(row), filter.value ? `No ${filter.value} jobs.` : "No jobs yet: start one with New job."));
     more.hidden = !hasMore;
     updated.textContent = `updated ${new Date().toLocaleTimeString()}`;

@@ -1,7 +1,7 @@
 // Models and datasets: browse, upload (with a progress bar), look at one, delete.
 
 import { ApiError, api, listAll, upload } from "../api.js";
-import { bytes, el, facts, isNumber, link, progressBar, shortTime, statusBadge, table, text } from "../dom.js";
+import { bytes, el, facts, fill, isNumber, link, progressBar, shortTime, statusBadge, table, text } from "../dom.js";
 import { modelName, navigate, refreshNames, showError } from "../main.js";
 import { headline, recipeText } from "./jobs.js";
 
@@ -31,12 +31,12 @@ function uploadForm(kind, onDone) {
     form.append("file", chosen);
     button.disabled = true;
     bar.hidden = false;
-    const show = (fraction, loaded, total) => bar.replaceChildren(progressBar(fraction, "upload progress"),
+    const show = (fraction, loaded, total) => fill(bar, progressBar(fraction, "upload progress"),
       el("span", { class: "small muted" }, `${Math.round(fraction * 100)}% · ${bytes(loaded)} of ${bytes(total)}`));
     show(0, 0, chosen.size);
     try {
       const created = await upload(`/v1/${kind}`, form, show);
-      bar.replaceChildren(el("span", {}, `Uploaded: ${created.id}, ${text(created.status)}`));
+      fill(bar, el("span", {}, `Uploaded: ${created.id}, ${text(created.status)}`));
       await refreshNames(true);
       onDone(created);
     } catch (error) {
@@ -55,7 +55,7 @@ export async function libraryView(view, kind) {
     uploadForm(kind, (created) => navigate(`/${kind}/${created.id}`)), body));
   view.every(5000, async () => {
     const items = await listAll(`/v1/${kind}`);
-    body.replaceChildren(table(spec.columns, items.map((item) => el("tr", {},
+    fill(body, table(spec.columns, items.map((item) => el("tr", {},
       el("td", {}, link(`/${kind}/${item.id}`, item.name)), el("td", {}, statusBadge(item.status)),
       spec.cells(item).map((c) => el("td", {}, c)), el("td", {}, bytes(item.size_bytes)),
       el("td", {}, sourceText(item)), el("td", { class: "muted" }, shortTime(item.created_at)))),
@@ -77,7 +77,7 @@ export async function itemView(view, kind, id) {
   }
   const section = el("section", {});
   view.root.append(section);
-  const render = (jobs) => section.replaceChildren(
+  const render = (jobs) => fill(section, 
     el("h2", {}, item.name, statusBadge(item.status), el("span", { class: "actions" },
       kind === "models" && item.status === "ready" ? el("a", { class: "button primary", href: `/new?model=${item.id}`, "data-nav": "" }, "New job with this model") : null,
       el("button", { class: "danger", onclick: remove }, "Delete"))),

@@ -2,7 +2,7 @@
 // defaults, ../shared/API.md), calibration and evaluation choices, or the raw JSON itself.
 
 import { api } from "../api.js";
-import { el, present } from "../dom.js";
+import { el, fill, present } from "../dom.js";
 import { names, navigate, refreshNames, showError } from "../main.js";
 
 const weightOnly = [["bits", "int", 4, "2–8"], ["group_size", "int", 128, "-1 = per channel"], ["symmetric", "bool", true]];
@@ -81,7 +81,7 @@ function stageEditor(stage, onRemove, onChange) {
     });
     const ignore = spec.noIgnore ? null : el("label", { title: "module-name patterns left alone, comma separated" },
       el("span", {}, "ignore"), el("input", { name: "ignore", placeholder: "e.g. lm_head", value: (values.ignore || []).join(", "), size: 14 }));
-    box.replaceChildren(el("legend", {}, select, " ", el("span", { class: "muted small" }, spec.about),
+    fill(box, el("legend", {}, select, " ", el("span", { class: "muted small" }, spec.about),
                            el("button", { type: "button", class: "link", onclick: onRemove, "aria-label": "remove stage" }, "✕")),
                         el("div", { class: "fields" }, fields, ignore));
   };
@@ -119,7 +119,7 @@ export async function submitView(view) {
     const editor = stageEditor(stage, () => { editor.remove(); sync(); }, sync);
     stages.append(editor);
   };
-  const setRecipe = (list) => { stages.replaceChildren(); list.forEach(addStage); sync(); };
+  const setRecipe = (list) => { fill(stages); list.forEach(addStage); sync(); };
   const presets = el("div", { class: "presets" }, PRESETS.map(([label, list]) =>
     el("button", { type: "button", class: "chip", onclick: () => setRecipe(list) }, label)));
 

@@ -1,7 +1,7 @@
 // Workers: who is there to run jobs, per device class.
 
 import { api } from "../api.js";
-import { bytes, el, isNumber, shortTime, statusBadge, table, text } from "../dom.js";
+import { bytes, el, fill, isNumber, shortTime, statusBadge, table, text } from "../dom.js";
 
 async function workers() {
   return (await api("/v1/workers?limit=100")).body.data;
@@ -18,7 +18,7 @@ export async function workersView(view) {
   view.root.append(el("section", {}, el("h2", {}, "Workers"), body));
   view.every(5000, async () => {
     const list = await workers();
-    body.replaceChildren(table(["Worker", "Device", "Status", "Current job", "Queues", "Memory", "Last seen (UTC)"],
+    fill(body, table(["Worker", "Device", "Status", "Current job", "Queues", "Memory", "Last seen (UTC)"],
       list.map((w) => el("tr", {},
         el("td", { class: "mono" }, text(w.hostname)),
         el("td", {}, w.device_name || w.gpu_name ? `${text(w.device)} (${w.device_name || w.gpu_name})` : text(w.device)),
