@@ -8,6 +8,7 @@ literal null. Embedded backend only: the browser sees the same HTTP API on eithe
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -205,6 +206,24 @@ def test_urls_history_compare_and_upload(service: Service, page, tmp_path: Path)
     assert_no_nullish(page)
     shot(page, tmp_path, "compare")
 
+    # "Edit as new job" in raw-JSON mode: the copied spec, edited as text, submitted as it is.
+    page.goto(f"{base}/jobs/{second}")
+    page.get_by_role("link", name="Edit as new job").click()
+    page.wait_for_url(f"{base}/new?from={second}")
+    page.wait_for_selector("#job-form fieldset.stage")
+    page.check("#raw-mode")
+    raw = json.loads(page.input_value("#raw-json"))
+    assert raw["model_id"] == minilm and raw["recipe"]["stages"][0]["method"] == "dynamic_int8"
+    assert raw["evaluation"]["dataset_id"] == sentences
+    raw["metadata"] = {"from": "raw-json"}
+    page.fill("#raw-json", json.dumps(raw))
+    page.click("#submit-job")
+    page.wait_for_url(f"{base}/jobs/job_*")
+    third = page.url.rsplit("/", 1)[1]
+    page.wait_for_selector(f"h2:has-text('{third}') .status.succeeded", timeout=120_000)
+    with service.client() as client:
+        assert client.get(f"/v1/jobs/{third}").json()["metadata"] == {"from": "raw-json"}
+
     # Upload a dataset from its page: a progress bar, then the new dataset's own page.
     text = tmp_path / "notes.txt"
     text.write_text("\n".join(f"Sentence number {i} about compressing models." for i in range(2000)))
@@ -222,11 +241,12 @@ def test_urls_history_compare_and_upload(service: Service, page, tmp_path: Path)
 
 
 def test_changes_are_coloured_by_what_is_good_and_trials_are_charted(
-    service: Service, page  # noqa: ANN001
+    service: Service, page, tmp_path: Path  # noqa: ANN001
 ) -> None:
     """The formatting and chart code on the issue's own examples (a job with search trials comes
     from the search; here the page draws trials given to it)."""
     page.goto(f"{service.base_url}/workers")
+    page.wait_for_selector("main h2:has-text('Workers')")
     verdicts = page.evaluate(
         """async () => {
             const { change } = await import("/static/js/dom.js");
@@ -265,3 +285,4 @@ def test_changes_are_coloured_by_what_is_good_and_trials_are_charted(
     assert drawn["canvas"]
     assert {"held the targets", "missed", "Pareto front"} <= set(drawn["legend"])
     assert canvas_has_ink(page, "[data-chart=trials] canvas")
+    page.locator("[data-chart=trials]").screenshot(path=str(Path(SHOTS or tmp_path) / "trials.png"))

@@ -126,11 +126,11 @@ export function compareChart(names, jobs) {
     return isNumber(a) && isNumber(b) && b !== 0 ? (100 * a) / b : null;
   }));
   return chartBox("compare", "Each job as % of its own baseline", () => ({
-    scales: { x: { time: false, range: [-0.5, names.length - 0.5] } },
-    axes: [indexAxis(names), { label: "% of baseline", size: 50 }],
+    scales: { x: { time: false, ori: 1, dir: -1, range: [-0.5, names.length - 0.5] }, y: { ori: 0, dir: 1 } },
+    axes: [{ ...indexAxis(names), side: 3, size: 170 }, { side: 2, label: "% of baseline", size: 40 }],
     series: [{ label: "metric", value: (u, v) => (isNumber(v) ? names[v] : "") },
       ...jobs.map((j, i) => ({ label: j.label, stroke: palette[i % palette.length], width: 0,
         paths: () => null, points: { show: true, size: 10, fill: palette[i % palette.length] },
         value: (u, v) => (isNumber(v) ? `${v.toFixed(1)}%` : "–") }))],
-  }), [x, ...series], { height: 260 });
+  }), [x, ...series], { height: 80 + 28 * names.length });
 }

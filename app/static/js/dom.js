@@ -76,7 +76,7 @@ export function change(name, before, after) {
   const verdict = Math.abs(rel) < 0.0005 || dir === 0 ? "same" : rel * dir > 0 ? "good" : "bad";
   return el("span", { class: `change ${verdict}`, title: verdict === "same" ? "" :
                       `${verdict === "good" ? "better" : "worse"} (${dir > 0 ? "higher" : "lower"} is better)` },
-            `${rel > 0 ? "+" : ""}${(rel * 100).toFixed(1)}%`);
+            verdict === "same" && Math.abs(rel) < 0.0005 ? "0.0%" : `${rel > 0 ? "+" : ""}${(rel * 100).toFixed(1)}%`);
 }
 
 export function progressBar(fraction, label = "progress") {

@@ -131,13 +131,18 @@ export async function jobView(view, jobId) {
       .filter((n) => !SETTINGS.has(n) && (isNumber(before[n]) || isNumber(after[n])));
     if (!metricNames.length) { fill(parts.metrics); }
     else {
+      // A pipeline's quality after each of its stages (measured between stages), before the end.
+      const methods = ((state.job.recipe || {}).stages || []).map((s) => s.method);
+      const between = (m.stages || []).map((s, i) => [methods[i], s && s.metrics]).filter(([, v]) => v && typeof v === "object");
+      const steps = between.length > 1 ? between : [];
       const rows = metricNames.map((n) => el("tr", {}, el("td", {}, n), el("td", {}, metricValue(n, before[n])),
+        steps.map(([, v]) => el("td", { class: "muted" }, isNumber(v[n]) ? metricValue(n, v[n]) : "")),
         el("td", {}, metricValue(n, after[n])), el("td", {}, change(n, before[n], after[n]) || "")));
       const warnings = [before.latency_warning, after.latency_warning].filter(present);
       const charted = metricNames.filter((n) => isNumber(before[n]) && isNumber(after[n]) && before[n] !== 0
         && !/_p(10|90|95)$/.test(n) && !["latency_spread", "latency_runs"].includes(n));
       fill(parts.metrics, el("h3", {}, "Metrics"),
-        table(["Metric", "Baseline", "Compressed", "Change"], rows),
+        table(["Metric", "Baseline", ...steps.map(([method]) => `after ${method}`), "Compressed", "Change"], rows),
         warnings.map((w) => el("p", { class: "warning-text" }, w)),
         m.settings ? el("p", { class: "muted small" }, "Measured with ", Object.entries(m.settings)
           .filter(([k, v]) => present(v) && typeof v !== "object" && !k.endsWith("sha256")).map(([k, v]) => `${k} ${v}`).join(", ")) : null,
@@ -158,7 +163,7 @@ export async function jobView(view, jobId) {
         const entries = Object.entries(value);
         if (!entries.length) continue;
         if (entries.every(([, v]) => isNumber(v)) && /^layer_/.test(key)) {
-          charts.push(layerChart(`layers-${i}-${key}`, `${method}: ${key.replace(/_/g, " ")} per layer`,
+          charts.push(layerChart(`layers-${i}-${key}`, `${method}: ${key.replace(/^layer_/, "").replace(/_/g, " ")} per layer`,
             entries.map(([n]) => n), entries.map(([, v]) => v), key.replace(/^layer_/, "")));
         } else if (entries.every(([, v]) => v && typeof v === "object")) {
           const fields = Object.keys(entries[0][1]).filter((f) => /error|sparsity/.test(f) && entries.every(([, v]) => isNumber(v[f])));
@@ -194,7 +199,10 @@ export async function jobView(view, jobId) {
   // Distillation: training loss from the progress events; held-out quality from the stage's
   // history (metrics) or, while it runs, from the events.
   function renderCurves(force = false) {
-    if (!force && Date.now() - state.curvesAt < 1500) return;
+    // At most one redraw per 1.5 s while events pour in, and always one after the last of them.
+    clearTimeout(state.curvesTimer);
+    const wait = state.curvesAt + 1500 - Date.now();
+    if (!force && wait > 0) { state.curvesTimer = setTimeout(() => renderCurves(true), wait); return; }
     state.curvesAt = Date.now();
     const loss = [], heldFromEvents = [];
     for (const e of state.events) {
@@ -205,11 +213,18 @@ export async function jobView(view, jobId) {
     }
     const stageHeld = ((state.job.metrics || {}).stages || []).flatMap((s) => (s && Array.isArray(s.held_out) ? s.held_out : []));
     const held = stageHeld.length ? stageHeld : heldFromEvents;
-    const heldKey = held.length ? Object.keys(held[0]).find((k) => !["step", "seconds"].includes(k) && isNumber(held[0][k])) : null;
-    if (!loss.length && !heldKey) { fill(parts.curves); return; }
+    // The held-out loss beside the training loss, and one quality measure on its own axis.
+    const numeric = held.length ? Object.keys(held[0]).filter((k) => isNumber(held[0][k])) : [];
+    const heldKeys = [numeric.includes("loss") ? "loss" : null,
+                      ["perplexity", "cosine", "accuracy"].find((k) => numeric.includes(k))].filter(Boolean);
+    if (!loss.length && !heldKeys.length) { fill(parts.curves); return; }
     const series = [];
     if (loss.length) series.push({ label: "training loss", points: loss, scale: "loss", axisLabel: "loss" });
-    if (heldKey) series.push({ label: `held-out ${heldKey}`, points: held.map((h) => [h.step, h[heldKey]]), scale: "held", axisLabel: `held-out ${heldKey}` });
+    for (const key of heldKeys) {
+      const isLoss = /loss/.test(key);
+      series.push({ label: `held-out ${key}`, points: held.map((h) => [h.step, h[key]]),
+                    scale: isLoss ? "loss" : "held", axisLabel: isLoss ? "loss" : `held-out ${key}` });
+    }
     fill(parts.curves, el("h3", {}, "Distillation"),
       lineChart("distillation", "Training loss and held-out quality by step", "step", series));
   }

@@ -112,7 +112,8 @@ export async function compareView(view) {
   ];
   section.append(el("div", { class: "scroll" }, el("table", { class: "compare" },
     el("thead", {}, el("tr", {}, header.map((h) => el("th", {}, h)))), el("tbody", {}, rows))));
-  const chartable = metricNames.filter((n) => jobs.some((j) => isNumber(((j.metrics || {}).baseline || {})[n])));
+  const chartable = metricNames.filter((n) => jobs.some((j) => isNumber(((j.metrics || {}).baseline || {})[n]))
+    && !/_p(10|90|95)$/.test(n) && !["latency_spread", "latency_runs"].includes(n));
   if (chartable.length) section.append(compareChart(chartable, jobs.map((j) => ({ label: j.id, metrics: j.metrics || {} }))));
   else section.append(el("p", { class: "muted" }, text(null, "These jobs have no metrics yet.")));
 }

@@ -80,7 +80,7 @@ export async function itemView(view, kind, id) {
   const render = (jobs) => fill(section, 
     el("h2", {}, item.name, statusBadge(item.status), el("span", { class: "actions" },
       kind === "models" && item.status === "ready" ? el("a", { class: "button primary", href: `/new?model=${item.id}`, "data-nav": "" }, "New job with this model") : null,
-      el("button", { class: "danger", onclick: remove }, "Delete"))),
+      sourceText(item) === "builtin" ? null : el("button", { class: "danger", onclick: remove }, "Delete"))),
     facts([["ID", el("span", { class: "mono" }, item.id)], ["Status", text(item.status)],
            ...spec.columns.slice(2, -3).map((c, i) => [c, spec.cells(item)[i]]),
            ["Size", bytes(item.size_bytes)], ["sha256", item.sha256 ? el("span", { class: "mono small" }, item.sha256) : null],

@@ -64,9 +64,12 @@ function numberInput(name, value, step) {
 // One stage's editor: a method select and that method's fields.
 function stageEditor(stage, onRemove, onChange) {
   const box = el("fieldset", { class: "stage" });
+  let extras = {};  // a copied stage's fields that the form does not show: kept as they are
   const render = (values) => {
     const method = values.method;
     const spec = METHODS[method];
+    const shown = new Set(["method", "version", "ignore", ...spec.fields.map(([name]) => name.split(".")[0])]);
+    extras = Object.fromEntries(Object.entries(values).filter(([k, v]) => !shown.has(k) && v !== null));
     const select = el("select", { name: "method", "aria-label": "method", onchange: (e) => { render({ method: e.target.value }); onChange(); } },
       Object.keys(METHODS).map((m) => el("option", { value: m, selected: m === method }, m)));
     const fields = spec.fields.map(([name, type, fallback, hint]) => {
@@ -88,7 +91,7 @@ function stageEditor(stage, onRemove, onChange) {
   render(stage);
   box.read = () => {
     const method = box.querySelector("select[name=method]").value;
-    const out = { method };
+    const out = { method, ...structuredClone(extras) };
     for (const input of box.querySelectorAll(".fields [name]")) {
       const kind = input.dataset.kind;
       if (input.name === "ignore") {
