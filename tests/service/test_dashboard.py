@@ -224,6 +224,21 @@ def test_urls_history_compare_and_upload(service: Service, page, tmp_path: Path)
     with service.client() as client:
         assert client.get(f"/v1/jobs/{third}").json()["metadata"] == {"from": "raw-json"}
 
+    # Without an event stream (a proxy that buffers it, say) the page polls the event list.
+    def no_stream(route) -> None:  # noqa: ANN001
+        if "text/event-stream" in (route.request.headers.get("accept") or ""):
+            route.abort()
+        else:
+            route.fallback()
+
+    page.route("**/v1/jobs/*/events*", no_stream)
+    page.goto(f"{base}/jobs/{first}")
+    page.wait_for_selector("#stream-mode[data-mode=done][data-polled=yes]", timeout=30_000)
+    with service.client() as client:
+        events = client.get(f"/v1/jobs/{first}/events", params={"limit": 1000}).json()["data"]
+    assert page.locator("#events > div").count() == len(events)
+    page.unroute("**/v1/jobs/*/events*")
+
     # Upload a dataset from its page: a progress bar, then the new dataset's own page.
     text = tmp_path / "notes.txt"
     text.write_text("\n".join(f"Sentence number {i} about compressing models." for i in range(2000)))
@@ -270,7 +285,7 @@ def test_changes_are_coloured_by_what_is_good_and_trials_are_charted(
     drawn = page.evaluate(
         """async () => {
             const { trialsChart } = await import("/static/js/charts.js");
-            const trials = [[90, 25.9, false, false], [40, 26.5, true, true], [30, 28.0, true, true],
+            const trials = [[90, 25.9, false, true], [40, 26.5, true, true], [30, 28.0, true, true],
                             [35, 30.0, false, false], [22, 41.0, false, true]]
                 .map(([mib, ppl, held, pareto], index) => ({ index, kind: "candidate", recipe: {},
                     metrics: { perplexity: ppl }, size_bytes: mib * 1048576, bits_per_weight: 4.5,

@@ -171,12 +171,12 @@ export async function followEvents(jobId, { signal, onEvent, onMode, isDone }) {
             buffer = buffer.slice(match.index + match[0].length);
           }
         }
+        if (isDone()) return;  // the stream ended after the terminal status
       } catch (error) {
         if (signal.aborted) return;
         if (error instanceof ApiError && error.status < 500 && error.status !== 429) throw error;
         failures += 1;
       }
-      if (isDone()) return;
       await sleep(1000);
       continue;
     }

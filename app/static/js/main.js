@@ -1,7 +1,7 @@
 // The dashboard's shell: a router over the History API (every job, model and dataset has its
 // URL; back and forward work), the header, the error banner and the shared model/dataset names.
 
-import { api, apiKey, listAll } from "./api.js";
+import { apiKey, listAll } from "./api.js";
 import { el, fill } from "./dom.js";
 import { jobsView, compareView } from "./views/jobs.js";
 import { jobView } from "./views/job.js";
@@ -101,4 +101,3 @@ document.getElementById("key-form").addEventListener("submit", (event) => {
 setInterval(() => workerSummary().catch(() => {}), 10000);
 workerSummary().catch(() => {});
 refreshNames().catch(showError).finally(route);
-export { api };

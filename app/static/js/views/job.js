@@ -5,7 +5,7 @@ import { ApiError, api, apiKey, downloadWithKey, followEvents } from "../api.js"
 import { baselineVsCompressed, layerChart, lineChart, trialsChart } from "../charts.js";
 import { QUALITY, bytes, change, duration, el, etaSeconds, facts, fill, isNumber, link, metricValue,
          overallFraction, present, progressBar, progressLabel, shortTime, statusBadge, table, text } from "../dom.js";
-import { modelName, names, navigate, refreshNames, showError } from "../main.js";
+import { modelName, navigate, refreshNames, showError } from "../main.js";
 import { recipeText } from "./jobs.js";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -292,10 +292,9 @@ export async function jobView(view, jobId) {
   }
   followEvents(jobId, {
     signal: view.signal, onEvent,
-    onMode: (m) => { mode.textContent = m === "live" ? "● live" : "polling"; mode.dataset.mode = m; },
+    onMode: (m) => { mode.textContent = m === "live" ? "● live" : "polling"; mode.dataset.mode = m; mode.dataset.polled = m === "polling" ? "yes" : mode.dataset.polled || ""; },
     isDone: () => state.job && TERMINAL.has(state.job.status),
   }).then(() => { if (!view.signal.aborted) { mode.textContent = "complete"; mode.dataset.mode = "done"; } }, showError);
   // The job itself (status, metrics) is polled too: cheap with its ETag (304 when unchanged).
   view.every(4000, () => (state.job && TERMINAL.has(state.job.status) ? null : refresh()));
-  void names;
 }

@@ -2,7 +2,7 @@
 
 import { ApiError, api, listAll, upload } from "../api.js";
 import { bytes, el, facts, fill, isNumber, link, progressBar, shortTime, statusBadge, table, text } from "../dom.js";
-import { modelName, navigate, refreshNames, showError } from "../main.js";
+import { navigate, refreshNames, showError } from "../main.js";
 import { headline, recipeText } from "./jobs.js";
 
 const KINDS = {
@@ -100,5 +100,4 @@ export async function itemView(view, kind, id) {
     const jobs = kind === "models" ? (await api(`/v1/jobs?model_id=${encodeURIComponent(id)}&limit=50`)).body.data : [];
     render(jobs);
   });
-  void modelName;
 }
