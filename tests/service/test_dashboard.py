@@ -172,6 +172,7 @@ def test_urls_history_compare_and_upload(service: Service, page, tmp_path: Path)
     assert_no_nullish(page)
     # The job list's headline column: the quality metric against the baseline.
     assert "cosine" in page.locator(f"tr[data-job={second}]").inner_text()
+    shot(page, tmp_path, "job-list")
 
     page.click(f"tr[data-job={second}] a[href='/jobs/{second}']")
     page.wait_for_url(f"{base}/jobs/{second}")

@@ -144,6 +144,9 @@ export async function jobView(view, jobId) {
       fill(parts.metrics, el("h3", {}, "Metrics"),
         table(["Metric", "Baseline", ...steps.map(([method]) => `after ${method}`), "Compressed", "Change"], rows),
         warnings.map((w) => el("p", { class: "warning-text" }, w)),
+        m.targets && typeof m.targets === "object" ? el("p", { class: "targets" }, "Targets: ",
+          Object.entries(m.targets).map(([name, t]) => el("span", { class: `change ${t && t.met === true ? "good" : t && t.met === false ? "bad" : "same"}` },
+            `${name} ${t && t.met === true ? "met" : t && t.met === false ? "missed" : "not measured"} `))) : null,
         m.settings ? el("p", { class: "muted small" }, "Measured with ", Object.entries(m.settings)
           .filter(([k, v]) => present(v) && typeof v !== "object" && !k.endsWith("sha256")).map(([k, v]) => `${k} ${v}`).join(", ")) : null,
         charted.length ? baselineVsCompressed(charted, before, after) : null);
