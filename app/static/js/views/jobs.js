@@ -23,6 +23,7 @@ export function headline(job) {
     parts.push(el("span", { class: "headline muted" }, ` · ${bytes(after.size_bytes)} `,
                   change("size_bytes", before.size_bytes, after.size_bytes)));
   }
+  if (m.reused_from) parts.push(el("span", { class: "muted small", title: `same inputs as ${m.reused_from}` }, " · reused"));
   return parts.length ? parts : el("span", { class: "muted" }, "–");
 }
 
