@@ -302,3 +302,38 @@ def test_changes_are_coloured_by_what_is_good_and_trials_are_charted(
     assert {"held the targets", "missed", "Pareto front"} <= set(drawn["legend"])
     assert canvas_has_ink(page, "[data-chart=trials] canvas")
     page.locator("[data-chart=trials]").screenshot(path=str(Path(SHOTS or tmp_path) / "trials.png"))
+
+
+def test_cancel_retry_and_delete_buttons(service: Service, page) -> None:  # noqa: ANN001
+    """On jobs that wait for a GPU worker (there is none): they cost nothing while queued."""
+    with service.client() as client:
+        minilm = builtin_id(client, "models", "all-MiniLM-L6-v2")
+        body = {
+            "model_id": minilm,
+            "recipe": {"stages": [{"method": "rtn"}]},
+            "resources": {"device": "gpu"},
+        }
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+    page.on("dialog", lambda dialog: dialog.accept())
+    base = service.base_url
+    page.goto(f"{base}/jobs/{job_id}")
+    page.wait_for_selector("h2 .status.queued")
+    page.get_by_role("button", name="Cancel").click()
+    page.wait_for_selector("h2 .status.cancelled")
+    assert_no_nullish(page)
+
+    page.get_by_role("button", name="Retry").click()
+    page.wait_for_url(lambda url: "/jobs/job_" in url and not url.endswith(job_id))
+    retried = page.url.rsplit("/", 1)[1]
+    page.wait_for_selector(f"h2:has-text('{retried}') .status.queued")
+    with service.client() as client:
+        assert client.get(f"/v1/jobs/{retried}").json()["recipe"] == (
+            client.get(f"/v1/jobs/{job_id}").json()["recipe"]
+        )
+        client.post(f"/v1/jobs/{retried}/cancel")
+
+    page.goto(f"{base}/jobs/{job_id}")
+    page.get_by_role("button", name="Delete").click()
+    page.wait_for_url(f"{base}/")
+    with service.client() as client:
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 404
