@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import asyncio
 import json
+import weakref
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from sqlalchemy.pool import QueuePool
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
@@ -90,7 +94,25 @@ async def get_job(job_id: str, request: Request) -> Response:
     # artifact ids in one trip to a worker thread with one session, without a thread hop per
     # dependency; a matching If-None-Match answers 304 before the body is built. (A comment, not
     # a docstring: the OpenAPI document stays as it was.)
-    return await run_in_threadpool(_read_job, request, job_id)
+    return await to_thread.run_sync(_read_job, request, job_id, limiter=_reads_limiter())
+
+
+_reads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CapacityLimiter] = (
+    weakref.WeakKeyDictionary()
+)  # one per event loop (an app can be driven by several, as in-process test clients do)
+
+
+def _reads_limiter() -> CapacityLimiter:
+    """At most as many hot reads in threads as the pool keeps connections: under load the rest
+    wait here, on the event loop, instead of opening overflow connections that are closed again
+    after one request (a new SQLite connection parses the schema; a PostgreSQL one forks a
+    backend)."""
+    loop = asyncio.get_running_loop()
+    limiter = _reads.get(loop)
+    if limiter is None:
+        pool = get_engine().pool
+        limiter = _reads[loop] = CapacityLimiter(pool.size() if isinstance(pool, QueuePool) else 5)
+    return limiter
 
 
 def _read_job(request: Request, job_id: str) -> Response:
