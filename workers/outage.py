@@ -3,7 +3,9 @@
 A message whose task cannot reach the database is not acked as done: the task re-sends itself
 with exponential backoff and jitter (`task_backoff_s`, capped so the queue moves again within
 seconds of the database coming back). A running attempt retries its own database writes
-(`retry_until`) with a short backoff for as long as its lease would still be its own.
+(`retry_until`) with a short backoff for as long as its lease would still be its own, and its
+first reads (the job, its model and datasets, the result cache's lookups) the same way
+(`ride_out`).
 """
 
 from __future__ import annotations
@@ -85,3 +87,14 @@ def retry_until(
                 log.warning("%s: database unreachable (%s); retrying", what, type(exc).__name__)
             tries += 1
             time.sleep(max(0.0, min(pause, deadline() - time.monotonic())))
+
+
+def ride_out(what: str, action: Callable[[], T]) -> T:
+    """`retry_until` for a running attempt's reads made where its lease is not at hand
+    (`workers.job_inputs`, `workers.result_cache`): the heartbeat renews the lease every
+    lease_s / 4, so at least three quarters of it are left when a read starts; the read is
+    retried until then, less the second of slack the attempt's own writes keep."""
+    from app.settings import get_settings
+
+    give_up = time.monotonic() + 0.75 * get_settings().lease_s - 1.0
+    return retry_until(what, action, deadline=lambda: give_up)
