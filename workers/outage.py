@@ -98,3 +98,48 @@ def ride_out(what: str, action: Callable[[], T]) -> T:
 
     give_up = time.monotonic() + 0.75 * get_settings().lease_s - 1.0
     return retry_until(what, action, deadline=lambda: give_up)
+
+
+class PassLog:
+    """How a periodic loop (the reaper) reports an outage: a pass that fails on a transient error
+    logs one line without a traceback, the first pass that works again says so once; any other
+    error keeps its traceback."""
+
+    def __init__(self, what: str, logger: logging.Logger) -> None:
+        self.what = what
+        self.log = logger
+        self.failed = 0  # passes failed in a row on a transient error
+        self.since = 0.0
+
+    def failure(self, exc: BaseException, retry_in_s: float) -> None:
+        if not is_transient(exc):
+            self.log.error(
+                "%s pass failed; trying again in %.0f s", self.what, retry_in_s, exc_info=exc
+            )
+            return
+        if not self.failed:
+            self.since = time.monotonic()
+        self.failed += 1
+        self.log.warning(
+            "%s pass %d: database unreachable (%s: %s); trying again in %.0f s",
+            self.what,
+            self.failed,
+            type(exc).__name__,
+            _first_line(exc),
+            retry_in_s,
+        )
+
+    def success(self) -> None:
+        if self.failed:
+            self.log.warning(
+                "%s: database reachable again after %d failed passes (%.0f s)",
+                self.what,
+                self.failed,
+                time.monotonic() - self.since,
+            )
+            self.failed = 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0][:200] if text else ""
