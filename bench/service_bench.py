@@ -202,7 +202,14 @@ def run_stale(backend: str, cancelled: int, resend: bool = False) -> dict:
 
 
 async def http_load(
-    base_url: str, path: str, headers: dict[str, str], clients: int, seconds: float
+    base_url: str,
+    path: str,
+    headers: dict[str, str],
+    clients: int,
+    seconds: float,
+    *,
+    body: bytes | None = None,
+    expect: int = 200,
 ) -> list[float]:
     """`clients` keep-alive HTTP/1.1 connections each sending GET `path` back to back for `seconds`;
     the latency of every answer. A few lines over raw asyncio streams rather than an HTTP client
@@ -213,11 +220,14 @@ async def http_load(
     from urllib.parse import urlsplit
 
     url = urlsplit(base_url)
+    sent = {k: v for k, v in headers.items() if k.lower() not in ("host", "content-length")}
+    if body is not None:
+        sent |= {"Content-Type": "application/json", "Content-Length": str(len(body))}
     request = (
-        f"GET {path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
-        + "".join(f"{k}: {v}\r\n" for k, v in headers.items() if k.lower() != "host")
+        f"{'GET' if body is None else 'POST'} {path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in sent.items())
         + "\r\n"
-    ).encode()
+    ).encode() + (body or b"")
     latencies: list[float] = []
     stop = time.monotonic() + seconds
 
@@ -229,8 +239,8 @@ async def http_load(
                 writer.write(request)
                 head = await reader.readuntil(b"\r\n\r\n")
                 status = int(head[9:12])
-                if status != 200:
-                    raise AssertionError(f"GET {path} answered {status}")
+                if status != expect:
+                    raise AssertionError(f"{path} answered {status}")
                 length = 0
                 for line in head.split(b"\r\n"):
                     if line[:15].lower() == b"content-length:":
@@ -315,6 +325,191 @@ def run_reads(
         cleanup()
 
 
+def _percentiles(latencies: list[float], seconds: float) -> dict:
+    latencies = sorted(latencies)
+    return {
+        "requests": len(latencies),
+        "requests_per_s": len(latencies) / seconds,
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)],
+    }
+
+
+def run_posts(backend: str, clients: int, seconds: float, repeats: int) -> dict:
+    """POST /v1/jobs (a MiniLM dynamic_int8 job; no job worker, so they stay queued) from
+    `clients` concurrent keep-alive clients for `seconds`, `repeats` times: the median run."""
+    import asyncio
+
+    harness = _harness(backend)
+    service, cleanup = _service(harness, backend)
+    try:
+        service.cli("migrate")
+        service.start_api()
+        with service.client() as client:
+            body = json.dumps(
+                {
+                    "model_id": harness.builtin_id(client, "models", "all-MiniLM-L6-v2"),
+                    "recipe": {"stages": [{"method": "dynamic_int8"}]},
+                }
+            ).encode()
+            headers = dict(client.headers)
+        load = http_load(service.base_url, "/v1/jobs", headers, clients, 3.0, body=body, expect=202)
+        asyncio.run(load)  # warm-up
+        runs = []
+        for _ in range(repeats):
+            latencies = asyncio.run(
+                http_load(
+                    service.base_url, "/v1/jobs", headers, clients, seconds, body=body, expect=202
+                )
+            )
+            runs.append(_percentiles(latencies, seconds))
+        median = sorted(runs, key=lambda run: run["p99_ms"])[len(runs) // 2]
+        return {"scenario": "post", "backend": backend, "clients": clients, **median, "runs": runs}
+    finally:
+        service.stop()
+        cleanup()
+
+
+def run_sse(backend: str, streams: int, clients: int, seconds: float) -> dict:
+    """`streams` Server-Sent-Events clients held open on one queued job, then GET /v1/jobs/{id}
+    from `clients` keep-alive clients for `seconds` alongside: GET latency, the API's RSS growth
+    for the streams, and how many streams were still open at the end."""
+    import asyncio
+    import time
+    from urllib.parse import urlsplit
+
+    import psutil
+
+    harness = _harness(backend)
+    service, cleanup = _service(harness, backend)
+    try:
+        service.cli("migrate")
+        service.start_api()
+        with service.client() as client:
+            job = client.post(
+                "/v1/jobs",
+                json={
+                    "model_id": harness.builtin_id(client, "models", "all-MiniLM-L6-v2"),
+                    "recipe": {"stages": [{"method": "dynamic_int8"}]},
+                },
+            ).json()
+            headers = dict(client.headers)
+        api = psutil.Process(service.api_process.pid)
+        path = f"/v1/jobs/{job['id']}"
+        url = urlsplit(service.base_url)
+        request = (
+            f"GET {path}/events HTTP/1.1\r\nHost: {url.netloc}\r\nAccept: text/event-stream\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items() if k.lower() != "host")
+            + "\r\n"
+        ).encode()
+
+        async def scenario() -> dict:
+            await http_load(service.base_url, path, headers, clients, 2.0)  # warm-up
+            rss_before = api.memory_info().rss
+            opened: list[asyncio.StreamWriter] = []
+            open_streams = 0
+
+            async def stream() -> None:
+                nonlocal open_streams
+                reader, writer = await asyncio.open_connection(url.hostname, url.port)
+                opened.append(writer)
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head[9:12] == b"200", head
+                open_streams += 1
+                try:
+                    while await reader.read(65536):
+                        pass  # the job's events, then heartbeats
+                finally:
+                    open_streams -= 1
+
+            started = time.monotonic()
+            tasks = [asyncio.create_task(stream()) for _ in range(streams)]
+            while open_streams < streams:
+                assert time.monotonic() - started < 120, f"{open_streams} streams open"
+                failed = [t for t in tasks if t.done() and t.exception()]
+                assert not failed, failed[0].exception()
+                await asyncio.sleep(0.1)
+            connect_s = time.monotonic() - started
+            await asyncio.sleep(2.0)
+            rss_held = api.memory_info().rss
+            latencies = await http_load(service.base_url, path, headers, clients, seconds)
+            still_open = open_streams
+            for writer in opened:
+                writer.close()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return {
+                "scenario": "sse",
+                "backend": backend,
+                "streams": streams,
+                "streams_open_after_the_load": still_open,
+                "seconds_to_open_all": connect_s,
+                "api_rss_growth_mb": (rss_held - rss_before) / 2**20,
+                "clients": clients,
+                **_percentiles(latencies, seconds),
+            }
+
+        return asyncio.run(scenario())
+    finally:
+        service.stop()
+        cleanup()
+
+
+def load_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| scenario | backend | clients | SSE streams held (open at the end) | API RSS growth MB "
+        "| req/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        held = (
+            f"{r['streams']} ({r['streams_open_after_the_load']})"
+            if r["scenario"] == "sse"
+            else "-"
+        )
+        growth = f"{r['api_rss_growth_mb']:.0f}" if r["scenario"] == "sse" else "-"
+        what = "POST /v1/jobs" if r["scenario"] == "post" else "GET /v1/jobs/{id} beside SSE"
+        lines.append(
+            f"| {what} | {r['backend']} | {r['clients']} | {held} | {growth} "
+            f"| {r['requests_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_load(results: list[dict], args: argparse.Namespace) -> None:
+    """bench/results/service_load.{json,md}: rows kept per (scenario, backend)."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "service_load.json"
+    rows = json.loads(path.read_text())["results"] if path.exists() else []
+    for result in results:
+        rows = [
+            r
+            for r in rows
+            if (r["scenario"], r["backend"]) != (result["scenario"], result["backend"])
+        ]
+        rows.append(result)
+    commands = {
+        "post": "python -m bench.service_bench --scenario post --clients 50 --repeats 3",
+        "sse": "python -m bench.service_bench --scenario sse --streams 1000 --clients 20",
+    }
+    body = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "commands": commands,
+        "results": rows,
+    }
+    path.write_text(json.dumps(body, indent=2) + "\n")
+    table = load_markdown(rows)
+    (RESULTS / "service_load.md").write_text(
+        "# POST p99 at 50 clients; GET beside 1,000 SSE streams\n\nOne API process; the load "
+        "generator (raw asyncio streams) runs on the same 2 cores, and the machine was shared "
+        "with other work (noisy). Reproduce: `"
+        + "`, `".join(commands.values())
+        + "` (add `--backend embedded|postgres`).\n\n"
+        + table
+    )
+    print(table)
+
+
 def reads_markdown(rows: list[dict]) -> str:
     lines = [
         "| backend | API processes | clients | GET /v1/jobs/{id} req/s | p50 ms | p99 ms "
@@ -368,7 +563,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["embedded", "postgres", "both"], default="both")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--scenario", choices=["jobs", "stale", "reads"], default="jobs")
+    parser.add_argument(
+        "--scenario", choices=["jobs", "stale", "reads", "post", "sse"], default="jobs"
+    )
+    parser.add_argument("--streams", type=int, default=1000, help="SSE clients held (sse)")
     parser.add_argument("--api-workers", default="1,2", help="API processes to try (reads)")
     parser.add_argument("--clients", type=int, default=20, help="concurrent clients (reads)")
     parser.add_argument("--seconds", type=float, default=10.0, help="load per setting (reads)")
@@ -387,6 +585,18 @@ def main() -> None:
             for row in run_reads(backend, counts, args.clients, args.seconds, args.repeats)
         ]
         write_reads(rows, args)
+        return
+    if args.scenario == "post":
+        write_load(
+            [run_posts(backend, args.clients, args.seconds, args.repeats) for backend in backends],
+            args,
+        )
+        return
+    if args.scenario == "sse":
+        write_load(
+            [run_sse(backend, args.streams, args.clients, args.seconds) for backend in backends],
+            args,
+        )
         return
     if args.scenario == "stale":
         write_stale([run_stale(backend, args.stale, args.resend) for backend in backends], args)
