@@ -91,7 +91,7 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobOut)
 async def get_job(job_id: str, request: Request) -> Response:
     # The hot read (dashboards and SDKs poll it): authentication, the rate limit, the job and its
-    # artifact ids in one trip to a worker thread with one session, without a thread hop per
+    # artifact ids in one trip to a worker thread on one connection, without a thread hop per
     # dependency; a matching If-None-Match answers 304 before the body is built. (A comment, not
     # a docstring: the OpenAPI document stays as it was.)
     return await to_thread.run_sync(_read_job, request, job_id, limiter=_reads_limiter())
