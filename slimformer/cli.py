@@ -54,8 +54,8 @@ def _migrate_and_seed() -> None:
     "--access-log/--no-access-log",
     default=False,
     show_default=True,
-    help="a log line per request (costs about a tenth of a cached read's CPU; the request-latency "
-    "histogram in /metrics counts every request either way)",
+    help="a log line per request (CPU on every request; the request-latency histogram in /metrics "
+    "counts every request either way)",
 )
 def api(host: str, port: int, workers: int, access_log: bool) -> None:
     """Run the HTTP API only (production: workers run separately)."""
