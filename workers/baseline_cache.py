@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from app.db.session import session_scope
 from app.db.tables import BaselineMetrics
 from app.storage import get_store
 from workers.result_cache import LIBRARIES, versions
+
+log = logging.getLogger("slimformer.baseline_cache")
 
 WORKERS = Path(__file__).resolve().parent
 # The code a baseline's numbers depend on: how a model is loaded and measured, and the settings'
@@ -102,7 +105,16 @@ def without_latency(metrics: dict) -> dict:
 
 
 def lookup(*, project_id: str, key: str) -> CachedBaseline | None:
-    """The project's entry for `key`, or None (none, or its stored state is gone)."""
+    """The project's entry for `key`, or None (none, its stored state is gone, or it cannot be
+    read now: the cache only saves time, so a database or storage blip measures afresh)."""
+    try:
+        return _lookup(project_id, key)
+    except Exception:  # noqa: BLE001 - see the docstring
+        log.warning("baseline cache unreadable; measuring the original model", exc_info=True)
+        return None
+
+
+def _lookup(project_id: str, key: str) -> CachedBaseline | None:
     with session_scope() as session:
         row = session.get(BaselineMetrics, (project_id, key))
         if row is None:
@@ -123,7 +135,17 @@ def lookup(*, project_id: str, key: str) -> CachedBaseline | None:
 def remember(
     *, project_id: str, key: str, inputs: dict, job_id: str, metrics: dict, state: dict
 ) -> None:
-    """Record a measured baseline (latency left out); the first entry for a key stays."""
+    """Record a measured baseline (latency left out); the first entry for a key stays. Never
+    fails the job: what cannot be recorded now is measured again by a later job."""
+    try:
+        _remember(project_id, key, inputs, job_id, metrics, state)
+    except Exception:  # noqa: BLE001 - see the docstring
+        log.warning("baseline not recorded in the cache", exc_info=True)
+
+
+def _remember(
+    project_id: str, key: str, inputs: dict, job_id: str, metrics: dict, state: dict
+) -> None:
     state_key = None
     if state:
         import safetensors.torch
