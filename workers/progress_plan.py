@@ -7,8 +7,9 @@ thousand tokens through the model per unit, see `workers.runner.job_phases`); th
 overall fraction, which therefore only moves forward.
 
 The ETA is measured, not assumed: the phase under way is extrapolated from its own pace so far
-(the time it has run over the share of its steps done), and the phases still to come from the
-seconds per weight unit observed on the whole job so far. It is recomputed at every update, so it
+(the time it has run over the share of its steps done; blended, early in the phase, with its
+weight at the job's pace), and the phases still to come from the seconds per weight unit
+observed on the whole job so far. It is recomputed at every update, so it
 follows a phase that turns out slower or faster than its weight said. Nothing is promised before
 a little of the job has been seen (`MIN_OBSERVED`).
 """
@@ -86,10 +87,14 @@ class ProgressPlan:
             return None
         seconds_per_weight = elapsed / done
         phase_elapsed = now - self._phase_started
+        # The phase under way: its weight at the job's pace so far, and its own pace, trusted
+        # more as more of it is done (its first step is often its slowest: caches, warm-up).
+        expected = self.phases[index].weight * seconds_per_weight
         if within > 0:
-            current = phase_elapsed * (1 - within) / within
+            own_pace = phase_elapsed * (1 - within) / within
+            current = within * own_pace + (1 - within) * expected * (1 - within)
         else:
-            current = max(0.0, self.phases[index].weight * seconds_per_weight - phase_elapsed)
+            current = max(0.0, expected - phase_elapsed)
         later = self.total - self._before[index] - self.phases[index].weight
         return round(current + later * seconds_per_weight, 1)
 

@@ -26,7 +26,7 @@ from workers.job_inputs import (
     read_job,
     streams,
 )
-from workers.packaging import artifact_name, package, write_export
+from workers.packaging import MIB, artifact_name, package, write_export
 from workers.progress_plan import Phase, ProgressPlan
 from workers.result_cache import reuse_if_cached
 
@@ -35,7 +35,10 @@ QUALITY = ("perplexity", "embedding_cosine", "accuracy")
 # thousand tokens through the model): they only matter until the job's own pace is observed.
 LOAD_WEIGHT = 2.0
 EXPORT_WEIGHT = 2.0
-PACKAGE_WEIGHT = 1.0
+# Packing compresses every byte (gzip level 9): measured on a 2-core CPU, about 4 MiB in the time
+# MiniLM takes for a thousand tokens. Priced first at the original model's size, then at the
+# export's once it is written.
+MIB_PER_WEIGHT = 4.0
 
 
 def run_job(job_id: str) -> None:
@@ -96,7 +99,15 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
         if cacheable
         else None
     )
-    context.plan.reweigh(phases.weights(recipe, job, evaluator, baseline_cached=cached is not None))
+    context.plan.reweigh(
+        phases.weights(
+            recipe,
+            job,
+            evaluator,
+            baseline_cached=cached is not None,
+            model_bytes=_folder_bytes(inputs.folder),
+        )
+    )
 
     how = "one block at a time, the rest on disk" if streamed else "whole"
     context.progress(0, 1, 3, f"loaded {loaded.architecture} on {device} ({how})", force=True)
@@ -231,6 +242,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
         export_index, steps, steps + 1, "load-testing the export", force=True, detail="load test"
     )
     check = verify(draft, result.model, loaded.task, sample)
+    context.plan.reweigh(phases.with_package_of(_folder_bytes(draft.path)))
     context.progress(export_index, steps + 1, steps + 1, "export load-tested", force=True)
     stage_summaries = result.stages
     if check.artifact is not None:
@@ -329,14 +341,16 @@ class JobPhases:
     def index(self, name: str, stage: int | None = None) -> int:
         return self.keys.index(name if stage is None else (name, stage))
 
-    def weights(self, recipe: Any, job: Any, evaluator: Any, *, baseline_cached: bool) -> list:
+    def weights(
+        self, recipe: Any, job: Any, evaluator: Any, *, baseline_cached: bool, model_bytes: int
+    ) -> list:
         """Each phase's rough size in thousands of tokens through the model (see LOAD_WEIGHT)."""
         full = evaluator.work_tokens() / 1000
         baseline = evaluator.work_tokens(("latency",)) / 1000 if baseline_cached else full
         quality = evaluator.work_tokens(QUALITY) / 1000
         calibration = job.calibration or {}
         sized = {"load": LOAD_WEIGHT, "baseline": baseline, "export": EXPORT_WEIGHT}
-        sized.update({"evaluate": full, "package": PACKAGE_WEIGHT})
+        sized.update({"evaluate": full, "package": model_bytes / MIB / MIB_PER_WEIGHT})
         weights = []
         for key in self.keys:
             if isinstance(key, str):
@@ -346,6 +360,16 @@ class JobPhases:
             else:
                 weights.append(_stage_weight(recipe.stages[key[1]], calibration))
         return [max(weight, 0.1) for weight in weights]
+
+    def with_package_of(self, size_bytes: int) -> list:
+        """The plan's weights with packing priced at `size_bytes`."""
+        weights = [phase.weight for phase in self.plan.phases]
+        weights[self.index("package")] = max(size_bytes / MIB / MIB_PER_WEIGHT, 0.1)
+        return weights
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
 
 
 def _stage_weight(stage: Any, calibration: dict) -> float:

@@ -51,11 +51,16 @@ def test_the_eta_follows_a_phase_slower_than_its_weight_said():
     # Phase 0 takes 10 s; phase 1 turns out five times slower (50 s); phase 2 takes 10 s.
     seen = run(progress, clock, [1.0, 5.0, 1.0], steps=10)
     during_phase_1 = [(eta, left) for _, eta, left in seen[10:20]]
-    # Half-way through the slow phase its own pace is known: 25 s of it left, and the last
-    # phase priced at the job's pace so far (35 s over 1.5 weights: 23.3 s) -- not 10 s.
+    # Half-way through the slow phase: its own pace says 25 s of it are left, its weight at the
+    # job's pace (35 s over 1.5 weights) 11.7 s, trusted half each; the last phase is priced at
+    # the job's pace too (23.3 s) -- not at the 10 s the weights said at first.
     eta, left = during_phase_1[4]
     assert left == 35.0
-    assert eta == pytest.approx(25 + 35 / 1.5, abs=0.1)
+    assert eta == pytest.approx(0.5 * 25 + 0.5 * 0.5 * 35 / 1.5 + 35 / 1.5, abs=0.1)
+    # Near its end its own pace dominates: of the estimate, what is not the last phase (priced
+    # at 55 s over 1.9 weights) is about the 5 s truly left of it.
+    eta, _ = during_phase_1[8]
+    assert eta - 55 / 1.9 == pytest.approx(5, abs=0.3)
     # The estimate is recomputed at every step and ends right at 0.
     assert len({eta for eta, _ in during_phase_1}) == 10
     assert seen[-1][1] == 0
