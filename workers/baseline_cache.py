@@ -66,11 +66,13 @@ class CachedBaseline:
 def baseline_inputs(
     *, model_sha256: str, evaluator: Any, dataset_sha256: str, device_class: str, streamed: bool
 ) -> dict:
+    # Latency is measured by every job, so neither asking for it nor its settings change the key.
+    settings = evaluator.settings.model_dump(mode="json", exclude={"latency", "metrics"})
     return {
         "model_sha256": model_sha256,
         "task": evaluator.task,
-        "metrics": evaluator.metrics,
-        "settings": evaluator.settings.model_dump(mode="json"),
+        "metrics": sorted(metric for metric in evaluator.metrics if metric != "latency"),
+        "settings": settings,
         "dataset_sha256": dataset_sha256,
         "device": device_class,
         "streamed": streamed,
