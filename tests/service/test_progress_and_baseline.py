@@ -80,7 +80,7 @@ def test_progress_and_the_baseline_cache(service: Service) -> None:
         fractions = [data["fraction"] for data in progress]
         assert fractions == sorted(fractions) and fractions[-1] == 1.0
         assert seen[-1]["type"] == "status" and seen[-2]["data"]["fraction"] == 1.0
-        assert first["progress"]["fraction"] == 1.0
+        assert first["progress"]["fraction"] == 1.0 and first["progress"]["label"] == "done"
         # One ETA: a number once the job has run a while, and no other one in the messages.
         assert all("eta_s" in data for data in progress)
         assert any(isinstance(data["eta_s"], int | float) for data in progress[:-1])
