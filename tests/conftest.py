@@ -340,6 +340,7 @@ SLOW_FIRST = (
     "engine/test_streamed_real.py",
     "service/test_end_to_end.py",
     "engine/test_distill_real.py",
+    "service/test_progress_and_baseline.py",
 )
 
 
