@@ -97,17 +97,26 @@ def main() -> None:
         source = loaded_models[model_name]
         calibration = calibration_batches(
             texts("enwiki-calibration") if model_name == SMOLLM2 else sentences(),
-            source.tokenizer, num_samples=8, seq_len=SEQ_LEN, seed=0,
+            source.tokenizer,
+            num_samples=8,
+            seq_len=SEQ_LEN,
+            seed=0,
         )
         started = time.perf_counter()
         model = copy.deepcopy(source.model)
         recipe = Recipe.model_validate({"stages": stages})
         compress(model, recipe, calibration)
-        save_model(source, model, folder, recipe=recipe.model_dump(mode="json"), metrics={}, inputs={})
+        save_model(
+            source, model, folder, recipe=recipe.model_dump(mode="json"), metrics={}, inputs={}
+        )
         del model
         runtime = load_artifact(folder, device="cpu")
-        record = {"layout": layout, "model": model_name, "stages": stages,
-                  "compress_seconds": round(time.perf_counter() - started, 1)}
+        record = {
+            "layout": layout,
+            "model": model_name,
+            "stages": stages,
+            "compress_seconds": round(time.perf_counter() - started, 1),
+        }
         if model_name == SMOLLM2:
             record["max_tokens"] = args.max_tokens
             record["input_ids"] = source.tokenizer(evaluation_text()).input_ids[: args.max_tokens]

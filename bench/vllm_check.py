@@ -31,8 +31,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: the patch applies
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# vLLM's CPU kernels for pack-quantized (4-bit) weights run in bf16 only.
-DTYPES = {"rtn": "bfloat16", "gptq": "bfloat16", "awq": "bfloat16"}
+# vLLM's CPU kernels for pack-quantized (4-bit) weights and its AMX int8 GEMM run in bf16 only;
+# `--dtype float32` (with `--sgl off` for int8) is closer to our float32 runtime.
+DEFAULT_DTYPE = "bfloat16"
 
 
 def disable_sgl_int8() -> None:
@@ -71,25 +72,46 @@ def check(folder: Path, expected: dict, dtype: str) -> dict:
     started = time.perf_counter()
     try:
         if "input_ids" in expected:
-            llm = LLM(model=str(folder), dtype=dtype, enforce_eager=True, max_model_len=512,
-                      max_num_seqs=1, seed=0)
+            llm = LLM(
+                model=str(folder),
+                dtype=dtype,
+                enforce_eager=True,
+                max_model_len=512,
+                max_num_seqs=1,
+                seed=0,
+            )
             ppl = perplexity(llm, expected["input_ids"])
             ours = expected["slimformer_perplexity"]
-            row.update(vllm_perplexity=ppl, slimformer_perplexity=ours,
-                       relative_difference=abs(ppl - ours) / ours)
+            row.update(
+                vllm_perplexity=ppl,
+                slimformer_perplexity=ours,
+                relative_difference=abs(ppl - ours) / ours,
+            )
         else:
-            llm = LLM(model=str(folder), runner="pooling", dtype=dtype, enforce_eager=True,
-                      max_model_len=256, seed=0)
+            llm = LLM(
+                model=str(folder),
+                runner="pooling",
+                dtype=dtype,
+                enforce_eager=True,
+                max_model_len=256,
+                seed=0,
+            )
             got = embeddings(llm, expected["sentences"])
-            cosines = [cosine(a, b) for a, b in zip(got, expected["slimformer_embeddings"],
-                                                    strict=True)]
-            row.update(min_cosine_to_slimformer=min(cosines),
-                       mean_cosine_to_slimformer=sum(cosines) / len(cosines))
+            cosines = [
+                cosine(a, b) for a, b in zip(got, expected["slimformer_embeddings"], strict=True)
+            ]
+            row.update(
+                min_cosine_to_slimformer=min(cosines),
+                mean_cosine_to_slimformer=sum(cosines) / len(cosines),
+            )
         row["status"] = "loaded"
         del llm
     except Exception as error:  # a layout vLLM cannot run is a result, not a crash
-        row.update(status="failed", error=f"{type(error).__name__}: {error}"[:600],
-                   traceback=traceback.format_exc()[-1500:])
+        row.update(
+            status="failed",
+            error=f"{type(error).__name__}: {error}"[:600],
+            traceback=traceback.format_exc()[-1500:],
+        )
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
 
@@ -100,6 +122,7 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="*")
     parser.add_argument("--sgl", choices=["on", "off"], default="on")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--dtype", default=DEFAULT_DTYPE)
     args = parser.parse_args()
     import torch
     import vllm
@@ -111,35 +134,51 @@ def main() -> None:
         expected = json.loads(check_file.read_text())
         if args.layouts and expected["layout"] not in args.layouts:
             continue
-        dtype = DTYPES.get(expected["layout"], "float32")
-        row = check(check_file.parent, expected, dtype)
+        row = check(check_file.parent, expected, args.dtype)
         row["sgl_int8"] = args.sgl
         print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
         rows.append(row)
     record = {
-        "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
-        "machine": {"processor": platform.processor() or platform.machine(),
-                    "amx": torch.cpu._is_amx_tile_supported(), "cpus": os.cpu_count()},
+        "versions": {
+            "vllm": vllm.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "amx": torch.cpu._is_amx_tile_supported(),
+            "cpus": os.cpu_count(),
+        },
         "rows": rows,
     }
     args.results.mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.sgl == "on" else "_sgl_off"
+    suffix = ("" if args.sgl == "on" else "_sgl_off") + (
+        "" if args.dtype == DEFAULT_DTYPE else f"_{args.dtype}"
+    )
     (args.results / f"vllm_check{suffix}.json").write_text(json.dumps(record, indent=1) + "\n")
-    lines = [f"vLLM {record['versions']['vllm']} (CPU), torch {record['versions']['torch']}, "
-             f"sgl int8 kernel {args.sgl}", "",
-             "| layout | dtype | status | vLLM | Slimformer | rel. diff / cosine | s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"vLLM {record['versions']['vllm']} (CPU), torch {record['versions']['torch']}, "
+        f"sgl int8 kernel {args.sgl}",
+        "",
+        "| layout | dtype | status | vLLM | Slimformer | rel. diff / cosine | s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         if row["status"] != "loaded":
             cells = ["—", "—", row["error"].split("\n")[0][:120]]
         elif "vllm_perplexity" in row:
-            cells = [f"ppl {row['vllm_perplexity']:.3f}", f"ppl {row['slimformer_perplexity']:.3f}",
-                     f"{row['relative_difference']:.2%}"]
+            cells = [
+                f"ppl {row['vllm_perplexity']:.3f}",
+                f"ppl {row['slimformer_perplexity']:.3f}",
+                f"{row['relative_difference']:.2%}",
+            ]
         else:
             cells = ["embeddings", "embeddings", f"min cos {row['min_cosine_to_slimformer']:.4f}"]
-        lines.append(f"| {row['layout']} | {row['dtype']} | {row['status']} | "
-                     + " | ".join(cells) + f" | {row['seconds']} |")
+        lines.append(
+            f"| {row['layout']} | {row['dtype']} | {row['status']} | "
+            + " | ".join(cells)
+            + f" | {row['seconds']} |"
+        )
     (args.results / f"vllm_check{suffix}.md").write_text("\n".join(lines) + "\n")
     sys.exit(0)
 

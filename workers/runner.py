@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.attempt import JobContext, run_attempt
+from workers.compression.runtimes import where_it_runs
 from workers.job_inputs import (
     dataset_records,
     gather,
@@ -176,6 +177,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
         },
         "stages": stage_summaries,
         "export_check": check.report,
+        "where_it_runs": where_it_runs(draft.config.get("quantization_config")),
     }
     if job.targets:
         metrics["targets"] = _targets_report(job.targets, baseline, compressed)
