@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test test-embedded test-postgres lint services
+.PHONY: install run test test-embedded test-postgres lint services vllm-env
 
 install: $(VENV)/.installed
 

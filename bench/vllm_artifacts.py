@@ -82,8 +82,9 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS))
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--cache", type=Path, help="where built-in models are converted")
     args = parser.parse_args()
-    cache = args.out / "_source"
+    cache = args.cache or args.out / "_source"
     loaded_models = {}
     for layout in args.layouts:
         model_name, stages = LAYOUTS[layout]
