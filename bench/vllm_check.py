@@ -116,41 +116,7 @@ def check(folder: Path, expected: dict, dtype: str) -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("artifacts", type=Path)
-    parser.add_argument("--layouts", nargs="*")
-    parser.add_argument("--sgl", choices=["on", "off"], default="on")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--dtype", default=DEFAULT_DTYPE)
-    args = parser.parse_args()
-    import torch
-    import vllm
-
-    if args.sgl == "off":
-        disable_sgl_int8()
-    rows = []
-    for check_file in sorted(args.artifacts.glob("*/slimformer_check.json")):
-        expected = json.loads(check_file.read_text())
-        if args.layouts and expected["layout"] not in args.layouts:
-            continue
-        row = check(check_file.parent, expected, args.dtype)
-        row["sgl_int8"] = args.sgl
-        print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
-        rows.append(row)
-    record = {
-        "versions": {
-            "vllm": vllm.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-        "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "amx": torch.cpu._is_amx_tile_supported(),
-            "cpus": os.cpu_count(),
-        },
-        "rows": rows,
-    }
+def write(args, record: dict) -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     suffix = ("" if args.sgl == "on" else "_sgl_off") + (
         "" if args.dtype == DEFAULT_DTYPE else f"_{args.dtype}"
@@ -163,7 +129,7 @@ def main() -> None:
         "| layout | dtype | status | vLLM | Slimformer | rel. diff / cosine | s |",
         "|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
+    for row in record["rows"]:
         if row["status"] != "loaded":
             cells = ["—", "—", row["error"].split("\n")[0][:120]]
         elif "vllm_perplexity" in row:
@@ -180,6 +146,41 @@ def main() -> None:
             + f" | {row['seconds']} |"
         )
     (args.results / f"vllm_check{suffix}.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("artifacts", type=Path)
+    parser.add_argument("--layouts", nargs="*")
+    parser.add_argument("--sgl", choices=["on", "off"], default="on")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--dtype", default=DEFAULT_DTYPE)
+    args = parser.parse_args()
+    import torch
+    import vllm
+
+    if args.sgl == "off":
+        disable_sgl_int8()
+    versions = {
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    machine = {
+        "processor": platform.processor() or platform.machine(),
+        "amx": torch.cpu._is_amx_tile_supported(),
+        "cpus": os.cpu_count(),
+    }
+    rows = []
+    for check_file in sorted(args.artifacts.glob("*/slimformer_check.json")):
+        expected = json.loads(check_file.read_text())
+        if args.layouts and expected["layout"] not in args.layouts:
+            continue
+        row = check(check_file.parent, expected, args.dtype)
+        row["sgl_int8"] = args.sgl
+        print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+        rows.append(row)
+        write(args, {"versions": versions, "machine": machine, "rows": rows})  # after each row
     sys.exit(0)
 
 
