@@ -65,7 +65,7 @@ WHERE_IT_RUNS: dict[str, dict[str, dict]] = {
     "float-quantized/dynamic": _row(
         {
             "status": "not checked",
-            "detail": "loads; its first forward in bf16 ran over 8 minutes on a loaded 2-core "
+            "detail": "loads; its first forward in bf16 ran over 7 minutes twice on a loaded 2-core "
             "machine and was stopped",
         },
         _TF_LOADS,
