@@ -341,6 +341,8 @@ SLOW_FIRST = (
     "service/test_end_to_end.py",
     "engine/test_distill_real.py",
     "service/test_progress_and_baseline.py",
+    "engine/test_vllm_check.py",
+    "engine/test_w8a8_convention.py",
 )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from app.jobs.routing import device_class
 from workers import baseline_cache
 from workers.attempt import JobContext, run_attempt
+from workers.compression.runtimes import where_it_runs
 from workers.job_inputs import (
     dataset_records,
     gather,
@@ -291,6 +292,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
         },
         "stages": stage_summaries,
         "export_check": check.report,
+        "where_it_runs": where_it_runs(draft.config.get("quantization_config")),
     }
     if job.targets:
         metrics["targets"] = _targets_report(job.targets, baseline, compressed)
