@@ -280,18 +280,23 @@ def _output_tensor(output, task: str) -> torch.Tensor:
 
 
 def prefix_that_fits(model: nn.Module, device: torch.device) -> int:
-    """How many blocks of the artifact its load test loads: as many as fit, with its float32
-    skeleton, in 60% of the memory free once the engine's skeleton is parked (the artifact's
-    takes its place), at least one."""
+    """How many blocks of the artifact its load test loads: as many as fit, with its skeleton
+    (embeddings and head in their stored dtype, as the engine's), in `CHECK_MEMORY_FRACTION` of
+    the memory free once the engine's skeleton is parked (the artifact's takes its place), at
+    least one. A small fraction: one block already exercises the loading of every layer kind,
+    and the check's peak must stay below the compression's."""
     from workers.compression.preflight import available_memory
 
     store = store_of(model)
     assert store is not None
     block = sum(p.numel() for p in store.blocks[0].parameters()) * 4
     outside = [p for name, p in model.named_parameters() if not name.startswith(store.blocks_name)]
-    parked = sum(p.numel() * p.element_size() for p in outside)
-    skeleton = sum(p.numel() for p in outside) * 4
+    skeleton = sum(p.numel() * p.element_size() for p in outside)
     free = available_memory(str(device))
     if free is None:
         return len(store)
-    return max(1, min(len(store), int((0.6 * (free + parked) - skeleton) // max(1, block))))
+    budget = CHECK_MEMORY_FRACTION * (free + skeleton) - skeleton
+    return max(1, min(len(store), int(budget // max(1, block))))
+
+
+CHECK_MEMORY_FRACTION = 0.1
