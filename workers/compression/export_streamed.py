@@ -84,16 +84,19 @@ def write_streamed(
         if tied and skeleton[target].data_ptr() == skeleton[source].data_ptr():
             del skeleton[target]  # written once, under the embedding's name (as save_pretrained)
     write(skeleton, outside)
-    for index in range(len(store)):
-        prefix = f"{blocks}{index}."
-        with store.resident(index, keep_changes=False) as block:
-            # Untouched tensors come from the checkpoint itself, in its dtype.
-            stored_state = store.read_state(index)
-            tensors = {
-                prefix + key: stored_state.get(key, value)
-                for key, value in block.state_dict().items()
-            }
-            write(tensors, {n: m for n, m in layers.items() if n.startswith(prefix)})
+    del skeleton
+    with parked_skeleton(model):  # written: on disk while the blocks are
+        for index in range(len(store)):
+            prefix = f"{blocks}{index}."
+            with store.resident(index, keep_changes=False) as block:
+                # Untouched tensors come from the checkpoint itself, in its dtype.
+                stored_state = store.read_state(index)
+                tensors = {
+                    prefix + key: stored_state.get(key, value)
+                    for key, value in block.state_dict().items()
+                }
+                write(tensors, {n: m for n, m in layers.items() if n.startswith(prefix)})
+                del stored_state, tensors
     writer.finish()
     if isinstance(layout, QuantizedLayout) and layers:
         return layout.configure(model, layers, schemes, config)
