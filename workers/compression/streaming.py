@@ -596,7 +596,7 @@ def parked_skeleton(model: nn.Module) -> Iterator[None]:
     del unique
     for key, tensor in tensors.items():
         _assign(model, key, torch.empty_like(tensor, device="meta"))
-    del tensors
+    del tensors, tensor  # the loop variable too: it would keep the last tensor alive
     from workers.compression.calibration import release_freed_memory
 
     release_freed_memory(store.device)
