@@ -26,7 +26,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -36,7 +36,7 @@ from torch import nn
 from workers.compression import process_memory
 from workers.compression.layer_selection import block_prefix
 from workers.compression.quant import ATTRIBUTE, QuantizedWeight
-from workers.compression.streaming import BlockStore, first_block_call, parked_skeleton, store_of
+from workers.compression.streaming import BlockStore, first_block_call, store_of
 
 # Calibration samples of one length are run through a block together, up to this many tokens:
 # big enough to keep the matrix multiplies efficient, small enough that one chunk's activations
@@ -231,42 +231,7 @@ def run_blockwise(
         first = saved.next_block
 
     started = time.perf_counter()
-    # What lies outside the blocks (embeddings, head: a quarter of a 1B model) has done its part
-    # once the first block's inputs are captured: on disk until the last block is done.
-    with parked_skeleton(model) if store is not None else nullcontext():
-        _calibrate_blocks(
-            model,
-            blocks_name,
-            blocks,
-            range(first, len(blocks)),
-            handler,
-            inputs,
-            summaries,
-            progress=progress,
-            checkpoint=checkpoint,
-            handler_advances=handler_advances,
-            started=started,
-        )
-    return [summaries[index] for index in range(len(blocks))]
-
-
-def _calibrate_blocks(
-    model: nn.Module,
-    blocks_name: str,
-    blocks: nn.ModuleList,
-    indices: range,
-    handler: Handler,
-    inputs: BlockInputs,
-    summaries: dict[int, dict],
-    *,
-    progress: Progress,
-    checkpoint: BlockCheckpoint | None,
-    handler_advances: bool,
-    started: float,
-) -> None:
-    store = store_of(model)
-    first = indices.start
-    for index in indices:
+    for index in range(first, len(blocks)):
         name = f"{blocks_name}.{index}"
         with resident_block(store, blocks, index) as block:
             summaries[index] = handler(index, name, block, inputs)
@@ -279,10 +244,11 @@ def _calibrate_blocks(
                     summary=summaries[index],
                     hidden=list(inputs.hidden),
                 )
-        release_freed_memory(store.device if store is not None else model_device(model))
+        release_freed_memory(model_device(model))
         done = index + 1 - first
         remaining = (time.perf_counter() - started) / done * (len(blocks) - index - 1)
         progress(index + 1, len(blocks), f"calibrated {name}, about {remaining:.0f} s left")
+    return [summaries[index] for index in range(len(blocks))]
 
 
 @contextmanager

@@ -537,22 +537,6 @@ def resident_layers(
     On a model held whole in memory it is `model.get_submodule` in a loop."""
     store = store_of(model)
     prefix = f"{store.blocks_name}." if store is not None else None
-    if prefix is not None and all(name.startswith(prefix) for name in names):
-        # Nothing outside the blocks is used: embeddings and head wait on disk meanwhile.
-        with parked_skeleton(model):
-            yield from _resident_layers(model, store, prefix, names, keep_changes=keep_changes)
-        return
-    yield from _resident_layers(model, store, prefix, names, keep_changes=keep_changes)
-
-
-def _resident_layers(
-    model: nn.Module,
-    store: BlockStore | None,
-    prefix: str | None,
-    names: list[str],
-    *,
-    keep_changes: bool,
-) -> Iterator[tuple[str, nn.Module]]:
     current: int | None = None
     try:
         for name in names:
