@@ -79,6 +79,31 @@ def test_a_streamed_export_is_checked_and_loads(tmp_path) -> None:
     assert loaded.model.slimformer_runtime["kernels"]
 
 
+def test_a_streamed_bf16_export_is_checked_on_a_one_block_prefix(tmp_path, monkeypatch) -> None:
+    """Short of memory, the check loads one block; the prefix keeps the embeddings and head in
+    bf16 as stored (computing in float32, as the engine's streamed model does) and agrees."""
+    from workers.compression import streaming
+    from workers.compression.export import _load
+
+    tiny = tiny_llama(tie=False, layers=3)
+    tiny.model.to(torch.bfloat16)
+    folder = saved(tiny, tmp_path / "model")
+    # This tiny model's embeddings count as "large" (kept in bf16), its norms do not.
+    monkeypatch.setattr(streaming, "NATIVE_SKELETON_NUMEL", tiny.model.lm_head.weight.numel())
+    streamed = load_model(folder, device="cpu", streamed=True, scratch=tmp_path / "blocks")
+    assert streamed.model.lm_head.weight.dtype == torch.bfloat16
+    compress(streamed.model, Recipe.model_validate({"stages": RECIPES["gptq"]}), calibration())
+    draft = write_draft(streamed, streamed.model, tmp_path / "out", recipe={}, inputs={})
+    monkeypatch.setenv("SLIMFORMER_MEMORY_LIMIT_BYTES", "1")
+    check = verify(draft, streamed.model, streamed.task, torch.randint(6, 100, (1, 12)))
+    assert check.report["loaded_blocks"] == 1 and check.report["blocks"] == 3
+    assert check.report["max_abs_diff"] <= check.report["tolerance"]
+    prefix = _load(draft.path, device="cpu", records=draft.records, blocks=1).model
+    assert prefix.lm_head.weight.dtype == prefix.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert prefix.model.norm.weight.dtype == torch.float32
+    assert prefix(input_ids=torch.tensor([[6, 7, 8]])).logits.dtype == torch.float32
+
+
 def test_a_streamed_structured_export_has_the_pruned_shapes(tmp_path) -> None:
     """Structured pruning streamed, then quantized: the export is checked against the rewritten
     config's shapes and loads in plain transformers with the pruned widths."""

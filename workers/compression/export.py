@@ -348,9 +348,20 @@ def _load(
 
         with init_empty_weights(include_buffers=False):
             model = model_class.from_config(config, dtype=torch.float32)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        # Upcast one tensor at a time (never the prefix twice); the embeddings and head stay in
+        # their stored dtype and compute in float32, as the engine's streamed model does.
+        from workers.compression.streaming import NATIVE_SKELETON_NUMEL, compute_in_float32
+
+        blocks_name = block_prefix_from_names(list(state))
+        for key, value in state.items():
+            native = value.numel() >= NATIVE_SKELETON_NUMEL and not (
+                blocks_name is not None and key.startswith(blocks_name)
+            )
+            if value.is_floating_point() and not native:
+                state[key] = value.float()
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
+        compute_in_float32(model)
     tied = getattr(model, "all_tied_weights_keys", {})
     absent = [
         key

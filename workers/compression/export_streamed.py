@@ -86,18 +86,21 @@ def write_streamed(
         if tied and skeleton[target].data_ptr() == skeleton[source].data_ptr():
             del skeleton[target]  # written once, under the embedding's name (as save_pretrained)
     write(skeleton, outside)
-    for index in range(len(store)):
-        prefix = f"{blocks}{index}."
-        with store.resident(index, keep_changes=False) as block:
-            # Untouched tensors come from the checkpoint itself, in its dtype.
-            stored_state = store.read_state(index)
-            tensors = {
-                prefix + key: stored_state.get(key, value)
-                for key, value in block.state_dict().items()
-            }
-            write(tensors, {n: m for n, m in layers.items() if n.startswith(prefix)})
-        if progress is not None:
-            progress(index + 1, len(store))
+    del skeleton
+    with parked_skeleton(model):  # written: on disk while the blocks are
+        for index in range(len(store)):
+            prefix = f"{blocks}{index}."
+            with store.resident(index, keep_changes=False) as block:
+                # Untouched tensors come from the checkpoint itself, in its dtype.
+                stored_state = store.read_state(index)
+                tensors = {
+                    prefix + key: stored_state.get(key, value)
+                    for key, value in block.state_dict().items()
+                }
+                write(tensors, {n: m for n, m in layers.items() if n.startswith(prefix)})
+                del stored_state, tensors
+            if progress is not None:
+                progress(index + 1, len(store))
     writer.finish()
     if isinstance(layout, QuantizedLayout) and layers:
         return layout.configure(model, layers, schemes, config)
@@ -284,18 +287,23 @@ def _output_tensor(output, task: str) -> torch.Tensor:
 
 
 def prefix_that_fits(model: nn.Module, device: torch.device) -> int:
-    """How many blocks of the artifact its load test loads: as many as fit, with its float32
-    skeleton, in 60% of the memory free once the engine's skeleton is parked (the artifact's
-    takes its place), at least one."""
+    """How many blocks of the artifact its load test loads: as many as fit, with its skeleton
+    (embeddings and head in their stored dtype, as the engine's), in `CHECK_MEMORY_FRACTION` of
+    the memory free once the engine's skeleton is parked (the artifact's takes its place), at
+    least one. A small fraction: one block already exercises the loading of every layer kind,
+    and the check's peak must stay below the compression's."""
     from workers.compression.preflight import available_memory
 
     store = store_of(model)
     assert store is not None
     block = sum(p.numel() for p in store.blocks[0].parameters()) * 4
     outside = [p for name, p in model.named_parameters() if not name.startswith(store.blocks_name)]
-    parked = sum(p.numel() * p.element_size() for p in outside)
-    skeleton = sum(p.numel() for p in outside) * 4
+    skeleton = sum(p.numel() * p.element_size() for p in outside)
     free = available_memory(str(device))
     if free is None:
         return len(store)
-    return max(1, min(len(store), int((0.6 * (free + parked) - skeleton) // max(1, block))))
+    budget = CHECK_MEMORY_FRACTION * (free + skeleton) - skeleton
+    return max(1, min(len(store), int(budget // max(1, block))))
+
+
+CHECK_MEMORY_FRACTION = 0.1

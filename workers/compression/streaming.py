@@ -396,7 +396,7 @@ def build_streamed(
     model.load_state_dict(skeleton, strict=False, assign=True)
     if tied:
         model.tie_weights()
-    _compute_in_float32(model)
+    compute_in_float32(model)
     for name, buffer in list(model.named_buffers()):
         if buffer.device.type != "meta" and not name.startswith(blocks_name):
             owner, _, attribute = name.rpartition(".")
@@ -408,13 +408,13 @@ def build_streamed(
 
 
 # Outside the blocks, tensors this large (the embeddings and the LM head: a quarter of a 1B
-# model) stay in the checkpoint's dtype and compute in float32 (`_compute_in_float32`); smaller ones
+# model) stay in the checkpoint's dtype and compute in float32 (`compute_in_float32`); smaller ones
 # (norms, position embeddings) are simply upcast.
 NATIVE_SKELETON_NUMEL = 1 << 20
 _HEAD_ROWS = 8192  # output rows of the head upcast at a time: 8192 x hidden x 4 bytes
 
 
-def _compute_in_float32(model: nn.Module) -> None:
+def compute_in_float32(model: nn.Module) -> None:
     """Embeddings and head kept in a narrower dtype still compute in float32: the input
     embedding's output is upcast (exact: a lookup), and the head multiplies by its weight upcast
     a slice of rows at a time (never the whole matrix in float32)."""
@@ -567,6 +567,9 @@ def parked_skeleton(model: nn.Module) -> Iterator[None]:
     assert store is not None
     prefix = f"{store.blocks_name}."
     tensors = {k: v for k, v in _state_tensors(model).items() if not k.startswith(prefix)}
+    if all(tensor.device.type == "meta" for tensor in tensors.values()):
+        yield  # parked already (by a caller of the caller)
+        return
     first_key: dict[int, str] = {}
     aliases: dict[str, str] = {}
     for key, tensor in tensors.items():
@@ -577,7 +580,7 @@ def parked_skeleton(model: nn.Module) -> Iterator[None]:
     del unique
     for key, tensor in tensors.items():
         _assign(model, key, torch.empty_like(tensor, device="meta"))
-    del tensors
+    del tensors, tensor  # the loop variable too: it would keep the last tensor alive
     from workers.compression.calibration import release_freed_memory
 
     release_freed_memory(store.device)
