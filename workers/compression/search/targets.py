@@ -16,7 +16,7 @@ HIGHER_IS_BETTER = frozenset({"embedding_cosine", "accuracy", "tokens_per_s"})
 # The metrics a target may name, per model task (what the evaluator measures on that task).
 TASK_METRICS = {
     "causal-lm": frozenset({"perplexity"}),
-    "feature-extraction": frozenset({"embedding_cosine", "accuracy"}),
+    "feature-extraction": frozenset({"embedding_cosine"}),
 }
 OBJECTIVES = ("size", "bits_per_weight", "latency")
 DEFAULT_MAX_TRIALS = 16
