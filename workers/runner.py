@@ -120,6 +120,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
 
         found = run_search(context, job, loaded, inputs, calibration, device)
         result, chosen_recipe, search_metrics = found.result, found.recipe, found.metrics
+        loaded.model = result.model  # the chosen candidate (a copy); the original is done with
     else:
         result = compress(
             loaded.model,

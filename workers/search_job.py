@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.storage import get_store
-from workers.attempt import JobContext
+from workers.attempt import JobContext, JobFailure
 
 SEARCH_SETTINGS = {"seq_len": 256, "max_windows": 8, "max_samples": 64}
 
@@ -63,13 +63,22 @@ def run_search(
 ) -> Found:
     from workers.compression.engine import Result
     from workers.compression.recipe import EvaluationSettings, Recipe
-    from workers.compression.search import Targets, search, search_split
+    from workers.compression.search import SearchSplitError, Targets, search, search_split
+    from workers.compression.streaming import store_of
+
+    if store_of(loaded.model) is not None:
+        raise JobFailure(
+            "invalid_request", "a search needs the model whole in memory; this one is streamed"
+        )
 
     evaluation = {k: v for k, v in (job.evaluation or {}).items() if k != "dataset_id"}
     reported = EvaluationSettings.model_validate(evaluation)
-    records, split = search_split(
-        inputs.evaluation_records, reported, loaded.tokenizer, loaded.task
-    )
+    try:
+        records, split = search_split(
+            inputs.evaluation_records, reported, loaded.tokenizer, loaded.task
+        )
+    except SearchSplitError as exc:
+        raise JobFailure("invalid_request", str(exc)) from exc
     targets = Targets.from_spec(job.targets, max_runtime_s=job.max_runtime_s)
     store = StorageTrialStore(f"search/trials/{context.job_id}.json")
     search_index = 2  # the "search" stage of context.stage_names
