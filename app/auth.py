@@ -6,16 +6,19 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from app import ratelimit
-from app.db.session import get_db_session, release_connection
+from app.db.session import get_db_session, release_connection, session_scope
 from app.errors import APIError
 from app.projects.service import (
     DEFAULT_PROJECT,
     get_or_create_project,
     hash_key,
     project_for_key,
+    project_id_for_key,
+    project_id_named,
 )
 from app.settings import get_settings
 
@@ -45,18 +48,41 @@ def get_caller(request: Request, session: SessionDep) -> Caller:
     return caller
 
 
+def authenticate(request: Request, connection: Connection) -> Caller:
+    """`get_caller` for a route that does its whole read in one worker thread on one connection
+    (`GET /v1/jobs/{id}`), with prepared Core statements: the caller, its rate limit spent."""
+    if not get_settings().auth_enabled:
+        project_id = project_id_named(connection, DEFAULT_PROJECT)
+        if project_id is None:  # the first request of a fresh install: made on the usual path
+            with session_scope() as session:
+                project_id = _caller(request, session).project_id
+        caller = Caller(project_id=project_id, rate_key=ANONYMOUS)
+    else:
+        key = _bearer_key(request)
+        project_id = project_id_for_key(connection, key)
+        if project_id is None:
+            raise APIError("unauthorized", "Invalid API key")
+        caller = Caller(project_id=project_id, rate_key=hash_key(key))
+    ratelimit.check(caller.rate_key)
+    return caller
+
+
+def _bearer_key(request: Request) -> str:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise APIError("unauthorized", "Missing API key: send 'Authorization: Bearer <key>'")
+    return key.strip()
+
+
 def _caller(request: Request, session: Session) -> Caller:
     if not get_settings().auth_enabled:
         project = get_or_create_project(session=session, name=DEFAULT_PROJECT)
         return Caller(project_id=project.id, rate_key=ANONYMOUS)
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key:
-        raise APIError("unauthorized", "Missing API key: send 'Authorization: Bearer <key>'")
-    project = project_for_key(session=session, key=key.strip())
+    key = _bearer_key(request)
+    project = project_for_key(session=session, key=key)
     if project is None:
         raise APIError("unauthorized", "Invalid API key")
-    return Caller(project_id=project.id, rate_key=hash_key(key.strip()))
+    return Caller(project_id=project.id, rate_key=hash_key(key))
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
@@ -67,8 +93,6 @@ def authenticated(request: Request) -> bool:
     `/v1` whose details are only for callers with a key (`/readyz`, `/metrics`)."""
     if not get_settings().auth_enabled:
         return True
-    from app.db.session import session_scope
-
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key:
         return False

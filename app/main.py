@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.artifacts.router import router as artifacts_router
 from app.datasets.router import router as datasets_router
@@ -26,6 +26,47 @@ from app.workers.router import router as workers_router
 STATIC = Path(__file__).parent / "static"
 # Swagger UI for /docs, vendored from npm (swagger-ui-dist 5.36.0): an install without internet
 # access shows the API, not a blank page.
+DASHBOARD_PATHS = (
+    "/",
+    "/jobs",
+    "/jobs/{job_id}",
+    "/new",
+    "/compare",
+    "/models",
+    "/models/{model_id}",
+    "/datasets",
+    "/datasets/{dataset_id}",
+    "/workers",
+)
+
+
+class RequestTiming:
+    """The request-latency histogram, as a pure ASGI layer: Starlette's `@app.middleware("http")`
+    wraps every request in a task group and a body stream, which cost more than a cached read."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            HTTP_LATENCY.labels(
+                scope["method"], getattr(route, "path", "unmatched"), str(status)
+            ).observe(time.perf_counter() - started)
 
 
 def create_app() -> FastAPI:
@@ -48,18 +89,7 @@ def create_app() -> FastAPI:
     ):
         app.include_router(router)
 
-    @app.middleware("http")
-    async def _timing(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        HTTP_LATENCY.labels(
-            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
-        ).observe(time.perf_counter() - started)
-        return response
-
+    app.add_middleware(RequestTiming)
     install_openapi(app)
     app.add_middleware(RequestContext)  # outermost: request id, NUL bytes, 500 envelope
 
@@ -76,8 +106,12 @@ def create_app() -> FastAPI:
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-        @app.get("/", include_in_schema=False)
         def dashboard() -> FileResponse:
-            return FileResponse(STATIC / "index.html")
+            return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+        # The dashboard's own URLs (History API): a job, model or dataset page opened directly
+        # or reloaded gets the page, which then shows what its path names.
+        for path in DASHBOARD_PATHS:
+            app.add_api_route(path, dashboard, methods=["GET"], include_in_schema=False)
 
     return app

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -31,8 +32,14 @@ _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_JSON_SCAN_BYTES = 16 * 1024 * 1024  # JSON bodies are small; larger ones are not scanned here
 
 
+# Unique, not secret: a random prefix per process and a counter (a fresh token_hex per request read
+# the system's random source on every request, a noticeable part of a cached read).
+_ID_PREFIX = secrets.token_hex(6)
+_ID_COUNTER = itertools.count()
+
+
 def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
+    return f"req_{_ID_PREFIX}{next(_ID_COUNTER) % 16**12:012x}"
 
 
 def request_id_of(scope: Scope) -> str | None:

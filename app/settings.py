@@ -7,7 +7,7 @@ all under `data_dir`.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -109,7 +109,7 @@ class Settings(BaseSettings):
             )
         return self
 
-    @property
+    @cached_property  # every request asks (app.db.session.get_engine); resolve() is a syscall
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'slimformer.db').resolve()}"
 

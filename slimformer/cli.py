@@ -50,7 +50,14 @@ def _migrate_and_seed() -> None:
     type=click.IntRange(1, 64),
     help="API processes sharing the port (each with its own event notifier)",
 )
-def api(host: str, port: int, workers: int) -> None:
+@click.option(
+    "--access-log/--no-access-log",
+    default=False,
+    show_default=True,
+    help="a log line per request (CPU on every request; the request-latency histogram in /metrics "
+    "counts every request either way)",
+)
+def api(host: str, port: int, workers: int, access_log: bool) -> None:
     """Run the HTTP API only (production: workers run separately)."""
     import uvicorn
 
@@ -58,7 +65,7 @@ def api(host: str, port: int, workers: int) -> None:
     if workers == 1:
         from app.main import create_app
 
-        uvicorn.run(create_app(), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(), host=host, port=port, log_level=log_level, access_log=access_log)
         return
     # Several processes: /metrics must add up every process's request histograms, which
     # prometheus_client does through files in one folder named before any process imports it.
@@ -72,6 +79,7 @@ def api(host: str, port: int, workers: int) -> None:
             port=port,
             workers=workers,
             log_level=log_level,
+            access_log=access_log,
         )
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -152,6 +152,10 @@ class Progress(Resource):
     eta_s: float | None = None
     message: str | None = None
     updated_at: datetime | None = None
+    label: str | None = None  # "stage 1 of 2 · gptq · block 12/30"
+    recipe_stage_index: int | None = None
+    recipe_num_stages: int | None = None
+    elapsed_s: float | None = None
 
 
 class Job(Resource):

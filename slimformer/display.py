@@ -13,7 +13,9 @@ PROGRESS_STEPS = 1000  # the bar counts permille: tqdm draws float totals poorly
 
 
 class ProgressView:
-    """A tqdm bar fed by progress events, with status changes printed above it (on stderr)."""
+    """A tqdm bar fed by progress events, with status changes printed above it (on stderr): the
+    server's label ("stage 1 of 2 · gptq · block 12/30"), its one ETA, and a full bar once the
+    job succeeded."""
 
     def __init__(self, *, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -24,7 +26,7 @@ class ProgressView:
             bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}",
             desc="queued",
         )
-        self.stage: str | None = None
+        self.phase: int | None = None
 
     def __call__(self, event: dict[str, Any]) -> None:
         data = event.get("data") or {}
@@ -32,6 +34,10 @@ class ProgressView:
         if kind == "status":
             status = data.get("status") or "?"
             self.bar.set_description_str(status)
+            if status == "succeeded":
+                self.bar.n = PROGRESS_STEPS
+                self.bar.set_postfix_str("", refresh=False)
+            self.bar.refresh()
             self.say(event.get("message") or f"status: {status}")
         elif kind == "progress":
             self.progress(data, event.get("message"))
@@ -39,19 +45,18 @@ class ProgressView:
             self.say(f"{event.get('level', 'info')}: {event.get('message', '')}")
 
     def progress(self, data: dict[str, Any], message: str | None) -> None:
-        stage = data.get("stage")
-        if stage and stage != self.stage:
-            self.stage = stage
-            self.say(f"stage {stage_label(data)}")
-        if stage:
-            self.bar.set_description_str(stage_label(data))
+        label = stage_label(data)
+        phase = data.get("stage_index")
+        if phase != self.phase and data.get("stage"):
+            self.phase = phase
+            self.say(label)
+        self.bar.set_description_str(label)
         fraction = data.get("fraction")
         if isinstance(fraction, int | float):
-            self.bar.n = round(min(max(fraction, 0.0), 1.0) * PROGRESS_STEPS)
-        parts = [data.get("message") or message or ""]
-        if data.get("eta_s") is not None:
-            parts.append(f"eta {format_duration(data['eta_s'])}")
-        self.bar.set_postfix_str("  ".join(p for p in parts if p), refresh=False)
+            # Never backwards: a late event must not undo what the bar showed.
+            self.bar.n = max(self.bar.n, round(min(max(fraction, 0.0), 1.0) * PROGRESS_STEPS))
+        eta = data.get("eta_s")
+        self.bar.set_postfix_str(f"eta {format_duration(eta)}" if is_number(eta) else "", False)
         self.bar.refresh()
 
     def say(self, line: str) -> None:
@@ -63,11 +68,14 @@ class ProgressView:
 
 
 def stage_label(progress: dict[str, Any]) -> str:
-    """`gptq [2/3]`; `stage_index` counts from 0."""
+    """The server's `label` ("stage 1 of 2 · gptq · block 12/30"); from a server without it,
+    `gptq (stage 1 of 2)` where the progress names a recipe stage, else the phase's name."""
+    if progress.get("label"):
+        return str(progress["label"])
     stage = progress.get("stage") or "-"
-    index, total = progress.get("stage_index"), progress.get("num_stages")
-    if isinstance(index, int) and isinstance(total, int) and total > 1:
-        return f"{stage} [{index + 1}/{total}]"
+    index, total = progress.get("recipe_stage_index"), progress.get("recipe_num_stages")
+    if isinstance(index, int) and isinstance(total, int):
+        return f"{stage} (stage {index + 1} of {total})"
     return str(stage)
 
 

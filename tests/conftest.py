@@ -342,6 +342,9 @@ SLOW_FIRST = (
     "engine/test_distill_real.py",
     "engine/test_search_real.py",
     "service/test_search_job.py",
+    "service/test_progress_and_baseline.py",
+    "engine/test_vllm_check.py",
+    "engine/test_w8a8_convention.py",
 )
 
 

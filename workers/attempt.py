@@ -40,6 +40,7 @@ from app.storage import get_store
 from workers import fairness
 from workers.outage import is_transient, retry_until
 from workers.presence import NODE_ENV
+from workers.progress_plan import ProgressPlan
 
 log = logging.getLogger("slimformer.runner")
 
@@ -73,7 +74,9 @@ class JobContext:
     attempt: int
     max_runtime_s: int
     project_id: str = ""
-    stage_names: list[str] = field(default_factory=list)
+    # The phases the job goes through, which turn steps into one fraction and one ETA
+    # (workers/progress_plan.py); set by the work before its first progress report.
+    plan: ProgressPlan | None = None
     # The sha256 of the job's inputs (workers/result_cache.py), recorded when it succeeds.
     fingerprint: str | None = None
     interrupt: str | None = None
@@ -114,27 +117,34 @@ class JobContext:
         *,
         force: bool = False,
         data: dict[str, Any] | None = None,
+        detail: str | None = None,
     ) -> None:
+        """Phase `stage_index` of `plan` has done `step` of `total_steps`. `detail` is how a person
+        counts those steps ("window 7/20"), appended to the phase's label; `data`, the numbers
+        behind the message, is kept in the event as `details`. Throttled unless `force`."""
         self.check()
+        assert self.plan is not None, "set the job's plan before reporting progress"
+        estimate = self.plan.update(stage_index, step, total_steps)
         now = time.monotonic()
         if not force and now - self._last_progress < get_settings().progress_min_interval_s:
             return
         self._last_progress = now
-        num_stages = len(self.stage_names)
-        within = step / total_steps if total_steps else 0.0
-        fraction = min(1.0, (stage_index + within) / num_stages)
-        elapsed = now - self.started
-        eta = elapsed * (1 - fraction) / fraction if fraction > 0.02 else None
+        phase = self.plan.phases[stage_index]
         progress = {
-            "stage": self.stage_names[stage_index],
+            "stage": phase.name,
             "stage_index": stage_index,
-            "num_stages": num_stages,
+            "num_stages": len(self.plan.phases),
             "step": step,
             "total_steps": total_steps,
-            "fraction": round(fraction, 4),
-            "eta_s": round(eta, 1) if eta else None,
+            "fraction": round(estimate.fraction, 4),
+            "eta_s": estimate.eta_s,
             "message": message,
             "updated_at": utcnow().isoformat(),
+            # Additions (API-additions.md): what a person reads, and the recipe's own numbering.
+            "label": self.plan.label(stage_index, detail),
+            "recipe_stage_index": phase.recipe_stage,
+            "recipe_num_stages": self.plan.recipe_stages,
+            "elapsed_s": round(now - self.started, 1),
         }
         try:
             with session_scope() as session:
@@ -406,11 +416,24 @@ def _record_success(
         )
     progress = {
         **(job.progress or {}),
+        "step": (job.progress or {}).get("total_steps"),
         "fraction": 1.0,
         "eta_s": 0,
         "message": "done",
+        "label": "done",
+        "elapsed_s": round(time.monotonic() - context.started, 1),
         "updated_at": utcnow().isoformat(),
     }
+    # The last progress event says 1.0 too, so a client that follows only progress events (a
+    # bar) ends full, not at the last step's fraction.
+    add_event(
+        session,
+        job_id=context.job_id,
+        type="progress",
+        message="done",
+        data=progress,
+        attempt=context.attempt,
+    )
     moved = context.move(
         session,
         to="succeeded",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from app.datasets.repository import default_dataset_id
 from app.db.session import session_scope
@@ -27,6 +27,9 @@ from workers.compression.preflight import estimate_memory
 from workers.compression.recipe import DistillConfig, Recipe
 from workers.compression.records import read_records
 from workers.model_files import ModelUnavailable, materialize, validate_model
+from workers.outage import ride_out
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -94,20 +97,25 @@ class JobInputs:
 
 
 def read_job(job_id: str) -> Job:
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        session.expunge_all()
+    job = ride_out(f"job {job_id}: read", lambda: read_row(Job, job_id))
+    assert job is not None
     return job
+
+
+def read_row(table: type[T], row_id: str) -> T | None:
+    """One row by id, detached, in a transaction of its own: what `ride_out` repeats through a
+    database blip (every read below is one, so a blip inside a job's first reads costs nothing)."""
+    with session_scope() as session:
+        row = session.get(table, row_id)
+        session.expunge_all()
+    return row
 
 
 def gather(job: Job) -> JobInputs:
     """Everything `job` names, fetched; a model that is not ready or a dataset that is gone fails
     the job with its own error."""
-    with session_scope() as session:
-        model_row = session.get(Model, job.model_id)
-        assert model_row is not None
-        session.expunge_all()
+    model_row = ride_out(f"job {job.id}: model", lambda: read_row(Model, job.model_id))
+    assert model_row is not None
     model_row, folder = ready_folder(model_row, "model")
     evaluation_dataset_id = evaluation_dataset(job, model_row)
     evaluation_records, evaluation_sha = dataset_records(evaluation_dataset_id)
@@ -131,10 +139,14 @@ def evaluation_dataset(job: Job, model_row: Model) -> str:
     it was submitted while the model was validating (the task, so the default, was not known)."""
     evaluation_dataset_id = (job.evaluation or {}).get("dataset_id")
     if evaluation_dataset_id is None:
-        with session_scope() as session:
-            evaluation_dataset_id = default_dataset_id(
-                session=session, task=model_row.task, purpose="evaluation"
-            )
+
+        def default() -> str | None:
+            with session_scope() as session:
+                return default_dataset_id(
+                    session=session, task=model_row.task, purpose="evaluation"
+                )
+
+        evaluation_dataset_id = ride_out(f"job {job.id}: default evaluation dataset", default)
         if evaluation_dataset_id is None:
             raise JobFailure(
                 "invalid_request",
@@ -157,10 +169,9 @@ def ready_row(row: Model, what: str) -> Model:
     """The model's row once it is validated; a model that is not ready fails the job with its
     own error."""
     if row.status == "validating":
-        validate_model(row.id)  # the validation message may still be queued behind us
-        with session_scope() as session:
-            row = session.get(Model, row.id)
-            session.expunge_all()
+        model_id = row.id
+        validate_model(model_id)  # the validation message may still be queued behind us
+        row = ride_out(f"model {model_id}: read", lambda: read_row(Model, model_id))
     if row.status != "ready":
         error = row.error or {}
         raise JobFailure(
@@ -172,9 +183,7 @@ def ready_row(row: Model, what: str) -> Model:
 
 def dataset_records(dataset_id: str) -> tuple[list[dict], str | None]:
     """A dataset's records (its file fetched once into the cache, named by its sha256)."""
-    with session_scope() as session:
-        dataset = session.get(Dataset, dataset_id)
-        session.expunge_all()
+    dataset = ride_out(f"dataset {dataset_id}: read", lambda: read_row(Dataset, dataset_id))
     if dataset is None or dataset.storage_key is None or dataset.deleted_at is not None:
         raise JobFailure("not_found", f"dataset {dataset_id} is gone")
     local = (
@@ -189,9 +198,7 @@ def load_student(model_id: str, teacher: Any, device: Any) -> Any:
     """Another registered model, as a distillation student: ready, safe, same tokenizer."""
     from workers.compression.loading import load_model
 
-    with session_scope() as session:
-        row = session.get(Model, model_id)
-        session.expunge_all()
+    row = ride_out(f"model {model_id}: read", lambda: read_row(Model, model_id))
     if row is None or row.deleted_at is not None:
         raise JobFailure("not_found", f"the student model {model_id} is gone")
     _, folder = ready_folder(row, "student model")

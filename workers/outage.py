@@ -3,7 +3,9 @@
 A message whose task cannot reach the database is not acked as done: the task re-sends itself
 with exponential backoff and jitter (`task_backoff_s`, capped so the queue moves again within
 seconds of the database coming back). A running attempt retries its own database writes
-(`retry_until`) with a short backoff for as long as its lease would still be its own.
+(`retry_until`) with a short backoff for as long as its lease would still be its own, and its
+first reads (the job, its model and datasets, the result cache's lookups) the same way
+(`ride_out`).
 """
 
 from __future__ import annotations
@@ -85,3 +87,59 @@ def retry_until(
                 log.warning("%s: database unreachable (%s); retrying", what, type(exc).__name__)
             tries += 1
             time.sleep(max(0.0, min(pause, deadline() - time.monotonic())))
+
+
+def ride_out(what: str, action: Callable[[], T]) -> T:
+    """`retry_until` for a running attempt's reads made where its lease is not at hand
+    (`workers.job_inputs`, `workers.result_cache`): the heartbeat renews the lease every
+    lease_s / 4, so at least three quarters of it are left when a read starts; the read is
+    retried until then, less the second of slack the attempt's own writes keep."""
+    from app.settings import get_settings
+
+    give_up = time.monotonic() + 0.75 * get_settings().lease_s - 1.0
+    return retry_until(what, action, deadline=lambda: give_up)
+
+
+class PassLog:
+    """How a periodic loop (the reaper) reports an outage: a pass that fails on a transient error
+    logs one line without a traceback, the first pass that works again says so once; any other
+    error keeps its traceback."""
+
+    def __init__(self, what: str, logger: logging.Logger) -> None:
+        self.what = what
+        self.log = logger
+        self.failed = 0  # passes failed in a row on a transient error
+        self.since = 0.0
+
+    def failure(self, exc: BaseException, retry_in_s: float) -> None:
+        if not is_transient(exc):
+            self.log.error(
+                "%s pass failed; trying again in %.0f s", self.what, retry_in_s, exc_info=exc
+            )
+            return
+        if not self.failed:
+            self.since = time.monotonic()
+        self.failed += 1
+        self.log.warning(
+            "%s pass %d: database unreachable (%s: %s); trying again in %.0f s",
+            self.what,
+            self.failed,
+            type(exc).__name__,
+            _first_line(exc),
+            retry_in_s,
+        )
+
+    def success(self) -> None:
+        if self.failed:
+            self.log.warning(
+                "%s: database reachable again after %d failed passes (%.0f s)",
+                self.what,
+                self.failed,
+                time.monotonic() - self.since,
+            )
+            self.failed = 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0][:200] if text else ""

@@ -26,6 +26,7 @@ from app.jobs.lifecycle import add_event, transition
 from app.settings import get_settings
 from app.workers import repository as workers
 from workers import webhooks
+from workers.outage import PassLog
 
 # Lost workers stay listed (as lost) this long, so an operator can see what died, then go.
 LOST_WORKERS_KEPT_S = 24 * 3600
@@ -218,13 +219,15 @@ def _tell_waiting(session: Session, live: Mapping[str, int]) -> int:
     return told
 
 
-def _loop() -> None:
+def _loop(passes: PassLog) -> None:
     interval = get_settings().reaper_interval_s
     while not _stop.wait(interval):
         try:
             reap_once()
-        except Exception:  # noqa: BLE001 - a database blip must not kill the loop
-            log.exception("reaper pass failed; trying again in %.0f s", interval)
+        except Exception as exc:  # noqa: BLE001 - a database blip must not kill the loop
+            passes.failure(exc, interval)
+        else:
+            passes.success()
 
 
 def start_reaper_thread() -> None:
@@ -232,11 +235,12 @@ def start_reaper_thread() -> None:
     if _thread is not None and _thread.is_alive():
         return
     _stop.clear()
+    passes = PassLog("reaper", log)  # an outage: a line per pass, not a traceback
     try:
         reap_once()  # at start-up: a restarted worker picks up what its predecessor dropped
-    except Exception:  # noqa: BLE001
-        log.exception("first reaper pass failed")
-    _thread = threading.Thread(target=_loop, name="slimformer-reaper", daemon=True)
+    except Exception as exc:  # noqa: BLE001
+        passes.failure(exc, get_settings().reaper_interval_s)
+    _thread = threading.Thread(target=_loop, args=(passes,), name="slimformer-reaper", daemon=True)
     _thread.start()
 
 

@@ -48,7 +48,8 @@ from app.jobs.lifecycle import add_event
 from app.jobs.routing import device_class
 from workers.attempt import Interrupted, JobContext
 from workers.compression.recipe import Recipe  # torch-free
-from workers.job_inputs import evaluation_dataset, read_job, ready_row
+from workers.job_inputs import evaluation_dataset, read_job, read_row, ready_row
+from workers.outage import ride_out
 from workers.presence import DEVICE_ENV
 
 LIBRARIES = ("torch", "transformers", "compressed-tensors", "slimformer")
@@ -80,10 +81,8 @@ def fingerprint(inputs: dict) -> str:
 def fingerprint_inputs(job: Job) -> dict | None:
     """Everything the job's result depends on, or None when something it reads has no sha256.
     Validates the model first if its validation message is still queued (as the run would)."""
-    with session_scope() as session:
-        model = session.get(Model, job.model_id)
-        assert model is not None
-        session.expunge_all()
+    model = ride_out(f"job {job.id}: model", lambda: read_row(Model, job.model_id))
+    assert model is not None
     model = ready_row(model, "model")
     recipe = Recipe.model_validate(job.recipe)
     evaluation = {**(job.evaluation or {}), "dataset_id": evaluation_dataset(job, model)}
@@ -95,18 +94,20 @@ def fingerprint_inputs(job: Job) -> dict | None:
         referenced = stage.referenced_ids()
         model_ids.update(referenced["model_ids"])
         dataset_ids.update(referenced["dataset_ids"])
-    with session_scope() as session:
-        models = dict(
-            session.execute(select(Model.id, Model.sha256).where(Model.id.in_(model_ids))).all()
-        )
-        datasets = dict(
-            session.execute(
+
+    def read_shas() -> dict[str, str | None]:
+        with session_scope() as session:
+            models = session.execute(
+                select(Model.id, Model.sha256).where(Model.id.in_(model_ids))
+            ).all()
+            datasets = session.execute(
                 select(Dataset.id, Dataset.sha256).where(
                     Dataset.id.in_(dataset_ids), Dataset.deleted_at.is_(None)
                 )
             ).all()
-        )
-    shas = {**models, **datasets}
+        return {**dict(models), **dict(datasets)}
+
+    shas = ride_out(f"job {job.id}: sha256s", read_shas)
     if any(shas.get(item) is None for item in model_ids | dataset_ids):
         return None  # a model from the hub or a path, or a dataset that is gone
     return {
@@ -163,19 +164,23 @@ def engine_digest() -> str:
 
 def find_source(job: Job, job_fingerprint: str) -> str | None:
     """The earliest succeeded job of the project with these inputs that still has artifacts."""
-    with session_scope() as session:
-        return session.scalar(
-            select(Job.id)
-            .where(
-                Job.project_id == job.project_id,
-                Job.fingerprint == job_fingerprint,
-                Job.status == "succeeded",
-                Job.id != job.id,
-                exists().where(Artifact.job_id == Job.id),
+
+    def read() -> str | None:
+        with session_scope() as session:
+            return session.scalar(
+                select(Job.id)
+                .where(
+                    Job.project_id == job.project_id,
+                    Job.fingerprint == job_fingerprint,
+                    Job.status == "succeeded",
+                    Job.id != job.id,
+                    exists().where(Artifact.job_id == Job.id),
+                )
+                .order_by(Job.finished_at, Job.id)
+                .limit(1)
             )
-            .order_by(Job.finished_at, Job.id)
-            .limit(1)
-        )
+
+    return ride_out(f"job {job.id}: result cache", read)
 
 
 def _reuse(context: JobContext, job: Job, source_id: str) -> bool:

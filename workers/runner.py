@@ -15,7 +15,10 @@ import gc
 from pathlib import Path
 from typing import Any
 
+from app.jobs.routing import device_class
+from workers import baseline_cache
 from workers.attempt import JobContext, run_attempt
+from workers.compression.runtimes import where_it_runs
 from workers.job_inputs import (
     dataset_records,
     gather,
@@ -24,10 +27,19 @@ from workers.job_inputs import (
     read_job,
     streams,
 )
-from workers.packaging import artifact_name, package, write_export
+from workers.packaging import MIB, artifact_name, package, write_export
+from workers.progress_plan import Phase, ProgressPlan
 from workers.result_cache import reuse_if_cached
 
 QUALITY = ("perplexity", "embedding_cosine", "accuracy")
+# Rough sizes of the phases that send no tokens through a model, in the plan's unit (about a
+# thousand tokens through the model): they only matter until the job's own pace is observed.
+LOAD_WEIGHT = 2.0
+EXPORT_WEIGHT = 2.0
+# Packing compresses every byte (gzip level 9): measured on a 2-core CPU, about 4 MiB in the time
+# MiniLM takes for a thousand tokens. Priced first at the original model's size, then at the
+# export's once it is written.
+MIB_PER_WEIGHT = 4.0
 
 
 def run_job(job_id: str) -> None:
@@ -51,7 +63,8 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     recipe = Recipe.model_validate(job.recipe)
     # A job with targets searches over recipes (`workers.search_job`): one "search" stage.
     methods = ["search"] if job.targets else [stage.method for stage in recipe.stages]
-    context.stage_names = ["load", "baseline", *methods, "export", "evaluate"]
+    phases = JobPhases(methods)
+    context.plan = phases.plan
     context.progress(0, 0, 3, "preparing the model", force=True)
 
     inputs = gather(job)
@@ -66,11 +79,6 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     preflight(inputs, device, streamed=streamed)
     torch.manual_seed(0)
     loaded = load_model(inputs.folder, device=device, streamed=streamed, scratch=scratch / "blocks")
-    how = "one block at a time, the rest on disk" if streamed else "whole"
-    context.progress(0, 1, 3, f"loaded {loaded.architecture} on {device} ({how})", force=True)
-    calibration = inputs.calibration_batches(loaded.tokenizer)
-    context.progress(0, 3, 3, "data ready", force=True)
-
     evaluation = {k: v for k, v in (job.evaluation or {}).items() if k != "dataset_id"}
     evaluator = Evaluator(
         task=loaded.task,
@@ -79,19 +87,93 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
         records=inputs.evaluation_records,
         device=device,
     )
-    context.progress(1, 0, 1, "measuring the original model", force=True)
-    baseline = evaluator.measure(loaded.model, folder=inputs.folder, on_step=context.check)
-    context.log("baseline measured", {"baseline": baseline}, type="metric")
+    baseline_key = baseline_cache.baseline_inputs(
+        model_sha256=inputs.model_row.sha256,
+        evaluator=evaluator,
+        dataset_sha256=inputs.evaluation_sha,
+        device_class=device_class(str(device)),
+        streamed=streamed,
+    )
+    cacheable = bool(job.cache and inputs.model_row.sha256 and inputs.evaluation_sha)
+    baseline_fingerprint = baseline_cache.fingerprint(baseline_key)
+    cached = (
+        baseline_cache.lookup(project_id=context.project_id, key=baseline_fingerprint)
+        if cacheable
+        else None
+    )
+    context.plan.reweigh(
+        phases.weights(
+            recipe,
+            job,
+            evaluator,
+            baseline_cached=cached is not None,
+            model_bytes=_folder_bytes(inputs.folder),
+        )
+    )
+
+    how = "one block at a time, the rest on disk" if streamed else "whole"
+    context.progress(0, 1, 3, f"loaded {loaded.architecture} on {device} ({how})", force=True)
+    calibration = inputs.calibration_batches(loaded.tokenizer)
+    context.progress(0, 3, 3, "data ready", force=True)
+
+    def measuring(index: int, what: str):
+        def report(done: int, total: int, detail: str) -> None:
+            # Throttled, except the last pass: every measurement shows up finished.
+            context.progress(index, done, total, what, force=done == total, detail=detail)
+
+        return report
+
+    baseline_phase = phases.index("baseline")
+    if cached is None:
+        context.progress(baseline_phase, 0, 1, "measuring the original model", force=True)
+        baseline = evaluator.measure(
+            loaded.model,
+            folder=inputs.folder,
+            on_step=context.check,
+            on_progress=measuring(baseline_phase, "measuring the original model"),
+        )
+        if cacheable:
+            baseline_cache.remember(
+                project_id=context.project_id,
+                key=baseline_fingerprint,
+                inputs=baseline_key,
+                job_id=context.job_id,
+                metrics=baseline,
+                state=evaluator.baseline_state(),
+            )
+        baseline["cached"] = False
+        context.log("baseline measured", {"baseline": baseline}, type="metric")
+    else:
+        # The same model measured the same way before: only its latency is measured again,
+        # here, beside the compressed model's.
+        evaluator.restore_baseline_state(cached.state)
+        message = f"measuring the original model's latency (the rest measured by {cached.job_id})"
+        context.progress(baseline_phase, 0, 1, message, force=True)
+        latency = evaluator.measure(
+            loaded.model,
+            folder=inputs.folder,
+            on_step=context.check,
+            only=("latency",),
+            on_progress=measuring(baseline_phase, message),
+        )
+        baseline = {**cached.metrics, **latency, "cached": True, "cached_from": cached.job_id}
+        context.log(
+            f"baseline reused from {cached.job_id} (same model, evaluation settings, data, "
+            "device class and versions); latency measured again",
+            {"baseline": baseline},
+            type="metric",
+        )
 
     def on_progress(update: Any) -> None:
         # Throttled, except a stage's last step: every stage shows up finished in the events.
         context.progress(
-            2 + update.stage_index,
+            phases.index("stage", update.stage_index),
             update.step,
             update.total_steps,
             update.message,
             force=update.step == update.total_steps,
             data=update.data,
+            detail=f"{update.unit} {update.step}/{update.total_steps}",
         )
 
     students: dict[int, Any] = {}  # id(model) -> LoadedModel of a distillation student
@@ -103,8 +185,16 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
 
     def measure_stage(index: int, model: Any) -> dict:
         # A pipeline reports what each stage cost and bought: quality after every stage.
-        context.progress(2 + index, 1, 1, f"measuring the model after {methods[index]}", force=True)
-        measured = evaluator.measure(model, folder=None, on_step=context.check, only=QUALITY)
+        phase = phases.index("measure", index)
+        message = f"measuring the model after {methods[index]}"
+        context.progress(phase, 0, 1, message, force=True)
+        measured = evaluator.measure(
+            model,
+            folder=None,
+            on_step=context.check,
+            only=QUALITY,
+            on_progress=measuring(phase, message),
+        )
         context.log(f"after stage {index} ({methods[index]})", {"metrics": measured}, type="metric")
         return measured
 
@@ -136,16 +226,34 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     if result.model is not loaded.model:  # a distilled student of its own: saved as itself
         loaded = students[id(result.model)]
 
-    export_index = 2 + len(methods)
-    context.progress(export_index, 0, 2, "writing the compressed model", force=True)
+    export_index = phases.index("export")
+    context.progress(export_index, 0, 1, "writing the compressed model", force=True)
+    written = {"total": 1}
+
+    def writing(done: int, total: int, detail: str) -> None:
+        written["total"] = total  # the load test after the writing is one more step
+        context.progress(
+            export_index, done, total + 1, "writing the compressed model", detail=detail
+        )
+
     draft = write_export(
-        loaded, result.model, scratch, recipe=chosen_recipe, inputs=inputs.provenance
+        loaded,
+        result.model,
+        scratch,
+        recipe=chosen_recipe,
+        inputs=inputs.provenance,
+        progress=writing,
     )
     sample = loaded.tokenizer(
         inputs.evaluation_records[0]["text"], return_tensors="pt", truncation=True, max_length=64
     )["input_ids"]
+    steps = written["total"]
+    context.progress(
+        export_index, steps, steps + 1, "load-testing the export", force=True, detail="load test"
+    )
     check = verify(draft, result.model, loaded.task, sample)
-    context.progress(export_index, 1, 2, "export load-tested", force=True)
+    context.plan.reweigh(phases.with_package_of(_folder_bytes(draft.path)))
+    context.progress(export_index, steps + 1, steps + 1, "export load-tested", force=True)
     stage_summaries = result.stages
     if check.artifact is not None:
         # The in-memory model has been compared with the export; from here on only the export
@@ -166,8 +274,14 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     del calibration, resources
     gc.collect()
 
-    context.progress(export_index + 1, 0, 1, "measuring the compressed model", force=True)
-    compressed = evaluator.measure(deployed, folder=draft.path, on_step=context.check)
+    evaluate_index = phases.index("evaluate")
+    context.progress(evaluate_index, 0, 1, "measuring the compressed model", force=True)
+    compressed = evaluator.measure(
+        deployed,
+        folder=draft.path,
+        on_step=context.check,
+        on_progress=measuring(evaluate_index, "measuring the compressed model"),
+    )
     compressed["runtime"] = getattr(deployed, "slimformer_runtime", None)
     compressed["measured_on"] = measured_on
     del deployed
@@ -187,10 +301,17 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
         },
         "stages": stage_summaries,
         "export_check": check.report,
+        "where_it_runs": where_it_runs(draft.config.get("quantization_config")),
     }
     if job.targets:
         metrics["targets"] = _targets_report(job.targets, baseline, compressed)
         metrics["targets_met"] = metrics["targets"]["met"]
+    package_index = phases.index("package")
+
+    def packing(done: int, total: int, detail: str) -> None:
+        context.progress(package_index, done, total, "packing the artifact", detail=detail)
+
+    context.progress(package_index, 0, 1, "packing the artifact", force=True)
     files = package(
         draft,
         scratch,
@@ -198,8 +319,80 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
         metrics=metrics,
         inputs=inputs.provenance,
         name=artifact_name(inputs.model_row.name, context.job_id),
+        progress=packing,
     )
     return metrics, files
+
+
+class JobPhases:
+    """The phases of a job, in the order `execute` runs them, for its progress plan: load, measure
+    the original, each recipe stage (and the measurement after it, but the last), export,
+    measure the result, package. Named for people: "stage 1 of 2 · gptq"."""
+
+    def __init__(self, methods: list[str]) -> None:
+        self.methods = methods
+        count = len(methods)
+        phases = [
+            ("load", Phase("load", "loading the model", 1.0)),
+            ("baseline", Phase("baseline", "measuring the original", 1.0)),
+        ]
+        for i, method in enumerate(methods):
+            stage = f"stage {i + 1} of {count} · {method}"
+            phases.append((("stage", i), Phase(method, stage, 1.0, recipe_stage=i)))
+            if i < count - 1:
+                measure = Phase(method, f"{stage} · measuring", 1.0, recipe_stage=i)
+                phases.append((("measure", i), measure))
+        phases += [
+            ("export", Phase("export", "writing the compressed model", 1.0)),
+            ("evaluate", Phase("evaluate", "measuring the compressed model", 1.0)),
+            ("package", Phase("package", "packing the artifact", 1.0)),
+        ]
+        self.keys = [key for key, _ in phases]
+        self.plan = ProgressPlan([phase for _, phase in phases])
+
+    def index(self, name: str, stage: int | None = None) -> int:
+        return self.keys.index(name if stage is None else (name, stage))
+
+    def weights(
+        self, recipe: Any, job: Any, evaluator: Any, *, baseline_cached: bool, model_bytes: int
+    ) -> list:
+        """Each phase's rough size in thousands of tokens through the model (see LOAD_WEIGHT)."""
+        full = evaluator.work_tokens() / 1000
+        baseline = evaluator.work_tokens(("latency",)) / 1000 if baseline_cached else full
+        quality = evaluator.work_tokens(QUALITY) / 1000
+        calibration = job.calibration or {}
+        sized = {"load": LOAD_WEIGHT, "baseline": baseline, "export": EXPORT_WEIGHT}
+        sized.update({"evaluate": full, "package": model_bytes / MIB / MIB_PER_WEIGHT})
+        weights = []
+        for key in self.keys:
+            if isinstance(key, str):
+                weights.append(sized[key])
+            elif key[0] == "measure":
+                weights.append(quality)
+            else:
+                weights.append(_stage_weight(recipe.stages[key[1]], calibration))
+        return [max(weight, 0.1) for weight in weights]
+
+    def with_package_of(self, size_bytes: int) -> list:
+        """The plan's weights with packing priced at `size_bytes`."""
+        weights = [phase.weight for phase in self.plan.phases]
+        weights[self.index("package")] = max(size_bytes / MIB / MIB_PER_WEIGHT, 0.1)
+        return weights
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
+def _stage_weight(stage: Any, calibration: dict) -> float:
+    """A calibration-based stage runs its samples through every block about twice (inputs, then
+    outputs of the changed block); a training stage runs forward and backward over its steps'
+    tokens; the others touch weights only."""
+    if stage.method == "distill":
+        return 3 * stage.steps * stage.batch_size * stage.seq_len / 1000
+    if stage.needs_calibration:
+        return 2 * calibration.get("num_samples", 128) * calibration.get("seq_len", 512) / 1000
+    return 1.0
 
 
 def _targets_report(targets: dict, baseline: dict, compressed: dict) -> dict:

@@ -171,6 +171,23 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class BaselineMetrics(Base):
+    """The original model's metrics, measured once per inputs (workers/baseline_cache.py): a later
+    job of the project with the same `fingerprint` reuses them instead of measuring again."""
+
+    __tablename__ = "baseline_metrics"
+
+    project_id: Mapped[str] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True
+    )
+    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(40))  # the job that measured them (may be gone)
+    metrics: Mapped[dict[str, Any]]
+    inputs: Mapped[dict[str, Any]]  # what the fingerprint hashes, readable
+    state_key: Mapped[str | None] = mapped_column(String(300))  # embeddings and probe, in storage
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class JobEvent(Base):
     __tablename__ = "job_events"
     __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_job_events_job_id_seq"),)

@@ -128,6 +128,11 @@ class Progress(BaseModel):
     eta_s: float | None = None
     message: str | None = None
     updated_at: datetime | None = None
+    # Additions (API-additions.md, "progress"): what a person reads, the recipe's numbering.
+    label: str | None = None
+    recipe_stage_index: int | None = None
+    recipe_num_stages: int | None = None
+    elapsed_s: float | None = None
 
 
 class JobError(BaseModel):

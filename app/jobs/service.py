@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from app import broker, quotas
@@ -240,6 +243,16 @@ def to_out_list(session: Session, jobs: list[Job]) -> list[JobOut]:
 def to_out(session: Session, job: Job, *, artifacts: list[str] | None = None) -> JobOut:
     if artifacts is None:
         artifacts = ids_by_job(session=session, job_ids=[job.id])[job.id]
+    return job_out(
+        job, artifacts, webhook_secret=session.info.get("webhook_secrets", {}).get(job.id)
+    )
+
+
+def job_out(
+    job: Job | Row[Any], artifacts: list[str], *, webhook_secret: str | None = None
+) -> JobOut:
+    """The response for a job, from its entity or from the row `repository.read_owned` reads;
+    the webhook's secret is only shown in the creation response."""
     return JobOut(
         id=job.id,
         status=job.status,
@@ -260,11 +273,7 @@ def to_out(session: Session, job: Job, *, artifacts: list[str] | None = None) ->
         attempt=job.attempt,
         max_attempts=job.max_attempts,
         artifact_ids=artifacts,
-        webhook=WebhookOut(
-            **job.webhook, secret=session.info.get("webhook_secrets", {}).get(job.id)
-        )
-        if job.webhook
-        else None,
+        webhook=WebhookOut(**job.webhook, secret=webhook_secret) if job.webhook else None,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -272,6 +281,6 @@ def to_out(session: Session, job: Job, *, artifacts: list[str] | None = None) ->
     )
 
 
-def job_etag(job: Job) -> str:
+def job_etag(job: Job | Row[Any]) -> str:
     # event_seq moves with every change the worker or the API makes to the job.
     return f'W/"{job.id}-{job.event_seq}-{job.updated_at.timestamp():.6f}"'

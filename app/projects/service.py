@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from app.db.tables import ApiKey, Project
@@ -45,3 +46,19 @@ def project_for_key(*, session: Session, key: str) -> Project | None:
         .join(ApiKey, ApiKey.project_id == Project.id)
         .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
     )
+
+
+# The same two lookups as statements built once, for the hot read that runs on a plain connection
+# (`app/auth.py` `authenticate`): building a select per request costs more than running it.
+_PROJECT_OF_KEY = select(ApiKey.project_id).where(
+    ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None)
+)
+_PROJECT_NAMED = select(Project.id).where(Project.name == bindparam("name"))
+
+
+def project_id_for_key(connection: Connection, key: str) -> str | None:
+    return connection.execute(_PROJECT_OF_KEY, {"key_hash": hash_key(key)}).scalar()
+
+
+def project_id_named(connection: Connection, name: str) -> str | None:
+    return connection.execute(_PROJECT_NAMED, {"name": name}).scalar()

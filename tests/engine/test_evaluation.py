@@ -142,3 +142,47 @@ def test_a_model_on_another_device_is_refused(bert, records):
     )
     with pytest.raises(ValueError, match="same device"):
         harness.measure(bert.model, folder=None)
+
+
+def test_a_measurement_reports_every_pass_whole_and_streamed(records, tmp_path):
+    from tests.engine.conftest import tiny_llama
+    from workers.compression.loading import load_model
+
+    whole = tiny_llama(layers=3)
+    whole.model.save_pretrained(tmp_path / "model")
+    whole.tokenizer.save_pretrained(tmp_path / "model")
+    streamed = load_model(tmp_path / "model", device="cpu", streamed=True, scratch=tmp_path / "b")
+    settings = {"seq_len": 32, "max_windows": 3, "metrics": ["perplexity", "latency"]}
+    numbers = {}
+    for name, loaded in (("whole", whole), ("streamed", streamed)):
+        seen = []
+        harness = evaluator(loaded, records, **settings)
+        numbers[name] = harness.measure(
+            loaded.model, folder=None, on_progress=lambda *step, into=seen: into.append(step)
+        )
+        assert [done for done, _, _ in seen] == list(range(1, len(seen) + 1))
+        assert {total for _, total, _ in seen} == {len(seen)}
+        details = [detail for _, _, detail in seen]
+        if name == "whole":  # 3 windows, 1 warm-up, 3 timed runs, the memory pass
+            assert details == [
+                "window 1/3", "window 2/3", "window 3/3", "latency warm-up 1/1",
+                "latency run 1/3", "latency run 2/3", "latency run 3/3", "peak memory",
+            ]  # fmt: skip
+        else:  # the windows go through one block at a time; no latency for a streamed model
+            assert details == ["block 1/3 of 3 windows", "block 2/3 of 3 windows",
+                               "block 3/3 of 3 windows"]  # fmt: skip
+    assert numbers["streamed"]["perplexity"] == pytest.approx(numbers["whole"]["perplexity"])
+
+
+def test_a_cached_baseline_state_gives_the_same_comparisons(llama, records):
+    metrics = ["embedding_cosine", "accuracy"]
+    labelled = [{**r, "label": "ab"[i % 2]} for i, r in enumerate(records * 4)]
+    first = evaluator(llama, labelled, metrics=metrics, max_samples=16, seq_len=32)
+    first.measure(llama.model, folder=None)
+    compress(llama.model, Recipe(stages=[DynamicInt8Config()]))
+    expected = first.measure(llama.model, folder=None)
+    assert expected["embedding_cosine"] < 1.0
+    # A later job's evaluator never saw the original model: it takes the state instead.
+    later = evaluator(llama, labelled, metrics=metrics, max_samples=16, seq_len=32)
+    later.restore_baseline_state(first.baseline_state())
+    assert later.measure(llama.model, folder=None) == expected

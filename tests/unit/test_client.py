@@ -249,10 +249,34 @@ def test_progress_view_reports_stages_and_status_changes(capsys):
     lines = [line.split(" ", 1)[1] for line in capsys.readouterr().err.splitlines()]
     assert lines == [
         "status: running on gpu-1",
-        "stage rtn [2/2]",
+        "rtn",
         "warning: lm_head left in float",
     ]
     assert view.bar.n == 600
+
+
+def test_progress_view_ends_full_with_one_eta_and_the_servers_label():
+    view = ProgressView()
+    label = "stage 1 of 2 · gptq · block 12/30"
+    view(
+        {
+            "type": "progress",
+            "message": "calibrated model.layers.11",
+            "data": {
+                "stage": "gptq",
+                "stage_index": 2,
+                "fraction": 0.8,
+                "eta_s": 75,
+                "label": label,
+            },
+        }
+    )
+    assert view.bar.desc == label
+    assert view.bar.postfix == "eta 1m15s"  # the one ETA; the message repeats none
+    view({"type": "status", "message": "status: succeeded", "data": {"status": "succeeded"}})
+    assert view.bar.n == 1000
+    assert "100%" in str(view.bar)
+    view.close()
 
 
 # --- Name resolution --------------------------------------------------------------------------

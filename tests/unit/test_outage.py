@@ -67,3 +67,28 @@ def test_retry_until_retries_a_transient_error_then_gives_up_at_the_deadline() -
 
     with pytest.raises(ValueError):
         retry_until("wrong", wrong, deadline=lambda: far)  # raised at once
+
+
+def test_a_loop_logs_an_outage_as_one_line_per_pass_and_one_when_it_recovers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The reaper's pass log: no traceback for a database that cannot be reached, one line a
+    pass, a line when a pass works again; a real bug keeps its traceback."""
+    import logging
+
+    from workers.outage import PassLog
+
+    logger = logging.getLogger("slimformer.test_pass_log")
+    passes = PassLog("reaper", logger)
+    refused = refused_error()
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        for _ in range(3):
+            passes.failure(refused, 15)
+        passes.success()
+        passes.success()  # nothing more to say
+        passes.failure(ValueError("a bug"), 15)
+    records = caplog.records
+    assert [r.exc_info is None for r in records] == [True, True, True, True, False], records
+    assert all(len(r.getMessage().splitlines()) == 1 for r in records[:4])
+    assert "pass 3: database unreachable (OperationalError" in records[2].getMessage()
+    assert "reachable again after 3 failed passes" in records[3].getMessage()

@@ -24,7 +24,6 @@ instead of recomputing them and continues from the saved hidden states; the othe
 from __future__ import annotations
 
 import inspect
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -230,7 +229,6 @@ def run_blockwise(
         inputs.hidden = [hidden.to(device) for hidden in saved.hidden]
         first = saved.next_block
 
-    started = time.perf_counter()
     for index in range(first, len(blocks)):
         name = f"{blocks_name}.{index}"
         with resident_block(store, blocks, index) as block:
@@ -245,9 +243,8 @@ def run_blockwise(
                     hidden=list(inputs.hidden),
                 )
         release_freed_memory(model_device(model))
-        done = index + 1 - first
-        remaining = (time.perf_counter() - started) / done * (len(blocks) - index - 1)
-        progress(index + 1, len(blocks), f"calibrated {name}, about {remaining:.0f} s left")
+        # The job's one ETA is computed from these steps (workers/progress_plan.py), not here.
+        progress(index + 1, len(blocks), f"calibrated {name}")
     return [summaries[index] for index in range(len(blocks))]
 
 

@@ -30,6 +30,9 @@ from workers.compression.streaming import store_of, stream_forward
 
 EMBEDDING_BATCH_SIZE = 32
 
+# (steps done, steps in the whole measurement, how a person counts them: "window 7/20").
+ProgressFn = Callable[[int, int, str], None]
+
 
 class Evaluator:
     def __init__(
@@ -54,6 +57,7 @@ class Evaluator:
             raise ValueError("the evaluation dataset has no text")
 
         stream = token_stream(self.texts, tokenizer)
+        self.text_tokens = len(stream)
         self.windows: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.stride: int | None = None
         if "perplexity" in self.metrics:
@@ -68,6 +72,8 @@ class Evaluator:
         self.latency_input = torch.tensor(repeated).reshape(latency.batch_size, latency.seq_len)
         self._baseline_embeddings: torch.Tensor | None = None
         self._on_step: Callable[[], None] | None = None
+        self._on_progress: ProgressFn | None = None
+        self._done = self._total = 0
 
     def _perplexity_windows(self, stream: list[int]) -> tuple[list, int]:
         """Fixed windows over the token stream, as in the transformers perplexity guide: each window
@@ -147,10 +153,12 @@ class Evaluator:
         folder: Path | None,
         on_step: Callable[[], None] | None = None,
         only: tuple[str, ...] | None = None,
+        on_progress: ProgressFn | None = None,
     ) -> dict:
         """Run every metric on `model` (or those of them named in `only`); `folder` holds its
         weight files, for `size`. `on_step` is called between forward passes: it may raise to stop
-        the measurement (cancellation)."""
+        the measurement (cancellation). `on_progress(done, total, detail)` follows every forward
+        pass (every block of a streamed model), counted over the whole measurement."""
         self._on_step = on_step
         model_device = next(model.parameters()).device
         # A device without an index ("cuda") means the current one, where "cuda:0" models live.
@@ -164,6 +172,8 @@ class Evaluator:
             )
         results: dict = {}
         wanted = [metric for metric in self.metrics if only is None or metric in only]
+        self._on_progress, self._done = on_progress, 0
+        self._total = self._steps(model, wanted)
         if "perplexity" in wanted:
             results["perplexity"] = self._perplexity(model)
         if "embedding_cosine" in wanted:
@@ -175,6 +185,73 @@ class Evaluator:
         if "size" in wanted:
             results.update(self._size(model, folder))
         return results
+
+    def baseline_state(self) -> dict[str, torch.Tensor]:
+        """What the first `measure` left for the later ones to compare with: the baseline's
+        sentence embeddings and the accuracy probe fitted on them (empty when neither applies)."""
+        state = {}
+        if self._baseline_embeddings is not None:
+            state["embeddings"] = self._baseline_embeddings.contiguous()
+        if self._probe is not None:
+            state["probe.weight"] = self._probe.weight.detach().contiguous()
+            state["probe.bias"] = self._probe.bias.detach().contiguous()
+        return state
+
+    def restore_baseline_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take `baseline_state` from an earlier evaluator with the same settings, data and
+        model (`workers.baseline_cache`), as if this one had measured the baseline."""
+        if "embedding_cosine" in self.metrics:
+            self._baseline_embeddings = state["embeddings"]
+        if "accuracy" in self.metrics:
+            weight = state["probe.weight"]
+            probe = nn.Linear(weight.shape[1], weight.shape[0])
+            probe.weight.data.copy_(weight)
+            probe.bias.data.copy_(state["probe.bias"])
+            self._probe = probe.requires_grad_(False)
+
+    def _steps(self, model: nn.Module, wanted: list[str]) -> int:
+        """The forward passes `measure` reports (a streamed model: one step per block and batch
+        of passes, the passes of one block running together)."""
+        store = store_of(model)
+
+        def passes(count: int) -> int:
+            return len(store) if store is not None else count
+
+        total = 0
+        if "perplexity" in wanted:
+            total += passes(len(self.windows))
+        if "embedding_cosine" in wanted:
+            total += passes(_batches(len(self.embedding_texts)))
+        if "accuracy" in wanted:
+            if self._probe is None:
+                total += passes(_batches(len(self.probe_train[0])))
+            total += passes(_batches(len(self.probe_test[0])))
+        if "latency" in wanted and store is None:
+            latency = self.settings.latency
+            total += latency.warmup + latency.runs + 1
+        return total
+
+    def work_tokens(self, only: tuple[str, ...] | None = None) -> int:
+        """About how many tokens `measure` sends through a model: the size of its work, for
+        weighing it against a job's other phases (`workers.progress_plan`)."""
+        wanted = [metric for metric in self.metrics if only is None or metric in only]
+        tokens = 0
+        per_text = self.text_tokens / len(self.texts)
+        if "perplexity" in wanted:
+            tokens += sum(ids.numel() for ids, _ in self.windows)
+        if "embedding_cosine" in wanted:
+            tokens += round(per_text * len(self.embedding_texts))
+        if "accuracy" in wanted:
+            tokens += round(per_text * (len(self.probe_train[0]) + len(self.probe_test[0])))
+        if "latency" in wanted:
+            latency = self.settings.latency
+            tokens += (latency.warmup + latency.runs + 1) * latency.batch_size * latency.seq_len
+        return tokens
+
+    def _advance(self, detail: str) -> None:
+        self._done = min(self._done + 1, self._total)
+        if self._on_progress is not None:
+            self._on_progress(self._done, self._total, detail)
 
     @staticmethod
     def delta(baseline: dict, compressed: dict) -> dict:
@@ -209,20 +286,37 @@ class Evaluator:
             return nll.item(), int((targets != -100).sum())
 
         calls = [{"input_ids": ids.to(self.device), "use_cache": False} for ids, _ in self.windows]
-        scored = self._forward_each(model, calls, window_nll)
+        scored = self._forward_each(model, calls, window_nll, unit="window")
         return math.exp(sum(nll for nll, _ in scored) / sum(tokens for _, tokens in scored))
 
-    def _forward_each(self, model: nn.Module, calls: list[dict], finish, *, entry=None) -> list:
+    def _forward_each(
+        self, model: nn.Module, calls: list[dict], finish, *, entry=None, unit: str
+    ) -> list:
         """`finish(i, entry(**calls[i]))` for every call (`entry`: the model, or a part of it such
-        as its base model). A streamed model runs every call through one resident block at a time
-        (`streaming.stream_forward`), so its evaluation needs one block of memory, not the model."""
+        as its base model), each reported as one `unit` ("window 3/20"). A streamed model runs
+        every call through one resident block at a time (`streaming.stream_forward`), so its
+        evaluation needs one block of memory, not the model; it reports blocks."""
         entry = model if entry is None else entry
-        if store_of(model) is not None:
-            return stream_forward(model, calls, finish, on_step=self._step, entry=entry)
+        store = store_of(model)
+        if store is not None:
+            blocks = len(store)
+            entered = 0
+
+            def block_step() -> None:  # called before each block: the one before it is done
+                nonlocal entered
+                self._step()
+                if entered:
+                    self._advance(f"block {entered}/{blocks} of {len(calls)} {unit}s")
+                entered += 1
+
+            results = stream_forward(model, calls, finish, on_step=block_step, entry=entry)
+            self._advance(f"block {blocks}/{blocks} of {len(calls)} {unit}s")
+            return results
         results = []
         for index, kwargs in enumerate(calls):
             self._step()
             results.append(finish(index, entry(**kwargs)))
+            self._advance(f"{unit} {index + 1}/{len(calls)}")
         return results
 
     def _probe_split(self, records: list[dict]) -> None:
@@ -286,7 +380,9 @@ class Evaluator:
             return F.normalize(mean, dim=-1).cpu()
 
         # The hidden states, without an LM head on top.
-        return torch.cat(self._forward_each(model, calls, pooled, entry=model.base_model))
+        return torch.cat(
+            self._forward_each(model, calls, pooled, entry=model.base_model, unit="batch")
+        )
 
     def _embedding_cosine(self, model: nn.Module) -> dict:
         self._check_length(model, self.embedding_len, "embedding")
@@ -311,18 +407,21 @@ class Evaluator:
         self._check_length(model, latency.seq_len, "latency")
         ids = self.latency_input.to(self.device)
         kwargs = {"use_cache": False} if self.task == "causal-lm" else {}
-        for _ in range(latency.warmup):
+        for run in range(latency.warmup):
             self._step()
             model(input_ids=ids, **kwargs)
+            self._advance(f"latency warm-up {run + 1}/{latency.warmup}")
         timings = []
-        for _ in range(latency.runs):
+        for run in range(latency.runs):
             self._step()
             self._synchronize()
             started = time.perf_counter()
             model(input_ids=ids, **kwargs)
             self._synchronize()
             timings.append(time.perf_counter() - started)
+            self._advance(f"latency run {run + 1}/{latency.runs}")
         extra = _forward_extra_bytes(lambda: model(input_ids=ids, **kwargs), self.device)
+        self._advance("peak memory")
         summary = latency_summary(timings)
         return {
             **summary,
@@ -366,6 +465,10 @@ class Evaluator:
             "bits_per_weight": bits_per_weight,
             "bits_per_parameter": 8 * size / parameters if parameters else None,
         }
+
+
+def _batches(texts: int) -> int:
+    return -(-texts // EMBEDDING_BATCH_SIZE)
 
 
 def _fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> nn.Linear:

@@ -29,6 +29,7 @@ import logging
 import platform
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,14 +167,21 @@ def write_draft(
     inputs: dict,
     versions: dict | None = None,
     sparse_storage: str = "bitmask",
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> ExportDraft:
     """Write `model` (the compressed form of `loaded`) as a draft of `folder`: weights, config,
     generation config and tokenizer, in a private folder next to it, and the sentence-transformers
     files of a source that has them (`sentence_transformers_files.py`). Pruned layers of a float
     model are stored in a compressed-tensors bitmask layout (`sparse_storage="bitmask"`, smaller;
     `formats/sparse_bitmask.py`) or as dense weights with their zeros (`"dense"`, what plain
-    transformers can read)."""
+    transformers can read). `progress(done, total, detail)` follows the writing: block by block
+    for a streamed model, else the weights, then the other files."""
     folder = Path(folder)
+
+    def report(done: int, total: int, detail: str) -> None:
+        if progress is not None:
+            progress(done, total, detail)
+
     folder.parent.mkdir(parents=True, exist_ok=True)
     layout, layers = formats.layout_writing(model, sparse_storage=sparse_storage)
     config = json.loads(model.config.to_json_string())  # what save_pretrained writes
@@ -187,17 +195,27 @@ def write_draft(
     )
     try:
         if store_of(model) is not None:  # never whole in memory: shards, block by block
+            steps = len(store_of(model)) + 1
             storage_format = write_streamed(
-                model, layout, layers, temporary, config, dtype=loaded.dtype
+                model,
+                layout,
+                layers,
+                temporary,
+                config,
+                dtype=loaded.dtype,
+                progress=lambda done, blocks: report(done, steps, f"block {done}/{blocks}"),
             )
         else:
             # The layouts read the float weights on CPU; the tensors they add may come from any
             # device.
+            steps = 3
             tensors = _on_cpu(_float_tensors(model, layout, layers))
             storage_format = layout.write(model, layers, tensors, config)
+            report(1, steps, "weights laid out")
             safetensors.torch.save_file(
                 _on_cpu(tensors), temporary / WEIGHTS_FILE, metadata={"format": "pt"}
             )
+            report(2, steps, "weights written")
         _write_json(temporary / "config.json", config)
         if loaded.task == "causal-lm" and getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(temporary)
@@ -205,6 +223,7 @@ def write_draft(
         sentence_transformers = layout.plain_transformers and write_sentence_transformers_files(
             loaded.folder, temporary, config
         )
+        report(steps, steps, "config and tokenizer written")
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

@@ -16,6 +16,7 @@ its outputs compared with the engine's model over the same blocks.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,9 +51,10 @@ def write_streamed(
     config: dict,
     *,
     dtype: torch.dtype,
+    progress: Callable[[int, int], None] | None = None,
 ) -> str:
     """Write `model`'s weights into `folder` as shards, block by block; the format written (and
-    `config` updated as the layout describes it)."""
+    `config` updated as the layout describes it). `progress(blocks done, blocks)` after each."""
     store = store_of(model)
     assert store is not None
     if layers and not isinstance(layout, QuantizedLayout):
@@ -94,6 +96,8 @@ def write_streamed(
                 for key, value in block.state_dict().items()
             }
             write(tensors, {n: m for n, m in layers.items() if n.startswith(prefix)})
+        if progress is not None:
+            progress(index + 1, len(store))
     writer.finish()
     if isinstance(layout, QuantizedLayout) and layers:
         return layout.configure(model, layers, schemes, config)

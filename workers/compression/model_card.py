@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from workers.compression import formats
+from workers.compression import formats, runtimes
 from workers.compression.architectures import matches
 from workers.compression.recipe import Stage, StageConfig
 
@@ -96,6 +96,7 @@ def model_card(
         "",
         *(_sentence_transformers_load(quantization) if sentence_transformers else []),
         *(_vllm_load(task) if layout.plain_transformers else []),
+        *runtimes.markdown(quantization),
         "## Storage layout",
         "",
         described,
@@ -492,7 +493,7 @@ def _vllm_load(task: str) -> list[str]:
         "",
         f"```python\nfrom vllm import LLM\n\n{code}\n```",
         "",
-        "vLLM reads the same config.json; Slimformer did not load-test this artifact in vLLM.",
+        "vLLM reads the same config.json; what Slimformer measured there is in the table below.",
         "",
     ]
 

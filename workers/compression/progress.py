@@ -20,6 +20,7 @@ class ProgressUpdate:
     total_steps: int
     message: str
     data: dict[str, Any] | None = None  # numbers behind the message (a training step's loss, ...)
+    unit: str = "step"  # what a step is, as a person counts it: "block", "layer", "step"
 
 
 ProgressFn = Callable[[ProgressUpdate], None]

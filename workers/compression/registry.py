@@ -43,7 +43,13 @@ class StageContext:
     replaced_by: nn.Module | None = None
 
     def report(
-        self, step: int, total_steps: int, message: str, data: dict[str, Any] | None = None
+        self,
+        step: int,
+        total_steps: int,
+        message: str,
+        data: dict[str, Any] | None = None,
+        *,
+        unit: str = "step",
     ) -> None:
         # The callback may raise to cancel the job; that must reach the caller, so no try here.
         if self.progress is not None:
@@ -56,6 +62,7 @@ class StageContext:
                     total_steps=total_steps,
                     message=message,
                     data=data,
+                    unit=unit,
                 )
             )
 
@@ -66,7 +73,7 @@ class StageContext:
             model,
             self.calibration,
             handler,
-            progress=self.report,
+            progress=lambda step, total, message: self.report(step, total, message, unit="block"),
             checkpoint=self.checkpoint,
             **options,
         )

@@ -44,7 +44,7 @@ def dynamic_int8(model: nn.Module, config: DynamicInt8Config, context: StageCont
         linear = model.get_submodule(name)
         q, scale = quantize_weight(linear.weight, per_channel=config.per_channel)
         model.set_submodule(name, int8_linear(q, scale, linear.bias))
-        context.report(step, len(targeted), f"quantized {name}")
+        context.report(step, len(targeted), f"quantized {name}", unit="layer")
     return {
         "device": "cpu",
         "activation_bits": 8 if FULL_RANGE_ACTIVATIONS else 7,

@@ -43,7 +43,7 @@ def fp8(model: nn.Module, config: Fp8Config, context: StageContext) -> dict:
             ((dequantized - linear.weight.float()).norm() / linear.weight.float().norm()).item()
         )
         model.set_submodule(name, layer)
-        context.report(step, len(targeted), f"quantized {name}")
+        context.report(step, len(targeted), f"quantized {name}", unit="layer")
     device = next(model.parameters()).device
     return {
         "activations": config.activations,

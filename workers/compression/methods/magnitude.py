@@ -78,5 +78,5 @@ def magnitude(model: nn.Module, config: MagnitudeConfig, context: StageContext) 
             mask_for(scores, sparsity=config.sparsity, pattern=config.pattern),
             pattern=config.pattern,
         )
-        context.report(step, len(targeted), f"pruned {name}")
+        context.report(step, len(targeted), f"pruned {name}", unit="layer")
     return pruning_summary(model, config, targeted, skipped)

@@ -41,7 +41,7 @@ def rtn(model: nn.Module, config: RtnConfig, context: StageContext) -> dict:
         )
         attach(linear, quantized)
         errors.append(relative_error(original, linear.weight))
-        context.report(step, len(targeted), f"quantized {name}")
+        context.report(step, len(targeted), f"quantized {name}", unit="layer")
     return {
         "quantized_layers": len(targeted),
         "quantized": targeted,

@@ -414,7 +414,7 @@ def structured(model: nn.Module, config: StructuredConfig, context: StageContext
                 head_scores = head_magnitude_scores(block, plan) if plan.prunes_heads else None
                 ffn_scores = ffn_magnitude_scores(block, plan.layout) if plan.prunes_ffn else None
                 per_block.append(prune_block(block, plan, head_scores, ffn_scores))
-            context.report(index + 1, len(blocks), f"pruned {blocks_name}.{index}")
+            context.report(index + 1, len(blocks), f"pruned {blocks_name}.{index}", unit="block")
         samples = tokens = 0
     rewrite_config(model, plan)
 

@@ -104,7 +104,7 @@ def w8a8(model: nn.Module, config: W8A8Config, context: StageContext) -> dict:
     if config.activations == "dynamic":
         for step, (name, linear) in enumerate(resident_layers(model, targeted), start=1):
             model.set_submodule(name, w8a8_linear(linear, None))
-            context.report(step, len(targeted), f"quantized {name}")
+            context.report(step, len(targeted), f"quantized {name}", unit="layer")
         return summary
 
     outside = outside_blocks(model, targeted)

@@ -9,8 +9,10 @@ scales [out, 1] per channel or [1] per tensor):
   the in-memory layer and the runtime one `export.load_artifact` builds, so the job measures what
   users run. On x86 CPUs with VNNI, static layers use fbgemm's int8 kernel with a float output
   (`quantized::linear_with_input_q_dq_qweight_dq_output_fp32`); otherwise, and for per-token
-  scales, `torch._int_mm`. Both compute the integer product exactly, so they agree with each other
-  and with compressed-tensors' reference up to float rounding of the rescale.
+  scales, `torch._int_mm`. Both compute the integer product exactly, on the codes compressed-tensors and
+  vLLM define (round-half-even of x / s_x, clamped to [-128, 127]), so they agree with each other
+  and with compressed-tensors' reference up to float rounding of the rescale
+  (`tests/engine/test_w8a8_convention.py`).
 - `DynamicInt8Linear` (the `dynamic_int8` method): `torch.ao.nn.quantized.dynamic.Linear` (a
   subclass that picks the activation range, see below), whose forward runs the fbgemm (x86) or
   qnnpack (ARM) int8 kernels, which quantize activations per tensor. Those kernels exist on CPU
@@ -109,9 +111,14 @@ class W8A8Linear(nn.Module):
                 dtype=torch.qint8,
             )
             self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
-        # Symmetric int8 codes [-128, 127] are fbgemm's uint8 codes with zero point 128.
+        # Symmetric int8 codes [-128, 127] are fbgemm's uint8 codes with zero point 128. fbgemm
+        # rounds x * (1 / scale), which differs from compressed-tensors' and vLLM's x / scale near
+        # half-way points (a 1-ulp difference there flips a code); handing it values already on
+        # the grid (q · scale, which it maps back to q exactly) makes the codes theirs.
+        scale = self.input_scale
+        on_grid = torch.round(x / scale).clamp_(_LOW, _HIGH).mul_(scale)
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            x, self.input_scale.item(), 128, self._packed
+            on_grid, scale.item(), 128, self._packed
         )
 
     def _apply(self, fn, recurse=True):
