@@ -340,6 +340,8 @@ SLOW_FIRST = (
     "engine/test_streamed_real.py",
     "service/test_end_to_end.py",
     "engine/test_distill_real.py",
+    "engine/test_search_real.py",
+    "service/test_search_job.py",
     "service/test_progress_and_baseline.py",
     "engine/test_vllm_check.py",
     "engine/test_w8a8_convention.py",

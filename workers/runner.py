@@ -61,7 +61,8 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
 
     job = read_job(context.job_id)
     recipe = Recipe.model_validate(job.recipe)
-    methods = [stage.method for stage in recipe.stages]
+    # A job with targets searches over recipes (`workers.search_job`): one "search" stage.
+    methods = ["search"] if job.targets else [stage.method for stage in recipe.stages]
     phases = JobPhases(methods)
     context.plan = phases.plan
     context.progress(0, 0, 3, "preparing the model", force=True)
@@ -203,15 +204,23 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
         load_model=student_model,
     )
     context.clear_checkpoints = lambda: [inputs.checkpoints(i).clear() for i in range(len(methods))]
-    result = compress(
-        loaded.model,
-        recipe,
-        calibration,
-        progress=on_progress,
-        checkpoints=inputs.checkpoints,
-        resources=resources,
-        after_stage=measure_stage,
-    )
+    chosen_recipe, search_metrics = job.recipe, {"trials": []}
+    if job.targets:
+        from workers.search_job import run_search
+
+        found = run_search(context, job, loaded, inputs, calibration, device)
+        result, chosen_recipe, search_metrics = found.result, found.recipe, found.metrics
+        loaded.model = result.model  # the chosen candidate (a copy); the original is done with
+    else:
+        result = compress(
+            loaded.model,
+            recipe,
+            calibration,
+            progress=on_progress,
+            checkpoints=inputs.checkpoints,
+            resources=resources,
+            after_stage=measure_stage,
+        )
     context.clear_checkpoints()  # they exist to resume this stage; it is done
     context.check()
     if result.model is not loaded.model:  # a distilled student of its own: saved as itself
@@ -231,7 +240,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
         loaded,
         result.model,
         scratch,
-        recipe=job.recipe,
+        recipe=chosen_recipe,
         inputs=inputs.provenance,
         progress=writing,
     )
@@ -284,7 +293,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
         "baseline": baseline,
         "compressed": compressed,
         "delta": evaluator.delta(baseline, compressed),
-        "trials": [],
+        **search_metrics,
         "settings": {
             **evaluator.settings_record(),
             "dataset_id": inputs.evaluation_dataset_id,
@@ -296,6 +305,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     }
     if job.targets:
         metrics["targets"] = _targets_report(job.targets, baseline, compressed)
+        metrics["targets_met"] = metrics["targets"]["met"]
     package_index = phases.index("package")
 
     def packing(done: int, total: int, detail: str) -> None:
@@ -305,7 +315,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     files = package(
         draft,
         scratch,
-        recipe=job.recipe,
+        recipe=chosen_recipe,
         metrics=metrics,
         inputs=inputs.provenance,
         name=artifact_name(inputs.model_row.name, context.job_id),
@@ -386,7 +396,7 @@ def _stage_weight(stage: Any, calibration: dict) -> float:
 
 
 def _targets_report(targets: dict, baseline: dict, compressed: dict) -> dict:
-    """Honest: the service records whether each target held (no search yet in this version)."""
+    """Whether each target holds on the reported evaluation (the search chose on another split)."""
     report = {}
     higher_is_better = {"embedding_cosine", "accuracy", "tokens_per_s"}
     for metric, max_drop in (targets.get("max_metric_drop") or {}).items():
@@ -400,6 +410,13 @@ def _targets_report(targets: dict, baseline: dict, compressed: dict) -> dict:
             else (after - before) / abs(before)
         )
         report[metric] = {"max_drop": max_drop, "drop": round(drop, 6), "met": drop <= max_drop}
+    for metric, floor in (targets.get("min_metric") or {}).items():
+        after = compressed.get(metric)
+        if not isinstance(after, int | float):
+            report[f"min_metric.{metric}"] = {"met": None, "reason": "metric not measured"}
+            continue
+        met = after >= floor if metric in higher_is_better else after <= floor
+        report[f"min_metric.{metric}"] = {"min_metric": floor, "value": after, "met": met}
     return {
         "met": all(item.get("met") for item in report.values()) if report else None,
         "metrics": report,

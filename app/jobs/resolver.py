@@ -61,6 +61,8 @@ def resolve_job(*, session: Session, project_id: str, spec: JobCreate) -> Resolv
         )
     if evaluation["metrics"] is None and model.task is not None:
         evaluation["metrics"] = default_metrics(model.task)  # echoed as the job will measure
+    if spec.targets is not None and model.task is not None:
+        evaluation["metrics"] = _check_targets(spec, model.task, evaluation["metrics"])
     calibration = _calibration(session, spec, model)
     recipe = spec.recipe.model_copy(deep=True)  # the request stays as it came
     datasets_named = [
@@ -87,6 +89,27 @@ def resolve_job(*, session: Session, project_id: str, spec: JobCreate) -> Resolv
         max_runtime_s=spec.max_runtime_s or settings.default_max_runtime_s,
         max_attempts=spec.max_attempts or settings.default_max_attempts,
     )
+
+
+def _check_targets(spec: JobCreate, task: str, metrics: list[str]) -> list[str]:
+    """422 for a target the model's task cannot measure; the evaluation's metrics with every
+    targeted metric added (the result is checked against the targets on the reported split)."""
+    from workers.compression.search.targets import TASK_METRICS
+
+    fits = TASK_METRICS.get(task, frozenset())
+    for field in ("max_metric_drop", "min_metric"):
+        for metric in getattr(spec.targets, field):
+            if metric not in fits:
+                raise APIError(
+                    "invalid_request",
+                    f"a {task} model is not measured by {metric}; targets may name "
+                    f"{', '.join(sorted(fits)) or 'nothing'}",
+                    param=f"targets.{field}.{metric}",
+                )
+    wanted = list(spec.targets.max_metric_drop) + list(spec.targets.min_metric)
+    if spec.targets.objective == "latency":
+        wanted.append("latency")
+    return list(metrics) + [m for m in dict.fromkeys(wanted) if m not in metrics]
 
 
 def _job_model(session: Session, project_id: str, model_id: str) -> Model:

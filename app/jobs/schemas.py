@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.responses import RowOut
 from app.webhooks.schemas import EventName
@@ -25,8 +26,45 @@ class EvaluationSpec(EvaluationSettings):
     dataset_id: str | None = None  # None: the built-in that fits the model's task
 
 
+# The metrics a search can hold (workers/compression/search/targets.py knows their direction);
+# which of them fit the model's task is checked at submission (app/jobs/resolver.py).
+TargetMetric = Literal["perplexity", "embedding_cosine"]
+
+
+class BudgetSpec(Strict):
+    max_trials: int = Field(default=16, ge=1, le=256)
+    max_seconds: int | None = Field(default=None, ge=10, le=7 * 24 * 3600)  # None: max_runtime_s
+
+
 class TargetsSpec(Strict):
-    max_metric_drop: dict[str, float] = Field(default_factory=dict)
+    """An accuracy-aware search: the smallest model (by `objective`) that holds every target."""
+
+    max_metric_drop: dict[TargetMetric, float] = Field(default_factory=dict)  # relative
+    min_metric: dict[TargetMetric, float] = Field(default_factory=dict)  # worst acceptable value
+    objective: Literal["size", "bits_per_weight", "latency"] = "size"
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+
+    @field_validator("max_metric_drop")
+    @classmethod
+    def _drops_are_fractions(cls, value: dict[str, float]) -> dict[str, float]:
+        for metric, drop in value.items():
+            if not 0 <= drop <= 10:
+                raise ValueError(f"max_metric_drop.{metric} is a fraction: 0 to 10, got {drop}")
+        return value
+
+    @field_validator("min_metric")
+    @classmethod
+    def _finite(cls, value: dict[str, float]) -> dict[str, float]:
+        for metric, floor in value.items():
+            if not math.isfinite(floor):
+                raise ValueError(f"min_metric.{metric} must be a finite number")
+        return value
+
+    @model_validator(mode="after")
+    def _something_to_hold(self) -> TargetsSpec:
+        if not self.max_metric_drop and not self.min_metric:
+            raise ValueError("targets needs max_metric_drop or min_metric: what must hold")
+        return self
 
 
 class ExportSpec(Strict):

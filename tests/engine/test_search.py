@@ -1,0 +1,185 @@
+"""Accuracy-aware search on tiny random models: the solver is exact, trials are reported as the
+contract says, the budget stops it, a resumed search does not redo finished trials, and a
+mixed-precision result exports to one compressed-tensors config group per scheme that transformers
+and `load_artifact` load."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from workers.compression import compress
+from workers.compression.export import load_artifact, save_model
+from workers.compression.recipe import EvaluationSettings, Recipe
+from workers.compression.search import Targets, footprint, search
+from workers.compression.search.solver import solve
+from workers.compression.search.space import ladder, mixed_recipe, options, units
+from workers.compression.search.trials import FileTrialStore
+
+TRIAL_KEYS = {
+    "index", "kind", "recipe", "metrics", "size_bytes", "bits_per_weight", "seconds", "held",
+    "pareto",
+}  # fmt: skip
+SETTINGS = EvaluationSettings(seq_len=16, max_windows=4)
+RECIPE = Recipe.model_validate({"stages": [{"method": "rtn", "bits": 2, "group_size": 16}]})
+
+
+def brute_force(costs, losses, budget):
+    best = None
+    for choice in itertools.product(*(range(len(row)) for row in costs)):
+        loss = sum(losses[i][j] for i, j in enumerate(choice))
+        cost = sum(costs[i][j] for i, j in enumerate(choice))
+        if loss <= budget + 1e-12 and (best is None or (cost, loss) < best[:2]):
+            best = (cost, loss, list(choice))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_solver_is_exact(seed):
+    rng = random.Random(seed)
+    units_, options_ = rng.randint(1, 6), rng.randint(2, 4)
+    costs = [sorted(rng.randint(1, 50) for _ in range(options_)) for _ in range(units_)]
+    losses = [sorted((rng.random() for _ in range(options_)), reverse=True) for _ in range(units_)]
+    for row in losses:
+        row[-1] = 0.0  # the float option
+    budget = rng.random() * units_ * 0.6
+    expected = brute_force(costs, losses, budget)
+    pick = solve(costs, losses, budget)
+    assert pick is not None and expected is not None
+    cost = sum(costs[i][j] for i, j in enumerate(pick))
+    assert cost == expected[0]
+    assert sum(losses[i][j] for i, j in enumerate(pick)) <= budget + 1e-12
+    assert solve(costs, [[1.0] * options_ for _ in costs], 0.5) is None
+
+
+def run(loaded, records, targets, **kwargs):
+    return search(
+        loaded.model,
+        task=loaded.task,
+        tokenizer=loaded.tokenizer,
+        targets=targets,
+        recipe=kwargs.pop("recipe", RECIPE),
+        calibration=None,
+        search_records=records,
+        settings=SETTINGS,
+        device="cpu",
+        model_sha="tiny",
+        **kwargs,
+    )
+
+
+def test_search_reports_trials_and_picks_the_smallest_that_holds(llama, records, tmp_path):
+    before = {k: v.clone() for k, v in llama.model.state_dict().items()}
+    streamed = []
+    result = run(
+        llama,
+        records,
+        Targets(max_metric_drop={"perplexity": 0.01}),
+        on_trial=streamed.append,
+        cache=None,
+    )
+    trials = result.trials
+    assert [t["index"] for t in trials] == list(range(len(trials))) and streamed == trials
+    for trial in trials:
+        assert trial.keys() >= TRIAL_KEYS
+        assert trial["kind"] in {"ladder", "mixed", "repair"}
+        assert isinstance(trial["metrics"]["perplexity"], float)
+        Recipe.model_validate(trial["recipe"])
+    # The model it was given is left as it came.
+    assert all(torch.equal(before[k], v) for k, v in llama.model.state_dict().items())
+    chosen = trials[result.report["chosen_trial"]]
+    assert result.targets_met == chosen["held"]
+    held = [t for t in trials if t["held"]]
+    if held:
+        assert chosen["size_bytes"] == min(t["size_bytes"] for t in held)
+        assert result.report["stopped"] == "held"
+    assert chosen["pareto"] and any(t["pareto"] for t in trials)
+    size_bytes, bits = footprint(result.model, 32)
+    assert size_bytes == chosen["size_bytes"] and round(bits, 4) == chosen["bits_per_weight"]
+    assert json.loads(json.dumps(result.report))["sensitivity"]["options"][-1] == "float"
+
+
+# Every quantized candidate moves a random encoder's embeddings a little: nothing holds this.
+IMPOSSIBLE = {"embedding_cosine": 1.0 - 1e-9}
+
+
+def test_impossible_target_still_returns_the_closest_model(bert, records):
+    result = run(bert, records, Targets(min_metric=IMPOSSIBLE, max_trials=3))
+    assert not result.targets_met and not any(t["held"] for t in result.trials)
+    assert result.report["stopped"] == "budget"
+    assert "missed min_metric.embedding_cosine" in result.message
+    chosen = result.trials[result.report["chosen_trial"]]
+    assert chosen["usage"] == min(t["usage"] for t in result.trials)
+    assert result.model is not bert.model
+
+
+def test_max_trials_stops_the_search(bert, records):
+    result = run(bert, records, Targets(min_metric=IMPOSSIBLE, max_trials=2))
+    assert len(result.trials) == 2 and result.report["stopped"] == "budget"
+
+
+def test_resumed_search_starts_after_the_last_finished_trial(bert, records, tmp_path):
+    store = FileTrialStore(tmp_path / "trials.json")
+    targets = Targets(min_metric=IMPOSSIBLE, max_trials=4)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_two(trial):
+        if trial["index"] == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(bert, records, targets, trial_store=store, on_trial=crash_after_two)
+    assert [t["index"] for t in store.load()] == [0, 1]
+    rerun = []
+    result = run(bert, records, targets, trial_store=store, on_trial=rerun.append)
+    assert [t["index"] for t in rerun] == [2, 3]
+    assert len(result.trials) == 4
+
+
+def test_second_search_reads_the_sensitivity_cache(llama, records, tmp_path):
+    from workers.compression.search.sensitivity import DirectoryCache
+
+    cache = DirectoryCache(tmp_path / "sensitivity")
+    targets = Targets(max_metric_drop={"perplexity": 0.01}, max_trials=6)
+    first = run(llama, records, targets, cache=cache)
+    second = run(llama, records, targets, cache=cache)
+    if "sensitivity" not in first.report:
+        pytest.skip("the ladder's first rung held: no mixed step")
+    assert not first.report["sensitivity"]["cached"] and second.report["sensitivity"]["cached"]
+    assert first.report["sensitivity"]["units"] == second.report["sensitivity"]["units"]
+
+
+def test_mixed_precision_exports_one_group_per_scheme(llama, tmp_path):
+    stage = RECIPE.stages[0]
+    choices = options(RECIPE)
+    assert [o.bits for o in choices[:-1]] == [r.stages[0].bits for r in ladder(RECIPE)]
+    blocks = units(llama.model, stage)
+    assert [u.name for u in blocks] == ["model.layers.0", "model.layers.1"]
+    recipe = mixed_recipe(stage, [choices[1], choices[-2]], blocks)  # 3-bit g16, 8-bit channel
+    compress(llama.model, recipe)
+    reference = copy.deepcopy(llama.model)
+    save_model(
+        llama, llama.model, tmp_path / "mixed", recipe={}, metrics={}, inputs={},
+        versions={"torch": "x"},
+    )  # fmt: skip
+    config = json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization_config"]
+    groups = sorted(config["config_groups"].values(), key=lambda g: g["weights"]["num_bits"])
+    assert [g["weights"]["num_bits"] for g in groups] == [3, 8]
+    assert all(t.startswith("model.layers.0.") for t in groups[0]["targets"])
+    assert all(t.startswith("model.layers.1.") for t in groups[1]["targets"])
+    ids = torch.randint(6, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = reference(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "mixed").eval()
+        torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+        ours = load_artifact(tmp_path / "mixed", device="cpu").model
+        got = ours(input_ids=ids).logits
+    assert (got - expected).abs().max() <= 0.05 * max(1.0, expected.abs().max().item())
