@@ -300,7 +300,7 @@ def serve(host: str, port: int, data_dir: Path | None) -> None:
     for supervisor in supervisors:
         supervisor.start()
     try:
-        api.callback(host=host, port=port, workers=1)  # type: ignore[misc]
+        api.callback(host=host, port=port, workers=1, access_log=False)  # type: ignore[misc]
     finally:
         for supervisor in supervisors:
             supervisor.stop()
