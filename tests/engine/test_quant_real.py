@@ -89,9 +89,10 @@ W4G64 = {"bits": 4, "group_size": 64}
 
 
 def test_gptq_4bit_g64_beats_round_to_nearest(perplexity):
+    # GPTQ with its defaults (act_order on, as API.md says): a user who picks it gets the better model.
     baseline = perplexity()
     rtn = perplexity({"method": "rtn", **W4G64})
-    gptq = perplexity({"method": "gptq", **W4G64, "act_order": True})
+    gptq = perplexity({"method": "gptq", **W4G64})
     assert baseline < gptq < 1.3 * baseline  # measured 1.20
     assert gptq <= 0.92 * rtn  # measured 0.85 (0.87 over 40 windows)
 
