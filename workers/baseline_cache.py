@@ -24,11 +24,8 @@ writer wins a race. `cache: false` on a job measures afresh and records nothing.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -37,11 +34,10 @@ from sqlalchemy.exc import IntegrityError
 from app.db.session import session_scope
 from app.db.tables import BaselineMetrics
 from app.storage import get_store
-from workers.result_cache import LIBRARIES, versions
+from workers.result_cache import LIBRARIES, source_digest, versions
 
 log = logging.getLogger("slimformer.baseline_cache")
 
-WORKERS = Path(__file__).resolve().parent
 # The code a baseline's numbers depend on: how a model is loaded and measured, and the settings'
 # defaults (an engine method's source is not among them).
 EVALUATION_SOURCES = (
@@ -81,21 +77,9 @@ def baseline_inputs(
     }
 
 
-def fingerprint(inputs: dict) -> str:
-    body = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(body.encode()).hexdigest()
-
-
 def evaluation_digest() -> str:
     """sha256 over `EVALUATION_SOURCES`, named and in a fixed order."""
-    digest = hashlib.sha256()
-    for entry in EVALUATION_SOURCES:
-        path = WORKERS / entry
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-        for file in files:
-            digest.update(str(file.relative_to(WORKERS)).encode() + b"\0")
-            digest.update(file.read_bytes() + b"\0")
-    return digest.hexdigest()
+    return source_digest(EVALUATION_SOURCES)
 
 
 def without_latency(metrics: dict) -> dict:

@@ -152,8 +152,13 @@ def versions() -> dict[str, str | None]:
 
 def engine_digest() -> str:
     """sha256 over the engine's source files, named and in a fixed order."""
+    return source_digest(ENGINE_SOURCES)
+
+
+def source_digest(entries: tuple[str, ...]) -> str:
+    """sha256 over the named files and folders under `workers/` (their .py files), in order."""
     digest = hashlib.sha256()
-    for entry in ENGINE_SOURCES:
+    for entry in entries:
         path = WORKERS / entry
         files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
         for file in files:

@@ -29,7 +29,7 @@ from workers.job_inputs import (
 )
 from workers.packaging import MIB, artifact_name, package, write_export
 from workers.progress_plan import Phase, ProgressPlan
-from workers.result_cache import reuse_if_cached
+from workers.result_cache import fingerprint, reuse_if_cached
 
 QUALITY = ("perplexity", "embedding_cosine", "accuracy")
 # Rough sizes of the phases that send no tokens through a model, in the plan's unit (about a
@@ -95,7 +95,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
         streamed=streamed,
     )
     cacheable = bool(job.cache and inputs.model_row.sha256 and inputs.evaluation_sha)
-    baseline_fingerprint = baseline_cache.fingerprint(baseline_key)
+    baseline_fingerprint = fingerprint(baseline_key)
     cached = (
         baseline_cache.lookup(project_id=context.project_id, key=baseline_fingerprint)
         if cacheable

@@ -6,8 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from workers.baseline_cache import baseline_inputs, fingerprint, without_latency
+from workers.baseline_cache import baseline_inputs, without_latency
 from workers.compression.recipe import EvaluationSettings
+from workers.result_cache import fingerprint
 
 
 def key(*, metrics=("embedding_cosine", "latency", "size"), device="cpu", sha="a" * 64, **settings):
