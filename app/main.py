@@ -9,13 +9,13 @@ from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from app.artifacts.router import router as artifacts_router
 from app.datasets.router import router as datasets_router
 from app.errors import install_error_handlers
 from app.jobs.router import router as jobs_router
-from app.middleware import RequestContext
+from app.middleware import HttpLayer, RequestContext, on_response_start
 from app.models.router import router as models_router
 from app.openapi import install as install_openapi
 from app.ops.router import HTTP_LATENCY
@@ -40,28 +40,21 @@ DASHBOARD_PATHS = (
 )
 
 
-class RequestTiming:
+class RequestTiming(HttpLayer):
     """The request-latency histogram, as a pure ASGI layer: Starlette's `@app.middleware("http")`
     wraps every request in a task group and a body stream, which cost more than a cached read."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = 500
 
-        async def send_status(message: Message) -> None:
+        def note_status(message: Message) -> Message:
             nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
+            status = message["status"]
+            return message
 
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, on_response_start(send, note_status))
         finally:
             route = scope.get("route")
             HTTP_LATENCY.labels(

@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import secrets
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -66,7 +67,9 @@ def _nul_path(value: Any, path: str = "") -> str | None:
     return None
 
 
-class RequestContext:
+class HttpLayer:
+    """A pure ASGI layer over HTTP requests; anything else (lifespan) passes straight through."""
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
@@ -74,6 +77,25 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+def on_response_start(send: Send, hook: Callable[[Message], Message]) -> Send:
+    """`send`, with `hook` seeing (and possibly rewriting) the response's start message."""
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = hook(message)
+        await send(message)
+
+    return wrapped
+
+
+class RequestContext(HttpLayer):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         incoming = (
             dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
         )
@@ -81,14 +103,14 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = request_id
         started = False
 
-        async def send_with_id(message: Message) -> None:
+        def with_id(message: Message) -> Message:
             nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
-                headers.append((b"x-request-id", request_id.encode()))
-                message = {**message, "headers": headers}
-            await send(message)
+            started = True
+            headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
+            headers.append((b"x-request-id", request_id.encode()))
+            return {**message, "headers": headers}
+
+        send_with_id = on_response_start(send, with_id)
 
         refusal = _refuse_nul_in_url(scope)
         if refusal is not None:

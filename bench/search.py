@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from bench import results_file
 from workers.compression import compress
 from workers.compression.evaluation import Evaluator
 from workers.compression.examples import builtin_dataset_jsonl, builtin_model_folder
@@ -32,7 +33,6 @@ from workers.compression.recipe import EvaluationSettings, Recipe
 from workers.compression.search import Targets, footprint, search, search_split
 from workers.compression.search.sensitivity import DirectoryCache
 
-RESULTS = Path(__file__).parent / "results"
 DEFAULT_CASES = ("smollm2-rtn:0.05", "smollm2-rtn:0.02", "minilm-rtn:0.01")
 MODELS = {
     "smollm2": ("SmolLM2-135M-Instruct", "enwiki-evaluation", "perplexity"),
@@ -115,20 +115,18 @@ def run_case(case: str, cache_dir: Path) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [
-        "| case | uniform bits/w | search bits/w (trials, s) | basic bits/w (trials, s) | "
-        "reported drop: search / basic |",
-        "|---|---|---|---|---|",
-    ]
+    header = ["case", "uniform bits/w", "search bits/w (trials, s)", "basic bits/w (trials, s)"]
+    header += ["reported drop: search / basic"]
+    cells = []
     for row in rows:
         auto, basic, uniform = row["auto"], row["basic"], row.get("uniform")
-        lines.append(
-            f"| {row['case']} | {uniform['bits_per_weight'] if uniform else 'none holds'} | "
-            f"{auto['bits_per_weight']} ({auto['trials']}, {auto['wall_s']}) | "
-            f"{basic['bits_per_weight']} ({basic['trials']}, {basic['wall_s']}) | "
-            f"{auto['reported_drop']:.2%} / {basic['reported_drop']:.2%} |"
+        cells.append(
+            [row["case"], uniform["bits_per_weight"] if uniform else "none holds"]
+            + [f"{auto['bits_per_weight']} ({auto['trials']}, {auto['wall_s']})"]
+            + [f"{basic['bits_per_weight']} ({basic['trials']}, {basic['wall_s']})"]
+            + [f"{auto['reported_drop']:.2%} / {basic['reported_drop']:.2%}"]
         )
-    return "\n".join(lines) + "\n"
+    return results_file.table(header, cells)
 
 
 def main() -> None:
@@ -137,16 +135,11 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "bench")
     args = parser.parse_args()
     rows = [run_case(case, args.cache_dir) for case in args.cases]
-    RESULTS.mkdir(exist_ok=True)
-    result = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-        },
-        "rows": rows,
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
     }
-    (RESULTS / "search.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    (RESULTS / "search.md").write_text(markdown(rows))
+    results_file.write("search", {"machine": machine, "rows": rows}, markdown(rows))
     print(markdown(rows))
 
 

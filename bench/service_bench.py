@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 from datetime import datetime
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from bench import results_file
 
 
 def _seconds(job: dict, start: str, end: str) -> float:
@@ -254,6 +253,29 @@ async def http_load(
     return latencies
 
 
+MINILM_INT8 = {"stages": [{"method": "dynamic_int8"}]}
+
+
+def _started_api(harness, service) -> tuple[dict, dict[str, str]]:  # noqa: ANN001
+    """Migrate, start the API, and return the body of a MiniLM dynamic_int8 job (not submitted)
+    with the client's auth headers."""
+    service.cli("migrate")
+    service.start_api()
+    with service.client() as client:
+        job = {
+            "model_id": harness.builtin_id(client, "models", "all-MiniLM-L6-v2"),
+            "recipe": MINILM_INT8,
+        }
+        return job, dict(client.headers)
+
+
+def _queued_job(harness, service) -> tuple[dict, dict[str, str]]:  # noqa: ANN001
+    """A started API with one queued MiniLM job (no job worker runs): the job and auth headers."""
+    body, headers = _started_api(harness, service)
+    with service.client() as client:
+        return client.post("/v1/jobs", json=body).json(), headers
+
+
 def _cpu_seconds(pid: int) -> float:
     """CPU time (user + system) of a process and its children: the API's processes."""
     import psutil
@@ -274,17 +296,7 @@ def run_reads(
     service, cleanup = _service(harness, backend)
     rows = []
     try:
-        service.cli("migrate")
-        service.start_api()
-        with service.client() as client:
-            job = client.post(
-                "/v1/jobs",
-                json={
-                    "model_id": harness.builtin_id(client, "models", "all-MiniLM-L6-v2"),
-                    "recipe": {"stages": [{"method": "dynamic_int8"}]},
-                },
-            ).json()
-            headers = dict(client.headers)
+        job, headers = _queued_job(harness, service)
 
         for count in workers:
             api = service.with_api("--workers", str(count))
@@ -343,16 +355,8 @@ def run_posts(backend: str, clients: int, seconds: float, repeats: int) -> dict:
     harness = _harness(backend)
     service, cleanup = _service(harness, backend)
     try:
-        service.cli("migrate")
-        service.start_api()
-        with service.client() as client:
-            body = json.dumps(
-                {
-                    "model_id": harness.builtin_id(client, "models", "all-MiniLM-L6-v2"),
-                    "recipe": {"stages": [{"method": "dynamic_int8"}]},
-                }
-            ).encode()
-            headers = dict(client.headers)
+        job, headers = _started_api(harness, service)
+        body = json.dumps(job).encode()
         load = http_load(service.base_url, "/v1/jobs", headers, clients, 3.0, body=body, expect=202)
         asyncio.run(load)  # warm-up
         runs = []
@@ -383,17 +387,7 @@ def run_sse(backend: str, streams: int, clients: int, seconds: float) -> dict:
     harness = _harness(backend)
     service, cleanup = _service(harness, backend)
     try:
-        service.cli("migrate")
-        service.start_api()
-        with service.client() as client:
-            job = client.post(
-                "/v1/jobs",
-                json={
-                    "model_id": harness.builtin_id(client, "models", "all-MiniLM-L6-v2"),
-                    "recipe": {"stages": [{"method": "dynamic_int8"}]},
-                },
-            ).json()
-            headers = dict(client.headers)
+        job, headers = _queued_job(harness, service)
         api = psutil.Process(service.api_process.pid)
         path = f"/v1/jobs/{job['id']}"
         url = urlsplit(service.base_url)
@@ -456,107 +450,90 @@ def run_sse(backend: str, streams: int, clients: int, seconds: float) -> dict:
 
 
 def load_markdown(rows: list[dict]) -> str:
-    lines = [
-        "| scenario | backend | clients | SSE streams held (open at the end) | API RSS growth MB "
-        "| req/s | p50 ms | p99 ms |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        held = (
-            f"{r['streams']} ({r['streams_open_after_the_load']})"
-            if r["scenario"] == "sse"
-            else "-"
-        )
-        growth = f"{r['api_rss_growth_mb']:.0f}" if r["scenario"] == "sse" else "-"
-        what = "POST /v1/jobs" if r["scenario"] == "post" else "GET /v1/jobs/{id} beside SSE"
-        lines.append(
-            f"| {what} | {r['backend']} | {r['clients']} | {held} | {growth} "
-            f"| {r['requests_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
-        )
-    return "\n".join(lines) + "\n"
+    def cells(r: dict) -> list:
+        sse = r["scenario"] == "sse"
+        return [
+            "POST /v1/jobs" if r["scenario"] == "post" else "GET /v1/jobs/{id} beside SSE",
+            r["backend"],
+            r["clients"],
+            f"{r['streams']} ({r['streams_open_after_the_load']})" if sse else "-",
+            f"{r['api_rss_growth_mb']:.0f}" if sse else "-",
+            f"{r['requests_per_s']:.0f}",
+            f"{r['p50_ms']:.1f}",
+            f"{r['p99_ms']:.1f}",
+        ]
+
+    header = ["scenario", "backend", "clients", "SSE streams held (open at the end)"]
+    header += ["API RSS growth MB", "req/s", "p50 ms", "p99 ms"]
+    return results_file.table(header, map(cells, rows))
 
 
 def write_load(results: list[dict], args: argparse.Namespace) -> None:
     """bench/results/service_load.{json,md}: rows kept per (scenario, backend)."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "service_load.json"
-    rows = json.loads(path.read_text())["results"] if path.exists() else []
-    for result in results:
-        rows = [
-            r
-            for r in rows
-            if (r["scenario"], r["backend"]) != (result["scenario"], result["backend"])
-        ]
-        rows.append(result)
+    rows = results_file.merged_rows(
+        "service_load", results, key=lambda row: (row["scenario"], row["backend"])
+    )
     commands = {
         "post": "python -m bench.service_bench --scenario post --clients 50 --repeats 3",
         "sse": "python -m bench.service_bench --scenario sse --streams 1000 --clients 20",
     }
-    body = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "commands": commands,
-        "results": rows,
-    }
-    path.write_text(json.dumps(body, indent=2) + "\n")
     table = load_markdown(rows)
-    (RESULTS / "service_load.md").write_text(
+    results_file.write(
+        "service_load",
+        {"machine": results_file.machine(), "commands": commands, "results": rows},
         "# POST p99 at 50 clients; GET beside 1,000 SSE streams\n\nOne API process; the load "
         "generator (raw asyncio streams) runs on the same 2 cores, and the machine was shared "
         "with other work (noisy). Reproduce: `"
         + "`, `".join(commands.values())
         + "` (add `--backend embedded|postgres`).\n\n"
-        + table
+        + table,
     )
     print(table)
 
 
 def reads_markdown(rows: list[dict]) -> str:
-    lines = [
-        "| backend | API processes | clients | GET /v1/jobs/{id} req/s | p50 ms | p99 ms "
-        "| API CPU ms per request |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['backend']} | {r['api_workers']} | {r['clients']} "
-            f"| {r['requests_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-            f"| {r['api_cpu_ms_per_request']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["backend", "API processes", "clients", "GET /v1/jobs/{id} req/s", "p50 ms"]
+    header += ["p99 ms", "API CPU ms per request"]
+    return results_file.table(
+        header,
+        (
+            [r["backend"], r["api_workers"], r["clients"], f"{r['requests_per_s']:.0f}"]
+            + [f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['api_cpu_ms_per_request']:.2f}"]
+            for r in rows
+        ),
+    )
 
 
 def stale_markdown(results: list[dict]) -> str:
-    lines = [
-        "| backend | cancelled jobs | sent again | messages left in the broker "
-        "| next job queue→running (s) | dropped before the pool | no-op runs in a pool child |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['backend']} | {r['cancelled_jobs']} | {r.get('messages_sent_again', False)} "
-            f"| {r['messages_left_in_broker']} "
-            f"| {r['next_job_queue_to_running_s']:.2f} "
-            f"| {r['worker_log']['stale_dropped_before_the_pool']} "
-            f"| {r['worker_log']['not_queued_in_a_pool_child']} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["backend", "cancelled jobs", "sent again", "messages left in the broker"]
+    header += ["next job queue→running (s)", "dropped before the pool"]
+    header += ["no-op runs in a pool child"]
+    return results_file.table(
+        header,
+        (
+            [r["backend"], r["cancelled_jobs"], r.get("messages_sent_again", False)]
+            + [r["messages_left_in_broker"], f"{r['next_job_queue_to_running_s']:.2f}"]
+            + [r["worker_log"]["stale_dropped_before_the_pool"]]
+            + [r["worker_log"]["not_queued_in_a_pool_child"]]
+            for r in results
+        ),
+    )
 
 
 def markdown(results: list[dict]) -> str:
-    lines = [
-        "| backend | queue→running median (s) | MiniLM job wall (s) | cosine (mean / min) "
-        "| size MB (fp32 → int8) | latency p50 ms (fp32 → int8) |",
-        "|---|---|---|---|---|---|",
-    ]
+    header = ["backend", "queue→running median (s)", "MiniLM job wall (s)", "cosine (mean / min)"]
+    header += ["size MB (fp32 → int8)", "latency p50 ms (fp32 → int8)"]
+    rows = []
     for r in results:
         m = r["minilm_dynamic_int8"]
-        lines.append(
-            f"| {r['backend']} | {r['queue_to_running_s']['median']:.2f} | {m['job_wall_s']:.1f} "
-            f"| {m['embedding_cosine']:.4f} / {m['embedding_cosine_min']:.4f} "
-            f"| {m['size_bytes']['baseline'] / 1e6:.1f} → {m['size_bytes']['compressed'] / 1e6:.1f} "
-            f"| {m['latency_ms_p50']['baseline']:.1f} → {m['latency_ms_p50']['compressed']:.1f} |"
+        size, latency = m["size_bytes"], m["latency_ms_p50"]
+        rows.append(
+            [r["backend"], f"{r['queue_to_running_s']['median']:.2f}", f"{m['job_wall_s']:.1f}"]
+            + [f"{m['embedding_cosine']:.4f} / {m['embedding_cosine_min']:.4f}"]
+            + [f"{size['baseline'] / 1e6:.1f} → {size['compressed'] / 1e6:.1f}"]
+            + [f"{latency['baseline']:.1f} → {latency['compressed']:.1f}"]
         )
-    return "\n".join(lines) + "\n"
+    return results_file.table(header, rows)
 
 
 def main() -> None:
@@ -602,20 +579,20 @@ def main() -> None:
         write_stale([run_stale(backend, args.stale, args.resend) for backend in backends], args)
         return
     results = [run_backend(backend, args.repeats) for backend in backends]
-    RESULTS.mkdir(exist_ok=True)
     body = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": results_file.machine(),
         "command": "python -m bench.service_bench --backend " + args.backend,
         "results": results,
     }
-    (RESULTS / "service.json").write_text(json.dumps(body, indent=2) + "\n")
     table = markdown(results)
-    (RESULTS / "service.md").write_text(
+    results_file.write(
+        "service",
+        body,
         "# Service benchmark\n\nMiniLM `dynamic_int8`, default evaluation (lee-sentences, 256 "
         "texts, seq 512; latency batch 1 × 128, 20 runs). Reproduce: `"
         + body["command"]
         + "`.\n\n"
-        + table
+        + table,
     )
     print(table)
 
@@ -623,76 +600,53 @@ def main() -> None:
 def write_reads(results: list[dict], args: argparse.Namespace) -> None:
     """bench/results/reads.{json,md}; rows are kept per (label, backend, processes, clients), so
     the runs before a change and after it sit together."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "reads.json"
-    rows = json.loads(path.read_text())["results"] if path.exists() else []
-
-    def key(row: dict) -> tuple:
-        return (row["label"], row["backend"], row["api_workers"], row["clients"])
-
     for result in results:
         result["label"] = args.label
-        rows = [row for row in rows if key(row) != key(result)]
-        rows.append(result)
+    rows = results_file.merged_rows(
+        "reads",
+        results,
+        key=lambda row: (row["label"], row["backend"], row["api_workers"], row["clients"]),
+    )
     command = (
         f"python -m bench.service_bench --scenario reads --backend {args.backend} "
         f"--api-workers {args.api_workers} --clients {args.clients} --seconds {args.seconds:g} "
         f"--repeats {args.repeats} --label <label>"
     )
-    body = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "command": command,
-        "results": rows,
-    }
-    path.write_text(json.dumps(body, indent=2) + "\n")
-    tables = "\n".join(
-        f"### {label or 'current'}\n\n"
-        + reads_markdown([row for row in rows if row["label"] == label])
-        for label in dict.fromkeys(row["label"] for row in rows)
-    )
-    (RESULTS / "reads.md").write_text(
+    tables = results_file.by_label(rows, reads_markdown)
+    results_file.write(
+        "reads",
+        {"machine": results_file.machine(), "command": command, "results": rows},
         "# GET /v1/jobs/{id} throughput\n\nKeep-alive clients on raw asyncio streams (the load "
         "generator runs on the same 2 cores as the API, and the machine was shared with other "
         "work: noisy). Each row: the median of its runs by req/s. Reproduce: `"
         + command
         + "`.\n\n"
-        + tables
+        + tables,
     )
     print(tables)
 
 
 def write_stale(results: list[dict], args: argparse.Namespace) -> None:
     """Rows are kept per (label, backend), so a run before a change and one after sit together."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "stale_messages.json"
-    rows = json.loads(path.read_text())["results"] if path.exists() else []
     for result in results:
         result["label"] = args.label
-        rows = [r for r in rows if (r["label"], r["backend"]) != (args.label, result["backend"])]
-        rows.append(result)
-    body = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "command": f"python -m bench.service_bench --scenario stale --stale {args.stale}"
-        + (" --resend" if args.resend else ""),
-        "results": rows,
-    }
-    path.write_text(json.dumps(body, indent=2) + "\n")
-    write_stale_markdown(rows)
-
-
-def write_stale_markdown(rows: list[dict]) -> None:
-    table = "\n".join(
-        f"### {label or 'current'}\n\n" + stale_markdown([r for r in rows if r["label"] == label])
-        for label in dict.fromkeys(r["label"] for r in rows)
+    rows = results_file.merged_rows(
+        "stale_messages", results, key=lambda row: (row["label"], row["backend"])
     )
-    (RESULTS / "stale_messages.md").write_text(
+    command = f"python -m bench.service_bench --scenario stale --stale {args.stale}" + (
+        " --resend" if args.resend else ""
+    )
+    table = results_file.by_label(rows, stale_markdown)
+    results_file.write(
+        "stale_messages",
+        {"machine": results_file.machine(), "command": command, "results": rows},
         "# Stale messages\n\nJobs submitted and cancelled with no worker up, then a worker starts "
         "and one real MiniLM `dynamic_int8` job (size only) is submitted once the worker is live: "
         "how long it waits to start. `before`: the code before stale messages were made cheap "
         "(the worker's pool ran each one, a child forked anew every 20). `sent again` "
         "(`--resend`): each cancelled job's message is sent again before the worker starts, as a "
         "broker that cannot withdraw a message would keep it. Reproduce: `python -m "
-        "bench.service_bench --scenario stale --stale 200 [--resend] --label NAME`.\n\n" + table
+        "bench.service_bench --scenario stale --stale 200 [--resend] --label NAME`.\n\n" + table,
     )
     print(table)
 
