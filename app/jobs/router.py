@@ -43,7 +43,6 @@ JobDep = Annotated[Job, Depends(job_of_project)]
 @router.post("", status_code=202, response_model=JobOut)
 def create_job(
     spec: JobCreate,
-    request: Request,
     caller: CallerOnlyDep,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Response:
@@ -58,8 +57,7 @@ def create_job(
         )
         # A job made just now has no artifacts yet: no query for them.
         body = service.to_out(session, job, artifacts=[] if created else None)
-    return resource_response(
-        request,
+    return json_response(
         body,
         etag=service.job_etag(job),
         status_code=202,
