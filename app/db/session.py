@@ -64,13 +64,7 @@ JOB_EVENTS_CHANNEL = "slimformer_job_events"
 def _note_job_event(state: ORMExecuteState) -> None:
     table = getattr(state.statement, "table", None)
     if state.is_insert and getattr(table, "name", None) == "job_events":
-        note_job_event(state.session)
-
-
-def note_job_event(session: Session) -> None:
-    """This transaction wrote a job event (said by hand where the insert ran on the session's
-    connection, which the ORM event above does not see)."""
-    session.info["job_events_written"] = True
+        state.session.info["job_events_written"] = True
 
 
 @event.listens_for(Session, "before_commit")

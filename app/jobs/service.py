@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from app import broker, quotas
 from app.artifacts.repository import ids_by_job, still_referenced, storage_keys_of_job
-from app.db.session import after_commit, note_job_event, one_writer
+from app.db.session import after_commit, one_writer
 from app.db.tables import Job, JobEvent, utcnow
 from app.errors import APIError, not_found
 from app.idempotency import remember, replay, replaying, request_hash
@@ -110,7 +110,10 @@ def _insert_queued(
             "created_at": now,
         },
     )
-    note_job_event(session)
+    # No `note_job_event`: on PostgreSQL that NOTIFY would wake no event feed (a stream of this
+    # job can only open once the 202 has named it, and reads its first events then), and a
+    # transaction that notifies holds the cluster's notify lock through its commit, so every
+    # submission would commit one after another.
     return job
 
 
