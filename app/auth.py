@@ -10,7 +10,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from app import ratelimit
-from app.db.session import get_db_session, release_connection, session_scope
+from app.db.session import get_db_session, get_engine, release_connection, session_scope
 from app.errors import APIError
 from app.projects.service import (
     DEFAULT_PROJECT,
@@ -46,6 +46,16 @@ def get_caller(request: Request, session: SessionDep) -> Caller:
         release_connection(session)
     ratelimit.check(caller.rate_key)  # after authentication: only real keys get a bucket
     return caller
+
+
+def caller_only(request: Request) -> Caller:
+    """`get_caller` on a connection of its own, for a route that opens its own session
+    (`POST /v1/jobs`): one trip to a worker thread, prepared statements, no session."""
+    with get_engine().connect() as connection:
+        return authenticate(request, connection)
+
+
+CallerOnlyDep = Annotated[Caller, Depends(caller_only)]
 
 
 def authenticate(request: Request, connection: Connection) -> Caller:

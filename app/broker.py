@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -119,6 +121,83 @@ def client() -> Celery:
     return _client
 
 
+def unreachable(exc: BaseException) -> bool:
+    """True for an error that says the broker cannot be reached now (refused, reset or timed-out
+    connections, a Redis restart, a queue folder that cannot be written), as opposed to a bug."""
+    import redis.exceptions
+    from kombu.exceptions import ChannelError
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    return isinstance(
+        exc,
+        (
+            KombuOperationalError,
+            ChannelError,
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            OSError,
+        ),
+    )
+
+
+class Outage:
+    """How broker failures are logged: one that says the broker cannot be reached is one line
+    without a traceback, and while it lasts at most one line every `every_s` seconds (a reaper
+    pass re-sending a hundred messages writes one, not a hundred tracebacks); the first call that
+    works again says so once. Any other error keeps its traceback."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 30.0) -> None:
+        self.log = logger
+        self.every_s = every_s
+        self.failures = 0  # in a row, while the broker is unreachable
+        self.since = 0.0
+        self.last_line = 0.0
+        self.lock = threading.Lock()
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        if not unreachable(exc):
+            self.log.warning("%s", what, exc_info=exc)
+            return
+        now = time.monotonic()
+        with self.lock:
+            if not self.failures:
+                self.since = self.last_line = now
+            elif now - self.last_line < self.every_s:
+                self.failures += 1
+                return
+            self.failures += 1
+            self.last_line = now
+            failures = self.failures
+        self.log.warning(
+            "%s: broker unreachable (%s: %s)%s",
+            what,
+            type(exc).__name__,
+            _first_line(exc),
+            f"; {failures} failed calls in {now - self.since:.0f} s" if failures > 1 else "",
+        )
+
+    def worked(self) -> None:
+        if not self.failures:  # the usual case: no lock taken
+            return
+        with self.lock:
+            failures, self.failures = self.failures, 0
+            since = self.since
+        if failures:
+            self.log.warning(
+                "broker reachable again after %d failed calls (%.0f s)",
+                failures,
+                time.monotonic() - since,
+            )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+outage = Outage(log)
+
+
 def send_run_job(job_id: str, queue: str, priority: int = 0) -> bool:
     """Best effort: on failure the job stays queued and the reaper re-sends it. `queue` is one of
     JOB_QUEUES, chosen by `app.jobs.routing`; `priority` is the job's (0-9, higher first)."""
@@ -154,12 +233,11 @@ def _send(
             priority=priority,
             task_id=resource_id,
         )
-        return True
-    except Exception:  # noqa: BLE001 - any broker failure means "the reaper will retry"
-        log.warning(
-            "could not send %s for %s; it will be re-sent", task, resource_id, exc_info=True
-        )
+    except Exception as exc:  # noqa: BLE001 - any broker failure means "the reaper will retry"
+        outage.failed(f"could not send {task} for {resource_id}; it will be re-sent", exc)
         return False
+    outage.worked()
+    return True
 
 
 # kombu's Redis transport keeps a queue's priority-0 messages in a list named after it and each
@@ -215,8 +293,8 @@ def withdraw_run_job(job_id: str) -> int:
         if settings.redis_url:
             script = redis_client().register_script(REDIS_WITHDRAW)
             return int(script(keys=_redis_lists(queues), args=[job_id]))
-    except Exception:  # noqa: BLE001 - the worker drops what is left
-        log.warning("could not withdraw the messages of %s", job_id, exc_info=True)
+    except Exception as exc:  # noqa: BLE001 - the worker drops what is left
+        outage.failed(f"could not withdraw the messages of {job_id}", exc)
     return 0
 
 
@@ -240,9 +318,10 @@ def waiting_ids(queue_names: Iterable[str]) -> dict[str, set[str]] | None:
                 )
                 ids = {json.loads(item).get("headers", {}).get("id") for item in items}
                 waiting[name] = ids - {None}
+            outage.worked()
             return waiting
-    except Exception:  # noqa: BLE001 - the caller then assumes nothing is waiting
-        log.warning("could not list the waiting messages", exc_info=True)
+    except Exception as exc:  # noqa: BLE001 - the caller then assumes nothing is waiting
+        outage.failed("could not list the waiting messages", exc)
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -62,8 +63,19 @@ class RequestTiming(HttpLayer):
             ).observe(time.perf_counter() - started)
 
 
+def _telemetry() -> dict[str, bool] | None:
+    """FastAPI's native OpenTelemetry asks the global providers whether anyone configured them on
+    every request (environment reads, ~20 µs, a few % of a cached read). Left as FastAPI sets it
+    where the process starts with OpenTelemetry configured (any `OTEL_*` variable, or FastAPI's
+    own auto-configuration); off otherwise."""
+    if any(name.startswith(("OTEL_", "FASTAPI_OTEL_")) for name in os.environ):
+        return None
+    return {"tracing": False, "metrics": False, "logs": False}
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
+        telemetry=_telemetry(),
         title="Slimformer",
         version="1.0.0",
         description="Compress Transformer models as durable jobs. See API.md.",

@@ -83,13 +83,17 @@ class RedisBuckets:
         self._client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
         self._script = self._client.register_script(TOKEN_BUCKET)
         self._prefix = f"{prefix}ratelimit:"
+        from app.broker import Outage
+
+        self._outage = Outage(log)
 
     def take(self, key: str, *, rate: float, burst: int) -> float:
         try:
             allowed, wait = self._script(keys=[self._prefix + key], args=[rate, burst])
-        except Exception:  # noqa: BLE001 - Redis down: let the request through (module docstring)
-            log.warning("rate limit not checked: Redis unavailable", exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - Redis down: let the request through (docstring)
+            self._outage.failed("rate limit not checked", exc)  # a line, not a traceback a request
             return 0.0
+        self._outage.worked()
         return 0.0 if int(allowed) else float(wait)
 
 

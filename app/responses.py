@@ -31,10 +31,21 @@ def not_modified(request: Request, etag: str) -> bool:
     return etag in _candidates(request.headers.get("if-none-match", ""))
 
 
-def json_response(resource: BaseModel, *, etag: str) -> Response:
-    """A 200 serialised by pydantic in one step (the same JSON as `resource_response` writes)."""
+def json_response(
+    resource: BaseModel,
+    *,
+    etag: str,
+    status_code: int = 200,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """A resource serialised by pydantic in one step (the same JSON as `resource_response`
+    writes), without the If-None-Match check (a 200 on a hot read that checked it already, or a
+    creation's 202)."""
     return Response(
-        resource.model_dump_json().encode(), media_type="application/json", headers={"ETag": etag}
+        resource.model_dump_json().encode(),
+        status_code=status_code,
+        media_type="application/json",
+        headers={"ETag": etag, **(headers or {})},
     )
 
 

@@ -347,28 +347,41 @@ def _percentiles(latencies: list[float], seconds: float) -> dict:
     }
 
 
-def run_posts(backend: str, clients: int, seconds: float, repeats: int) -> dict:
+def run_posts(backend: str, clients: int, seconds: float, repeats: int, workers: int = 1) -> dict:
     """POST /v1/jobs (a MiniLM dynamic_int8 job; no job worker, so they stay queued) from
-    `clients` concurrent keep-alive clients for `seconds`, `repeats` times: the median run."""
+    `clients` concurrent keep-alive clients for `seconds`, `repeats` times, against `slimformer
+    api --workers N`: the median run (by p99)."""
     import asyncio
 
     harness = _harness(backend)
     service, cleanup = _service(harness, backend)
     try:
         job, headers = _started_api(harness, service)
+        api = service.with_api("--workers", str(workers)) if workers > 1 else service
         body = json.dumps(job).encode()
-        load = http_load(service.base_url, "/v1/jobs", headers, clients, 3.0, body=body, expect=202)
+        load = http_load(api.base_url, "/v1/jobs", headers, clients, 3.0, body=body, expect=202)
         asyncio.run(load)  # warm-up
         runs = []
         for _ in range(repeats):
+            cpu_before = _cpu_seconds(api.api_process.pid)
             latencies = asyncio.run(
                 http_load(
-                    service.base_url, "/v1/jobs", headers, clients, seconds, body=body, expect=202
+                    api.base_url, "/v1/jobs", headers, clients, seconds, body=body, expect=202
                 )
             )
-            runs.append(_percentiles(latencies, seconds))
+            cpu = _cpu_seconds(api.api_process.pid) - cpu_before
+            # the API's own CPU per answer: what the shared machine's load hides
+            api_cpu = {"api_cpu_ms_per_request": 1000 * cpu / max(len(latencies), 1)}
+            runs.append(_percentiles(latencies, seconds) | api_cpu)
         median = sorted(runs, key=lambda run: run["p99_ms"])[len(runs) // 2]
-        return {"scenario": "post", "backend": backend, "clients": clients, **median, "runs": runs}
+        return {
+            "scenario": "post",
+            "backend": backend,
+            "api_workers": workers,
+            "clients": clients,
+            **median,
+            "runs": runs,
+        }
     finally:
         service.stop()
         cleanup()
@@ -455,33 +468,51 @@ def load_markdown(rows: list[dict]) -> str:
         return [
             "POST /v1/jobs" if r["scenario"] == "post" else "GET /v1/jobs/{id} beside SSE",
             r["backend"],
+            r["api_workers"],
             r["clients"],
             f"{r['streams']} ({r['streams_open_after_the_load']})" if sse else "-",
             f"{r['api_rss_growth_mb']:.0f}" if sse else "-",
             f"{r['requests_per_s']:.0f}",
             f"{r['p50_ms']:.1f}",
             f"{r['p99_ms']:.1f}",
+            f"{r['api_cpu_ms_per_request']:.1f}" if "api_cpu_ms_per_request" in r else "-",
         ]
 
-    header = ["scenario", "backend", "clients", "SSE streams held (open at the end)"]
-    header += ["API RSS growth MB", "req/s", "p50 ms", "p99 ms"]
+    header = ["scenario", "backend", "API processes", "clients"]
+    header += ["SSE streams held (open at the end)"]
+    header += ["API RSS growth MB", "req/s", "p50 ms", "p99 ms", "API CPU ms per request"]
     return results_file.table(header, map(cells, rows))
 
 
 def write_load(results: list[dict], args: argparse.Namespace) -> None:
-    """bench/results/service_load.{json,md}: rows kept per (scenario, backend)."""
+    """bench/results/service_load.{json,md}: rows kept per (label, scenario, backend, API
+    processes), so the runs before a change and after it sit together."""
+    for result in results:
+        result["label"] = args.label
     rows = results_file.merged_rows(
-        "service_load", results, key=lambda row: (row["scenario"], row["backend"])
+        "service_load",
+        results,
+        key=lambda row: (
+            row.get("label", ""),
+            row["scenario"],
+            row["backend"],
+            row.get("api_workers", 1),
+        ),
     )
+    for row in rows:  # rows from before labels and --api-workers here
+        row.setdefault("label", "")
+        row.setdefault("api_workers", 1)
     commands = {
-        "post": "python -m bench.service_bench --scenario post --clients 50 --repeats 3",
+        "post": "python -m bench.service_bench --scenario post --clients 50 --repeats 3 "
+        "--seconds 10 --api-workers 1,2 --label <label>",
         "sse": "python -m bench.service_bench --scenario sse --streams 1000 --clients 20",
     }
-    table = load_markdown(rows)
+    table = results_file.by_label(rows, load_markdown)
     results_file.write(
         "service_load",
         {"machine": results_file.machine(), "commands": commands, "results": rows},
-        "# POST p99 at 50 clients; GET beside 1,000 SSE streams\n\nOne API process; the load "
+        "# POST p99 at 50 clients; GET beside 1,000 SSE streams\n\nOne API process unless the "
+        "row says more; the load "
         "generator (raw asyncio streams) runs on the same 2 cores, and the machine was shared "
         "with other work (noisy). Reproduce: `"
         + "`, `".join(commands.values())
@@ -544,11 +575,11 @@ def main() -> None:
         "--scenario", choices=["jobs", "stale", "reads", "post", "sse"], default="jobs"
     )
     parser.add_argument("--streams", type=int, default=1000, help="SSE clients held (sse)")
-    parser.add_argument("--api-workers", default="1,2", help="API processes to try (reads)")
+    parser.add_argument("--api-workers", default="1,2", help="API processes to try (reads, post)")
     parser.add_argument("--clients", type=int, default=20, help="concurrent clients (reads)")
     parser.add_argument("--seconds", type=float, default=10.0, help="load per setting (reads)")
     parser.add_argument("--stale", type=int, default=200, help="cancelled jobs (--scenario stale)")
-    parser.add_argument("--label", default="", help="a name for this run's rows (stale)")
+    parser.add_argument("--label", default="", help="a name for this run's rows")
     parser.add_argument(
         "--resend", action="store_true", help="send the cancelled jobs' messages again (stale)"
     )
@@ -565,7 +596,11 @@ def main() -> None:
         return
     if args.scenario == "post":
         write_load(
-            [run_posts(backend, args.clients, args.seconds, args.repeats) for backend in backends],
+            [
+                run_posts(backend, args.clients, args.seconds, args.repeats, workers)
+                for backend in backends
+                for workers in (int(n) for n in args.api_workers.split(","))
+            ],
             args,
         )
         return

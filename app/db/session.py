@@ -76,6 +76,34 @@ def _notify_job_events(session: Session) -> None:
         session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": JOB_EVENTS_CHANNEL})
 
 
+# SQLite has one write lock per database. A connection that finds it taken waits in SQLite's busy
+# handler, which naps 1, 2, 5 … 100 ms between tries, so under concurrent submissions a writer can
+# keep missing the lock for seconds while others take it in between. The writers of one process
+# that ask for it (`one_writer`) queue on this lock instead and take SQLite's one after another.
+_sqlite_writer = threading.Lock()
+_HOLDS_WRITER = "holds_sqlite_writer"
+
+
+def one_writer(session: Session) -> None:
+    """Before a transaction's first write (SQLite): wait for this process's other writers of the
+    same kind to commit, holding the turn until this transaction ends. Nothing happens on
+    PostgreSQL (row locks), nor in a transaction that has written already (it may hold SQLite's
+    lock: waiting here for a writer that waits for it would stall both)."""
+    if session.info.get(_HOLDS_WRITER) or session.get_bind().dialect.name != "sqlite":
+        return
+    dbapi = session.connection().connection.dbapi_connection
+    if dbapi is None or dbapi.in_transaction:
+        return
+    _sqlite_writer.acquire()
+    session.info[_HOLDS_WRITER] = True
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _end_of_turn(session: Session, transaction: Any) -> None:
+    if transaction.parent is None and session.info.pop(_HOLDS_WRITER, False):
+        _sqlite_writer.release()
+
+
 def dispose_engines() -> None:
     """After a fork the child must not reuse the parent's connections."""
     with _lock:

@@ -12,7 +12,7 @@ from sqlalchemy.pool import QueuePool
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from app.auth import CallerDep, SessionDep, authenticate
+from app.auth import CallerDep, CallerOnlyDep, SessionDep, authenticate
 from app.db.session import get_engine, release_connection, session_scope
 from app.db.tables import Job
 from app.errors import APIError, not_found
@@ -43,17 +43,22 @@ JobDep = Annotated[Job, Depends(job_of_project)]
 @router.post("", status_code=202, response_model=JobOut)
 def create_job(
     spec: JobCreate,
-    request: Request,
-    caller: CallerDep,
-    session: SessionDep,
+    caller: CallerOnlyDep,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Response:
-    job, _created = service.create_job(
-        session=session, project_id=caller.project_id, spec=spec, idempotency_key=idempotency_key
-    )
-    return resource_response(
-        request,
-        service.to_out(session, job),
+    # One session, committed before the answer is built: a 202 names a job the database has.
+    # (A comment, not a docstring: the OpenAPI document stays as it was.)
+    with session_scope() as session:
+        job, created = service.create_job(
+            session=session,
+            project_id=caller.project_id,
+            spec=spec,
+            idempotency_key=idempotency_key,
+        )
+        # A job made just now has no artifacts yet: no query for them.
+        body = service.to_out(session, job, artifacts=[] if created else None)
+    return json_response(
+        body,
         etag=service.job_etag(job),
         status_code=202,
         headers={"Location": f"/v1/jobs/{job.id}"},

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Row
+from sqlalchemy import Row, insert
 from sqlalchemy.orm import Session
 
 from app import broker, quotas
 from app.artifacts.repository import ids_by_job, still_referenced, storage_keys_of_job
-from app.db.session import after_commit
+from app.db.session import after_commit, one_writer
 from app.db.tables import Job, JobEvent, utcnow
 from app.errors import APIError, not_found
 from app.idempotency import remember, replay, replaying, request_hash
@@ -38,6 +38,9 @@ def create_job(
         with replaying(existing):
             return get_job(session=session, project_id=project_id, job_id=existing), False
     resolved = resolve_job(session=session, project_id=project_id, spec=spec)
+    route = routing.route(session, resolved.device)
+    # Every read is done: from the first write to the commit, as short a transaction as can be.
+    one_writer(session)
     quotas.check_new_job(session=session, project_id=project_id)
     job_id = new_id("job")
     winner = remember(
@@ -50,7 +53,6 @@ def create_job(
     )
     if winner != job_id:  # a concurrent request with the same key got there first
         return get_job(session=session, project_id=project_id, job_id=winner), False
-    route = routing.route(session, resolved.device)
     job = _insert_queued(
         session, job_id=job_id, project_id=project_id, resolved=resolved, route=route
     )
@@ -82,18 +84,40 @@ def _insert_queued(
         max_runtime_s=resolved.max_runtime_s,
         max_attempts=resolved.max_attempts,
         attempt=0,
-        event_seq=0,
+        event_seq=1,  # its first event, written with it (what `add_event` does for later ones)
         progress=Progress(message=route.message).model_dump(mode="json"),
+        lease_until=None,
+        worker=None,
+        fingerprint=None,
+        deferred_at=None,
         created_at=now,
+        started_at=None,
+        finished_at=None,
         updated_at=now,
         enqueued_at=now,
     )
     session.add(job)
     session.flush()
-    add_event(
-        session, job_id=job.id, type="status", message="status: queued", data={"status": "queued"}
+    session.connection().execute(
+        _FIRST_EVENT,
+        {
+            "job_id": job_id,
+            "seq": 1,
+            "type": "status",
+            "level": "info",
+            "message": "status: queued",
+            "data": {"status": "queued"},
+            "created_at": now,
+        },
     )
+    # No `note_job_event`: on PostgreSQL that NOTIFY would wake no event feed (a stream of this
+    # job can only open once the 202 has named it, and reads its first events then), and a
+    # transaction that notifies holds the cluster's notify lock through its commit, so every
+    # submission would commit one after another.
     return job
+
+
+_FIRST_EVENT = insert(JobEvent.__table__)  # built once, run on the connection: no ORM work
 
 
 def _attach_webhook(session: Session, *, job: Job, spec: WebhookSpec) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from datetime import datetime, timedelta
 
-from sqlalchemy import Select, delete, select, update
+from sqlalchemy import Select, bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
 from app.db.tables import Job, Worker, utcnow
@@ -83,9 +83,14 @@ def live_workers(session: Session) -> list[Worker]:
     return list(session.scalars(select(Worker).where(Worker.last_heartbeat_at >= live_cutoff())))
 
 
+# Built once: a job submission routes by it.
+_LIVE_QUEUES = select(Worker.queues).where(Worker.last_heartbeat_at >= bindparam("cutoff"))
+
+
 def live_queue_counts(session: Session) -> Counter[str]:
     """Live workers per logical queue (cpu, gpu, validate)."""
-    return Counter(queue for worker in live_workers(session) for queue in worker.queues)
+    rows = session.connection().execute(_LIVE_QUEUES, {"cutoff": live_cutoff()}).scalars()
+    return Counter(queue for queues in rows for queue in queues)
 
 
 def live_device_counts(session: Session) -> Counter[str]:
