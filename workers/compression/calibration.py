@@ -34,7 +34,7 @@ from torch import nn
 
 from workers.compression import process_memory
 from workers.compression.layer_selection import block_prefix
-from workers.compression.quant import ATTRIBUTE, QuantizedWeight
+from workers.compression.quant import ATTRIBUTE, LAZY, QuantizedWeight, dequantize
 from workers.compression.streaming import BlockStore, first_block_call, store_of
 
 # Calibration samples of one length are run through a block together, up to this many tokens:
@@ -173,8 +173,13 @@ def block_state(block: nn.Module) -> dict[str, torch.Tensor]:
     state = dict(block.state_dict())
     for name, module in block.named_modules():
         quantized = getattr(module, ATTRIBUTE, None)
-        if quantized is not None:
+        if isinstance(quantized, QuantizedWeight):
             state.update(quantized.to_tensors(f"{name}.{ATTRIBUTE}."))
+        if getattr(module, LAZY, False):  # a lazy layer's weight, in float32 as if eager
+            weight = module.weight
+            if weight.device.type == "meta":
+                weight = dequantize(quantized)
+            state[f"{name}.weight"] = weight.detach().to(torch.float32)
     return state
 
 
@@ -229,9 +234,10 @@ def run_blockwise(
         inputs.hidden = [hidden.to(device) for hidden in saved.hidden]
         first = saved.next_block
 
+    lazy = getattr(handler, "lazy_block", False)
     for index in range(first, len(blocks)):
         name = f"{blocks_name}.{index}"
-        with resident_block(store, blocks, index) as block:
+        with resident_block(store, blocks, index, lazy=lazy) as block:
             summaries[index] = handler(index, name, block, inputs)
             if not handler_advances:
                 inputs.advance(block)
@@ -249,12 +255,15 @@ def run_blockwise(
 
 
 @contextmanager
-def resident_block(store: BlockStore | None, blocks: nn.ModuleList, index: int) -> Iterator[nn.Module]:
-    """Block `index`, onloaded for the body and its changes kept when the model is streamed."""
+def resident_block(
+    store: BlockStore | None, blocks: nn.ModuleList, index: int, *, lazy: bool = False
+) -> Iterator[nn.Module]:
+    """Block `index`, onloaded for the body and its changes kept when the model is streamed
+    (`lazy`: its Linear weights as stored, see `BlockStore.onload`)."""
     if store is None:
         yield blocks[index]
         return
-    with store.resident(index) as block:
+    with store.resident(index, lazy=lazy) as block:
         yield block
 
 

@@ -40,6 +40,7 @@ from workers.compression.streaming import (
     parked_skeleton,
     store_of,
     stream_forward,
+    working_weight,
 )
 
 
@@ -90,14 +91,21 @@ def write_streamed(
     with parked_skeleton(model):  # written: on disk while the blocks are
         for index in range(len(store)):
             prefix = f"{blocks}{index}."
-            with store.resident(index, keep_changes=False) as block:
+            # Lazily: the Linear weights stay as stored (memory-mapped) until written.
+            with store.resident(index, keep_changes=False, lazy=True) as block:
                 # Untouched tensors come from the checkpoint itself, in its dtype.
                 stored_state = store.read_state(index)
-                tensors = {
-                    prefix + key: stored_state.get(key, value)
-                    for key, value in block.state_dict().items()
-                }
-                write(tensors, {n: m for n, m in layers.items() if n.startswith(prefix)})
+                stored_layers = {n: m for n, m in layers.items() if n.startswith(prefix)}
+                tensors = {}
+                for key, value in block.state_dict().items():
+                    value = stored_state.get(key, value)
+                    if value.device.type == "meta":  # a lazy quantized layer's weight
+                        owner = key.rpartition(".")[0]
+                        if any(layout.replaces(prefix + key, name) for name in stored_layers):
+                            continue  # the layout writes the layer itself
+                        value = working_weight(block.get_submodule(owner))
+                    tensors[prefix + key] = value
+                write(tensors, stored_layers)
                 del stored_state, tensors
             if progress is not None:
                 progress(index + 1, len(store))

@@ -25,6 +25,9 @@ from torch import nn
 
 # The attribute a quantized nn.Linear carries (see the module docstring).
 ATTRIBUTE = "slimformer_weight_quant"
+# Marks a Linear of a streamed block onloaded lazily (`streaming.BlockStore.onload`): its weight
+# is as stored, or on the meta device once quantized (its forward dequantizes the codes).
+LAZY = "slimformer_lazy"
 
 
 @dataclass
@@ -168,7 +171,15 @@ def dequantize(q: QuantizedWeight) -> torch.Tensor:
 
 
 def attach(linear: nn.Linear, q: QuantizedWeight) -> None:
-    """Make `linear` a weight-only quantized layer: dequantized weight, exact integers attached."""
+    """Make `linear` a weight-only quantized layer: dequantized weight, exact integers attached.
+    A lazy layer (`streaming.make_lazy`) keeps no dequantized weight: its forward computes it
+    from the codes, so a block holds one layer's float32 weight at a time."""
+    if getattr(linear, LAZY, False):
+        linear.weight = nn.Parameter(
+            torch.empty(linear.weight.shape, device="meta"), requires_grad=False
+        )
+        setattr(linear, ATTRIBUTE, q)
+        return
     with torch.no_grad():
         linear.weight.copy_(dequantize(q))
     setattr(linear, ATTRIBUTE, q)

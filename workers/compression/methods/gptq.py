@@ -55,6 +55,7 @@ from workers.compression.quant import (
 )
 from workers.compression.recipe import GptqConfig
 from workers.compression.registry import StageContext, register_method
+from workers.compression.streaming import working_weight
 
 
 @contextmanager
@@ -285,7 +286,7 @@ def factored_layers(
     Hessian outlives its factorization. Empties `hessians`."""
     signals = {}
     for name, layer in layers.items():  # before any Hessian is consumed
-        W = layer.weight.detach().float()
+        W = working_weight(layer)
         signals[name] = ((W @ hessians[name]) * W).sum().item()
     users = Counter(id(hessian) for hessian in hessians.values())
     factors: dict[int, HessianFactor] = {}
@@ -298,7 +299,7 @@ def factored_layers(
                 consume=True,
             )  # fmt: skip
         del hessian
-        original = OriginalWeight(layer.weight.detach(), signals[name])
+        original = OriginalWeight(working_weight(layer), signals[name])
         yield name, original, factors[key]
         users[key] -= 1
         if not users[key]:
@@ -306,7 +307,10 @@ def factored_layers(
 
 
 class GptqBlockHandler:
-    """Quantizes the targeted layers of one block at a time (a `calibration.Handler`)."""
+    """Quantizes the targeted layers of one block at a time (a `calibration.Handler`). A streamed
+    block comes lazily (`lazy_block`): weights as stored, one layer upcast at a time."""
+
+    lazy_block = True
 
     def __init__(self, config: GptqConfig, targeted: list[str]) -> None:
         self.config = config

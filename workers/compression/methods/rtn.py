@@ -9,7 +9,13 @@ from __future__ import annotations
 from torch import nn
 
 from workers.compression.layer_selection import linear_layers
-from workers.compression.quant import attach, quantize_groups, relative_error, resolve_group_size
+from workers.compression.quant import (
+    attach,
+    dequantize,
+    quantize_groups,
+    relative_error,
+    resolve_group_size,
+)
 from workers.compression.recipe import RtnConfig, WeightOnlyConfig
 from workers.compression.registry import StageContext, register_method
 from workers.compression.streaming import resident_layers
@@ -40,7 +46,7 @@ def rtn(model: nn.Module, config: RtnConfig, context: StageContext) -> dict:
             layer=name,
         )
         attach(linear, quantized)
-        errors.append(relative_error(original, linear.weight))
+        errors.append(relative_error(original, dequantize(quantized)))
         context.report(step, len(targeted), f"quantized {name}", unit="layer")
     return {
         "quantized_layers": len(targeted),
