@@ -137,9 +137,9 @@ def run_row(args: argparse.Namespace) -> dict:
     _reset_peak()
     sampler.restart()
     started = time.perf_counter()
-    loaded = load_model(
-        folder, device=args.device, streamed=not args.whole, scratch=args.work / "blocks"
-    )
+    # A scratch folder of the row's own: rows run side by side must not share block files.
+    scratch = args.work / f"blocks-{args.model}-{args.method}"
+    loaded = load_model(folder, device=args.device, streamed=not args.whole, scratch=scratch)
     texts = [
         json.loads(line)["text"]
         for line in builtin_dataset_jsonl("enwiki-calibration").splitlines()
@@ -198,7 +198,20 @@ def run_row(args: argparse.Namespace) -> dict:
         "export_check": {k: v for k, v in check.report.items() if k != "runtime"},
         "memory_budget_bytes": os.environ.get("SLIMFORMER_MEMORY_LIMIT_BYTES"),
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "load_average": os.getloadavg(),
+        "commit": _commit(),
     }
+
+
+def _commit() -> str:
+    """The code measured: HEAD, marked `+dirty` when the work tree differs from it."""
+    def git(*command: str) -> str:
+        return subprocess.run(
+            ["git", *command], cwd=BENCH.parent, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    return head + ("+dirty" if git("status", "--porcelain", "--", "workers", "bench") else "")
 
 
 def _mb(value: int) -> str:
