@@ -237,3 +237,28 @@ def test_a_killed_streamed_run_resumes_to_the_same_model(name, tmp_path) -> None
             assert expected.keys() == actual.keys()
             for key in expected:
                 assert torch.equal(expected[key], actual[key]), (index, key)
+
+
+def test_a_memory_mapped_tensor_leaves_the_resident_set_once_read(tmp_path) -> None:
+    """`drop_pages`: a checkpoint tensor read through its memory map is resident only while it is
+    read; its values are intact (read again from the file); heap memory is never dropped."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from workers.compression.process_memory import status_bytes
+    from workers.compression.streaming import drop_pages
+
+    values = torch.arange(8 << 20, dtype=torch.float32)  # 32 MiB
+    save_file({"t": values}, tmp_path / "t.safetensors")
+    with safe_open(tmp_path / "t.safetensors", "pt") as stored:
+        mapped = stored.get_tensor("t")
+    before = status_bytes("RssFile")
+    assert torch.equal(mapped, values)  # read: resident
+    read = status_bytes("RssFile")
+    assert read - before > 16 << 20
+    assert drop_pages(mapped)
+    assert status_bytes("RssFile") - before < 4 << 20
+    assert torch.equal(mapped, values)
+    assert not drop_pages(values)  # heap memory: refused
+    mapped.add_(0)  # written in place: never dropped (the write would be lost)
+    assert not drop_pages(mapped)

@@ -35,7 +35,12 @@ from torch import nn
 from workers.compression import process_memory
 from workers.compression.layer_selection import block_prefix
 from workers.compression.quant import ATTRIBUTE, LAZY, QuantizedWeight, dequantize
-from workers.compression.streaming import BlockStore, first_block_call, store_of
+from workers.compression.streaming import (
+    BlockStore,
+    drop_skeleton_pages,
+    first_block_call,
+    store_of,
+)
 
 # Calibration samples of one length are run through a block together, up to this many tokens:
 # big enough to keep the matrix multiplies efficient, small enough that one chunk's activations
@@ -220,6 +225,7 @@ def run_blockwise(
     blocks_name, blocks = model_blocks(model)
     store = store_of(model)  # a streamed model: one block resident at a time, the rest on disk
     inputs = capture_block_inputs(model, calibration)
+    drop_skeleton_pages(model)  # the embedding rows the capture read
     summaries: dict[int, dict] = {}
     first = 0
     saved = checkpoint.load() if checkpoint is not None else None

@@ -530,9 +530,42 @@ def compute_in_float32(model: nn.Module) -> None:
 
 def _float32_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     x = x.float()
-    parts = [F.linear(x, rows.float()) for rows in self.weight.split(_HEAD_ROWS)]
+    parts = []
+    for rows in self.weight.split(_HEAD_ROWS):
+        parts.append(F.linear(x, rows.float()))
+        drop_pages(rows)  # a memory-mapped head is read a slice at a time, not held whole
     out = torch.cat(parts, dim=-1)
     return out if self.bias is None else out + self.bias.float()
+
+
+def drop_pages(tensor: torch.Tensor) -> bool:
+    """Take a memory-mapped tensor's pages out of the resident set once read
+    (`process_memory.drop_file_pages`): only a CPU tensor read from a file and never written
+    in place (version 0), so nothing but a clean copy of the file is dropped."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return False
+    try:
+        if tensor._version != 0:
+            return False
+    except RuntimeError:  # an inference-mode tensor: no version counter, not ours to drop
+        return False
+    from workers.compression import process_memory
+
+    return process_memory.drop_file_pages(
+        tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    )
+
+
+def drop_skeleton_pages(model: nn.Module) -> None:
+    """`drop_pages` for the large tensors outside the blocks (embeddings, head) of a streamed
+    model: what a pass read of them leaves the resident set."""
+    store = store_of(model)
+    if store is None:
+        return
+    prefix = f"{store.blocks_name}."
+    for key, tensor in _state_tensors(model).items():
+        if not key.startswith(prefix) and tensor.numel() >= NATIVE_SKELETON_NUMEL:
+            drop_pages(tensor.detach())
 
 
 # --- running the whole model one block at a time ----------------------------------------------
@@ -608,6 +641,7 @@ def stream_forward(
     entry = model if entry is None else entry
     all_blocks = store.blocks
     captured = [first_block_call(entry, all_blocks, kwargs) for kwargs in calls]
+    drop_skeleton_pages(model)
     as_tuple = False
     for index in range(len(all_blocks) if blocks is None else blocks):
         if on_step is not None:
@@ -626,6 +660,7 @@ def stream_forward(
             setattr(parent, attribute, nn.ModuleList(stubs))
             results.append(finish(number, entry(**kwargs)))
             call.hidden = None
+            drop_skeleton_pages(model)
     finally:
         setattr(parent, attribute, all_blocks)
     return results
