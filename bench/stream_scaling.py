@@ -211,7 +211,7 @@ def _commit() -> str:
         ).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD")
-    return head + ("+dirty" if git("status", "--porcelain", "--", "workers", "bench") else "")
+    return head + ("+dirty" if git("status", "--porcelain", "--", "workers", "bench", ":(exclude)bench/results") else "")
 
 
 def _mb(value: int) -> str:
@@ -254,21 +254,33 @@ def write_results(rows: list[dict], argv: list[str]) -> None:
         "the rest is file-backed (shared libraries, safetensors pages read through mmap), which "
         "the kernel reclaims under pressure. Rows measured before the sampler existed show -.",
         "",
-        "| model | params | checkpoint MB | method | mode | peak RSS MB (load / compress / export / check) | peak RssAnon MB (load / compress / export / check) | wall s (load / compress / export / check) | artifact MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Rows measured with the code of this branch carry its commit; rows without one were "
+        "measured before (the committed code of their `measured_at`, kept for comparison). The "
+        "load average is the 1-minute one when the row ended (2 shared cores: wall times above "
+        "2 are inflated by other work).",
+        "",
+        "| model | params | checkpoint MB | method | calibration | mode | peak RSS MB (load / compress / export / check) | peak RssAnon MB (load / compress / export / check) | wall s (load / compress / export / check) | artifact MB | load avg | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         p = row["phases"]
         order = ("load", "compress", "export", "check")
+        calibration = row.get("calibration")
+        samples = f"{calibration['samples']} x {calibration['seq_len']}" if calibration else "-"
+        load = row.get("load_average")
         lines.append(
             f"| {row['model']} | {row['parameters'] / 1e9:.2f}B | {_mb(row['checkpoint_bytes'])} "
-            f"({row['checkpoint_dtype']}) | {row['method']} | "
+            f"({row['checkpoint_dtype']}) | {row['method']} | {samples} | "
             f"{'streamed' if row['streamed'] else 'whole'} | **{_mb(row['peak_rss_bytes'])}** "
             f"({' / '.join(_mb(p[k]['peak_rss_bytes']) for k in order)}) | {_anon(row)} | "
             f"{row['wall_s']:.0f} "
             f"({' / '.join(str(round(p[k]['seconds'])) for k in order)}) | "
-            f"{_mb(row['artifact_bytes'])} |"
+            f"{_mb(row['artifact_bytes'])} | {f'{load[0]:.1f}' if load else '-'} | "
+            f"{row.get('commit', '-')} |"
         )
+    notes = RESULTS / "stream_scaling.notes.md"  # kept by hand: what the rows show
+    if notes.is_file():
+        lines += ["", notes.read_text(encoding="utf-8").rstrip()]
     (RESULTS / "stream_scaling.md").write_text("\n".join(lines) + "\n")
 
 
