@@ -111,6 +111,7 @@ def run_row(args: argparse.Namespace) -> dict:
     from workers.compression.loading import load_model
     from workers.compression.recipe import Recipe
 
+    commit = _commit()  # the code this row runs (read now: a commit made meanwhile is not it)
     torch.set_num_threads(args.threads)
     process_memory.return_large_frees()  # as a worker's job process does (workers/celery_app.py)
     folder = model_folder(args.model, args.work)
@@ -199,7 +200,7 @@ def run_row(args: argparse.Namespace) -> dict:
         "memory_budget_bytes": os.environ.get("SLIMFORMER_MEMORY_LIMIT_BYTES"),
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "load_average": os.getloadavg(),
-        "commit": _commit(),
+        "commit": commit,
     }
 
 
