@@ -342,14 +342,19 @@ def input_hessians(
             return
         if not same:
             x32 = x.float()
-            previous.update(key=key, input=x, product=x32.T @ x32)
+            previous.update(key=key, input=x, product=x32.T @ x32, taken=False)
             if abs_means is not None:
                 previous["abs_sum"] = x32.abs().sum(dim=0)
         previous["name"] = name
         if name in hessians:
             hessians[name].add_(previous["product"])
-        else:
+        elif previous["taken"]:
             hessians[name] = previous["product"].clone()
+        else:
+            # The first chunk's product becomes the sum itself: no second [in, in] matrix (on a
+            # 7B down projection, 485 MB less at the block's peak).
+            hessians[name] = previous["product"]
+            previous["taken"] = True
         if abs_means is not None:
             total = abs_means.get(name)
             abs_means[name] = previous["abs_sum"] if total is None else total + previous["abs_sum"]
