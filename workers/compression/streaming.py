@@ -531,23 +531,32 @@ def compute_in_float32(model: nn.Module) -> None:
 def _float32_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     parts = []
-    for rows in self.weight.split(_HEAD_ROWS):
+    clean = unwritten(self.weight)  # checked on the weight: a slice taken in inference mode
+    for rows in self.weight.split(_HEAD_ROWS):  # has no version counter of its own
         parts.append(F.linear(x, rows.float()))
-        drop_pages(rows)  # a memory-mapped head is read a slice at a time, not held whole
+        if clean:  # a memory-mapped head is read a slice at a time, not held whole
+            drop_pages(rows, checked=True)
     out = torch.cat(parts, dim=-1)
     return out if self.bias is None else out + self.bias.float()
 
 
-def drop_pages(tensor: torch.Tensor) -> bool:
+def unwritten(tensor: torch.Tensor) -> bool:
+    """Whether nothing ever wrote into `tensor` in place (version 0; an inference-mode tensor,
+    which keeps no version counter, counts as written)."""
+    try:
+        return tensor._version == 0
+    except RuntimeError:
+        return False
+
+
+def drop_pages(tensor: torch.Tensor, *, checked: bool = False) -> bool:
     """Take a memory-mapped tensor's pages out of the resident set once read
     (`process_memory.drop_file_pages`): only a CPU tensor read from a file and never written
-    in place (version 0), so nothing but a clean copy of the file is dropped."""
+    in place (`unwritten`, or `checked` by the caller on the tensor it is a slice of), so
+    nothing but a clean copy of the file is dropped."""
     if tensor.device.type != "cpu" or tensor.numel() == 0:
         return False
-    try:
-        if tensor._version != 0:
-            return False
-    except RuntimeError:  # an inference-mode tensor: no version counter, not ours to drop
+    if not (checked or unwritten(tensor)):
         return False
     from workers.compression import process_memory
 
