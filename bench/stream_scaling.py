@@ -111,6 +111,7 @@ def run_row(args: argparse.Namespace) -> dict:
     from workers.compression.loading import load_model
     from workers.compression.recipe import Recipe
 
+    commit = _commit()  # the code this row runs (read now: a commit made meanwhile is not it)
     torch.set_num_threads(args.threads)
     process_memory.return_large_frees()  # as a worker's job process does (workers/celery_app.py)
     folder = model_folder(args.model, args.work)
@@ -137,9 +138,9 @@ def run_row(args: argparse.Namespace) -> dict:
     _reset_peak()
     sampler.restart()
     started = time.perf_counter()
-    loaded = load_model(
-        folder, device=args.device, streamed=not args.whole, scratch=args.work / "blocks"
-    )
+    # A scratch folder of the row's own: rows run side by side must not share block files.
+    scratch = args.work / f"blocks-{args.model}-{args.method}"
+    loaded = load_model(folder, device=args.device, streamed=not args.whole, scratch=scratch)
     texts = [
         json.loads(line)["text"]
         for line in builtin_dataset_jsonl("enwiki-calibration").splitlines()
@@ -198,7 +199,20 @@ def run_row(args: argparse.Namespace) -> dict:
         "export_check": {k: v for k, v in check.report.items() if k != "runtime"},
         "memory_budget_bytes": os.environ.get("SLIMFORMER_MEMORY_LIMIT_BYTES"),
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "load_average": os.getloadavg(),
+        "commit": commit,
     }
+
+
+def _commit() -> str:
+    """The code measured: HEAD, marked `+dirty` when the work tree differs from it."""
+    def git(*command: str) -> str:
+        return subprocess.run(
+            ["git", *command], cwd=BENCH.parent, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    return head + ("+dirty" if git("status", "--porcelain", "--", "workers", "bench", ":(exclude)bench/results") else "")
 
 
 def _mb(value: int) -> str:
@@ -241,21 +255,33 @@ def write_results(rows: list[dict], argv: list[str]) -> None:
         "the rest is file-backed (shared libraries, safetensors pages read through mmap), which "
         "the kernel reclaims under pressure. Rows measured before the sampler existed show -.",
         "",
-        "| model | params | checkpoint MB | method | mode | peak RSS MB (load / compress / export / check) | peak RssAnon MB (load / compress / export / check) | wall s (load / compress / export / check) | artifact MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Rows measured with the code of this branch carry its commit; rows without one were "
+        "measured before (the committed code of their `measured_at`, kept for comparison). The "
+        "load average is the 1-minute one when the row ended (2 shared cores: wall times above "
+        "2 are inflated by other work).",
+        "",
+        "| model | params | checkpoint MB | method | calibration | mode | peak RSS MB (load / compress / export / check) | peak RssAnon MB (load / compress / export / check) | wall s (load / compress / export / check) | artifact MB | load avg | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         p = row["phases"]
         order = ("load", "compress", "export", "check")
+        calibration = row.get("calibration")
+        samples = f"{calibration['samples']} x {calibration['seq_len']}" if calibration else "-"
+        load = row.get("load_average")
         lines.append(
             f"| {row['model']} | {row['parameters'] / 1e9:.2f}B | {_mb(row['checkpoint_bytes'])} "
-            f"({row['checkpoint_dtype']}) | {row['method']} | "
+            f"({row['checkpoint_dtype']}) | {row['method']} | {samples} | "
             f"{'streamed' if row['streamed'] else 'whole'} | **{_mb(row['peak_rss_bytes'])}** "
             f"({' / '.join(_mb(p[k]['peak_rss_bytes']) for k in order)}) | {_anon(row)} | "
             f"{row['wall_s']:.0f} "
             f"({' / '.join(str(round(p[k]['seconds'])) for k in order)}) | "
-            f"{_mb(row['artifact_bytes'])} |"
+            f"{_mb(row['artifact_bytes'])} | {f'{load[0]:.1f}' if load else '-'} | "
+            f"{row.get('commit', '-')} |"
         )
+    notes = RESULTS / "stream_scaling.notes.md"  # kept by hand: what the rows show
+    if notes.is_file():
+        lines += ["", notes.read_text(encoding="utf-8").rstrip()]
     (RESULTS / "stream_scaling.md").write_text("\n".join(lines) + "\n")
 
 

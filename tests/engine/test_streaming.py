@@ -65,6 +65,47 @@ def test_a_streamed_model_compresses_to_the_same_weights(name, tmp_path) -> None
     assert torch.equal(expected, actual)
 
 
+@pytest.mark.parametrize("name", ["rtn", "gptq", "sparsegpt"])
+def test_a_bf16_model_streamed_one_layer_at_a_time_compresses_to_the_same_weights(
+    name, tmp_path
+) -> None:
+    """A bf16 checkpoint: the streamed model keeps each block's Linear weights in bf16 and
+    upcasts one layer at a time (`BlockStore.onload(lazy=True)`); the results are still exactly
+    those of the model upcast whole."""
+    loaded = tiny_llama(layers=2)
+    loaded.model.to(torch.bfloat16)
+    folder = saved(loaded, tmp_path / "model")
+    recipe = Recipe.model_validate({"stages": RECIPES[name]})
+    whole = load_model(folder, device="cpu")
+    streamed = load_model(folder, device="cpu", streamed=True, scratch=tmp_path / "blocks")
+    compress(whole.model, recipe, calibration())
+    compress(streamed.model, recipe, calibration())
+    store = store_of(streamed.model)
+    for index, block in enumerate(whole.model.model.layers):
+        with store.resident(index, keep_changes=False) as resident:
+            expected, actual = block_state(block), block_state(resident)
+            assert expected.keys() == actual.keys()
+            for key in expected:
+                assert torch.equal(expected[key], actual[key]), (index, key)
+        with store.resident(index, keep_changes=False, lazy=True) as resident:
+            # Lazily onloaded: nothing upcast, a quantized layer's weight is its codes only.
+            weight = resident.mlp.up_proj.weight
+            pruned = name == "sparsegpt"  # changed weights are kept as computed: float32
+            assert (weight.dtype, weight.device.type) == (
+                (torch.float32, "cpu") if pruned else (torch.float32, "meta")
+            )
+            assert resident.input_layernorm.weight.dtype == torch.float32
+            lazy = block_state(resident)
+            assert all(torch.equal(lazy[key], actual[key]) for key in actual)
+    ids = torch.randint(6, 100, (1, 16))
+    with torch.inference_mode():
+        expected = whole.model(input_ids=ids, use_cache=False).logits
+    actual = stream_forward(
+        streamed.model, [{"input_ids": ids, "use_cache": False}], lambda _, out: out.logits
+    )[0]
+    assert torch.equal(expected, actual)
+
+
 def test_a_streamed_export_is_checked_and_loads(tmp_path) -> None:
     folder = saved(tiny_llama(layers=4), tmp_path / "model")
     streamed = load_model(folder, device="cpu", streamed=True, scratch=tmp_path / "blocks")
@@ -196,3 +237,28 @@ def test_a_killed_streamed_run_resumes_to_the_same_model(name, tmp_path) -> None
             assert expected.keys() == actual.keys()
             for key in expected:
                 assert torch.equal(expected[key], actual[key]), (index, key)
+
+
+def test_a_memory_mapped_tensor_leaves_the_resident_set_once_read(tmp_path) -> None:
+    """`drop_pages`: a checkpoint tensor read through its memory map is resident only while it is
+    read; its values are intact (read again from the file); heap memory is never dropped."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from workers.compression.process_memory import status_bytes
+    from workers.compression.streaming import drop_pages
+
+    values = torch.arange(8 << 20, dtype=torch.float32)  # 32 MiB
+    save_file({"t": values}, tmp_path / "t.safetensors")
+    with safe_open(tmp_path / "t.safetensors", "pt") as stored:
+        mapped = stored.get_tensor("t")
+    before = status_bytes("RssFile")
+    assert torch.equal(mapped, values)  # read: resident
+    read = status_bytes("RssFile")
+    assert read - before > 16 << 20
+    assert drop_pages(mapped)
+    assert status_bytes("RssFile") - before < 4 << 20
+    assert torch.equal(mapped, values)
+    assert not drop_pages(values)  # heap memory: refused
+    mapped.add_(0)  # written in place: never dropped (the write would be lost)
+    assert not drop_pages(mapped)

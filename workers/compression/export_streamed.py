@@ -35,11 +35,14 @@ from workers.compression.formats.layout import (
 from workers.compression.quant import ATTRIBUTE, QuantizedWeight, dequantize
 from workers.compression.shards import ShardWriter, weight_files
 from workers.compression.streaming import (
+    NATIVE_SKELETON_NUMEL,
     BlockStore,
     checkpoint_files,
+    drop_pages,
     parked_skeleton,
     store_of,
     stream_forward,
+    working_weight,
 )
 
 
@@ -85,19 +88,34 @@ def write_streamed(
         tied = target in skeleton and source in skeleton
         if tied and skeleton[target].data_ptr() == skeleton[source].data_ptr():
             del skeleton[target]  # written once, under the embedding's name (as save_pretrained)
+    # The large tensors (embeddings, head) one part each, their pages dropped once written.
+    owned = {key for key in skeleton if any(layout.replaces(key, name) for name in outside)}
+    for key in [k for k in skeleton if k not in owned]:
+        if skeleton[key].numel() >= NATIVE_SKELETON_NUMEL:
+            tensor = skeleton.pop(key)
+            write({key: tensor}, {})
+            drop_pages(tensor.detach())
+            del tensor
     write(skeleton, outside)
     del skeleton
     with parked_skeleton(model):  # written: on disk while the blocks are
         for index in range(len(store)):
             prefix = f"{blocks}{index}."
-            with store.resident(index, keep_changes=False) as block:
+            # Lazily: the Linear weights stay as stored (memory-mapped) until written.
+            with store.resident(index, keep_changes=False, lazy=True) as block:
                 # Untouched tensors come from the checkpoint itself, in its dtype.
                 stored_state = store.read_state(index)
-                tensors = {
-                    prefix + key: stored_state.get(key, value)
-                    for key, value in block.state_dict().items()
-                }
-                write(tensors, {n: m for n, m in layers.items() if n.startswith(prefix)})
+                stored_layers = {n: m for n, m in layers.items() if n.startswith(prefix)}
+                tensors = {}
+                for key, value in block.state_dict().items():
+                    value = stored_state.get(key, value)
+                    if value.device.type == "meta":  # a lazy quantized layer's weight
+                        owner = key.rpartition(".")[0]
+                        if any(layout.replaces(prefix + key, name) for name in stored_layers):
+                            continue  # the layout writes the layer itself
+                        value = working_weight(block.get_submodule(owner))
+                    tensors[prefix + key] = value
+                write(tensors, stored_layers)
                 del stored_state, tensors
             if progress is not None:
                 progress(index + 1, len(store))
@@ -306,4 +324,6 @@ def prefix_that_fits(model: nn.Module, device: torch.device) -> int:
     return max(1, min(len(store), int(budget // max(1, block))))
 
 
-CHECK_MEMORY_FRACTION = 0.1
+# 5%: on a 3 GB worker every model's check loads one block (SmolLM2 GPTQ's check phase then
+# stays below its compression's peak); a 64 GB one loads a few GB of blocks.
+CHECK_MEMORY_FRACTION = 0.05

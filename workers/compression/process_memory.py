@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from contextlib import suppress
 
 log = logging.getLogger(__name__)
@@ -75,3 +76,46 @@ def proc_bytes(path: str, field: str) -> int | None:
 def status_bytes(field: str) -> int | None:
     """This process's `VmRSS`, `VmHWM`, `RssAnon`, … in bytes (None where /proc has none)."""
     return proc_bytes("/proc/self/status", field)
+
+
+_MADV_DONTNEED = 4
+
+
+def _file_mapping(address: int) -> tuple[int, int] | None:
+    """(start, end) of the private mapping of a file that holds `address`, or None (anonymous
+    memory, a shared mapping, or no /proc)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                start, end = (int(part, 16) for part in fields[0].split("-"))
+                if start <= address < end:
+                    path = fields[5].strip() if len(fields) > 5 else ""
+                    private = fields[1].endswith("p")
+                    return (start, end) if private and path.startswith("/") else None
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def drop_file_pages(address: int, length: int) -> bool:
+    """Take the pages wholly inside [address, address + length) of a private file mapping out of
+    this process's resident set (`madvise(MADV_DONTNEED)`): they stay in the page cache, and a
+    later read maps them again. For what is read through a memory map and never written (a
+    checkpoint's embeddings and head, read a slice at a time): resident memory is then what is
+    in use, not all that was ever read. Refuses (False) anything but a private file mapping
+    covering the whole range; the caller must know the range was never written in place (this
+    would discard such writes)."""
+    libc = _libc()
+    if libc is None or length <= 0 or not hasattr(libc, "madvise"):
+        return False
+    mapping = _file_mapping(address)
+    if mapping is None or address + length > mapping[1]:
+        return False
+    page = os.sysconf("SC_PAGE_SIZE")
+    first = -(-address // page) * page
+    last = (address + length) // page * page
+    if last <= first:
+        return False
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0

@@ -25,6 +25,9 @@ from torch import nn
 
 # The attribute a quantized nn.Linear carries (see the module docstring).
 ATTRIBUTE = "slimformer_weight_quant"
+# Marks a Linear of a streamed block onloaded lazily (`streaming.BlockStore.onload`): its weight
+# is as stored, or on the meta device once quantized (its forward dequantizes the codes).
+LAZY = "slimformer_lazy"
 
 
 @dataclass
@@ -131,12 +134,30 @@ def dequantize_with(
     return (q * scale.float()).to(scale.dtype)
 
 
+RTN_ROWS = 1024
+
+
 def quantize_groups(
     w: torch.Tensor, *, bits: int, group_size: int, symmetric: bool, layer: str = "the weight"
 ) -> QuantizedWeight:
-    """Round-to-nearest quantization of w [out, in], each group's range from its min and max."""
+    """Round-to-nearest quantization of w [out, in], each group's range from its min and max.
+    Rows are independent: a large weight is done `RTN_ROWS` rows at a time (the same codes, and
+    float32 temporaries of a slice, not of the whole matrix)."""
     out_features, in_features = w.shape
     group_size = resolve_group_size(in_features, group_size, layer=layer)
+    if out_features > RTN_ROWS:
+        parts = [
+            quantize_groups(rows, bits=bits, group_size=group_size, symmetric=symmetric, layer=layer)
+            for rows in w.split(RTN_ROWS)
+        ]
+        return QuantizedWeight(
+            codes=torch.cat([part.codes for part in parts]),
+            scale=torch.cat([part.scale for part in parts]),
+            zero_point=None if symmetric else torch.cat([part.zero_point for part in parts]),
+            bits=bits,
+            group_size=group_size,
+            symmetric=symmetric,
+        )
     groups = w.detach().float().reshape(out_features, in_features // group_size, group_size)
     scale, zero_point = group_params(
         groups.amin(dim=2), groups.amax(dim=2), bits=bits, symmetric=symmetric, dtype=w.dtype
@@ -168,10 +189,38 @@ def dequantize(q: QuantizedWeight) -> torch.Tensor:
 
 
 def attach(linear: nn.Linear, q: QuantizedWeight) -> None:
-    """Make `linear` a weight-only quantized layer: dequantized weight, exact integers attached."""
+    """Make `linear` a weight-only quantized layer: dequantized weight, exact integers attached.
+    A lazy layer (`streaming.make_lazy`) keeps no dequantized weight: its forward computes it
+    from the codes, so a block holds one layer's float32 weight at a time."""
+    if getattr(linear, LAZY, False):
+        linear.weight = nn.Parameter(
+            torch.empty(linear.weight.shape, device="meta"), requires_grad=False
+        )
+        setattr(linear, ATTRIBUTE, q)
+        return
     with torch.no_grad():
         linear.weight.copy_(dequantize(q))
     setattr(linear, ATTRIBUTE, q)
+
+
+def relative_error_of(original: torch.Tensor, q: QuantizedWeight) -> float:
+    """`relative_error(original, dequantize(q))`, a slice of rows at a time (no float32 copy of
+    the whole weight)."""
+    error = norm = 0.0
+    for start in range(0, original.shape[0], RTN_ROWS):
+        rows = slice(start, start + RTN_ROWS)
+        part = QuantizedWeight(
+            codes=q.codes[rows],
+            scale=q.scale[rows],
+            zero_point=None if q.zero_point is None else q.zero_point[rows],
+            bits=q.bits,
+            group_size=q.group_size,
+            symmetric=q.symmetric,
+        )
+        w = original[rows].float()
+        error += (w - dequantize(part).float()).double().square().sum().item()
+        norm += w.double().square().sum().item()
+    return (error / norm) ** 0.5 if norm else 0.0
 
 
 def relative_error(original: torch.Tensor, quantized: torch.Tensor) -> float:

@@ -153,6 +153,7 @@ def write_file(
         for key in ordered:
             for chunk in _row_chunks(tensors[key]):
                 out.write(_bytes(chunk.to(dtypes[key])))
+                _drop_if_mapped(chunk)
 
 
 _SAFETENSORS_DTYPES = {
@@ -182,6 +183,25 @@ def _row_chunks(tensor: torch.Tensor):
     step = max(1, _COPY_BYTES // max(1, tensor.element_size()))
     for start in range(0, flat.numel(), step):
         yield flat[start : start + step].cpu().contiguous()
+
+
+def _drop_if_mapped(chunk: torch.Tensor) -> None:
+    """A piece of a memory-mapped checkpoint tensor, written and never changed, leaves the
+    resident set (`process_memory.drop_file_pages`): writing a 0.5 GB embedding does not make
+    it all resident. Anything else (heap memory, a tensor written in place) is left alone."""
+    if chunk.device.type != "cpu" or chunk.numel() < _DROP_MIN_NUMEL:
+        return
+    try:
+        if chunk._version != 0:
+            return
+    except RuntimeError:  # inference-mode tensor: no version counter
+        return
+    from workers.compression.process_memory import drop_file_pages
+
+    drop_file_pages(chunk.data_ptr(), chunk.numel() * chunk.element_size())
+
+
+_DROP_MIN_NUMEL = 1 << 20
 
 
 def _bytes(chunk: torch.Tensor) -> bytes:

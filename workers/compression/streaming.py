@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from workers.compression.layer_selection import block_prefix
-from workers.compression.quant import ATTRIBUTE, QuantizedWeight, dequantize
+from workers.compression.quant import ATTRIBUTE, LAZY, QuantizedWeight, dequantize
 from workers.compression.shards import read_header, write_file
 
 STORE_ATTRIBUTE = "slimformer_blocks"
@@ -88,10 +88,13 @@ class BlockStore:
         return len(self.blocks)
 
     @contextmanager
-    def resident(self, index: int, *, keep_changes: bool = True) -> Iterator[nn.Module]:
+    def resident(
+        self, index: int, *, keep_changes: bool = True, lazy: bool = False
+    ) -> Iterator[nn.Module]:
         """Block `index` materialised on the device for the body; afterwards its changes are kept
-        (written to scratch) unless `keep_changes` is False, and it holds no memory again."""
-        block = self.onload(index)
+        (written to scratch) unless `keep_changes` is False, and it holds no memory again.
+        `lazy`: its Linear layers stay as stored (see `onload`)."""
+        block = self.onload(index, lazy=lazy)
         try:
             yield block
         except BaseException:
@@ -99,20 +102,64 @@ class BlockStore:
             raise
         self.offload(index, keep_changes=keep_changes)
 
-    def onload(self, index: int) -> nn.Module:
+    def onload(self, index: int, *, lazy: bool = False) -> nn.Module:
+        """Block `index` on the device, in float32 working precision. `lazy`: its plain Linear
+        layers keep their weights as stored (the checkpoint's dtype, memory-mapped from their
+        file, each in a mapping of its own) and upcast them only inside their forward, and a
+        weight-only quantized layer holds no dequantized weight (its forward dequantizes the
+        codes): one Linear at a time is in float32. A method reads a lazy layer's weight with
+        `working_weight` and changes it with `set_weight` / `quant.attach`."""
         block = self.blocks[index]
         if index in self._resident:
             return block
-        state = self.read_state(index, device=self.device, working=True)
+        linears = {name for name, module in block.named_modules() if type(module) is nn.Linear}
+        separate = {f"{name}.weight" for name in linears} if lazy else set()
+        state = self.read_state(index, device=self.device, working=True, separate=separate)
         quantized = _take_quantized(state)
         for name, q in quantized.items():
             # Not stored: the dequantized weight is a function of the codes (`quant.attach`).
-            state[f"{name}.weight"] = dequantize(q).to(torch.float32)
+            if lazy and name in linears:
+                state[f"{name}.weight"] = torch.empty(q.codes.shape, device="meta")
+            else:
+                state[f"{name}.weight"] = dequantize(q).to(torch.float32)
         block.load_state_dict(state, strict=True, assign=True)
+        del state
         for name, q in quantized.items():
             setattr(block.get_submodule(name), ATTRIBUTE, q)
+        if lazy:
+            for name in linears:
+                make_lazy(block.get_submodule(name))
         self._resident[index] = _identities(block)
         return block
+
+    def materialize(self, index: int, name: str) -> nn.Module:
+        """Layer `name` of resident block `index` with its weight in float32 (an unchanged copy
+        of what is stored: not written back unless changed), for a method to read and change."""
+        layer = self.blocks[index].get_submodule(name)
+        weight = layer.weight
+        if getattr(layer, ATTRIBUTE, None) is None and weight.dtype != torch.float32:
+            layer.weight = nn.Parameter(weight.detach().float(), requires_grad=False)
+            key = f"{name}.weight"
+            if index in self._resident and key in self._resident[index]:
+                self._resident[index][key] = (weakref.ref(layer.weight), _version(layer.weight))
+        return layer
+
+    def release(self, index: int, name: str) -> None:
+        """After a method is done with layer `name` (`materialize`): an unchanged weight goes
+        back to its stored form, memory-mapped; a changed one stays until the block is offloaded
+        (and kept then); a quantized layer holds its codes only (`quant.attach`)."""
+        layer = self.blocks[index].get_submodule(name)
+        key = f"{name}.weight"
+        before = self._resident.get(index, {}).get(key)
+        if type(layer) is not nn.Linear or not getattr(layer, LAZY, False):
+            return
+        if not _same(before, layer.weight) or key not in self.sources[index]:
+            return
+        if layer.weight.dtype == torch.float32 and self.sources[index][key].original:
+            stored = self.read_state(index, device=self.device, separate={key}, only={key})[key]
+            if stored.dtype != torch.float32:
+                layer.weight = nn.Parameter(stored, requires_grad=False)
+                self._resident[index][key] = (weakref.ref(layer.weight), _version(layer.weight))
 
     def offload(self, index: int, *, keep_changes: bool = True) -> None:
         block = self.blocks[index]
@@ -161,13 +208,27 @@ class BlockStore:
             path.unlink(missing_ok=True)
 
     def read_state(
-        self, index: int, *, device: torch.device | str = "cpu", working: bool = False
+        self,
+        index: int,
+        *,
+        device: torch.device | str = "cpu",
+        working: bool = False,
+        separate: set[str] = frozenset(),
+        only: set[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Block `index`'s stored tensors (quantized layers as codes, without their dequantized
-        weight). `working`: the checkpoint's floating tensors upcast to float32."""
+        weight). `working`: the checkpoint's floating tensors upcast to float32, except those in
+        `separate`, kept as stored and each read through a memory map of its own (one mapping
+        is released, its pages with it, only when every tensor read through it is gone)."""
         state = {}
         by_file: dict[Path, list[tuple[str, TensorSource]]] = {}
         for key, source in self.sources[index].items():
+            if only is not None and key not in only:
+                continue
+            if key in separate:
+                with safe_open(source.path, "pt") as stored:
+                    state[key] = stored.get_tensor(source.key).to(device)
+                continue
             by_file.setdefault(source.path, []).append((key, source))
         for path, entries in by_file.items():
             with safe_open(path, "pt") as stored:
@@ -292,9 +353,50 @@ def _take_quantized(state: dict[str, torch.Tensor]) -> dict[str, QuantizedWeight
     return quantized
 
 
+def make_lazy(layer: nn.Linear) -> None:
+    """Let `layer` compute in float32 from its weight as stored (or, quantized with its weight
+    on the meta device, from its codes): this instance's forward upcasts one layer at a time."""
+    setattr(layer, LAZY, True)
+    layer.forward = _lazy_linear.__get__(layer)  # this instance only
+
+
+def _lazy_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    weight = self.weight
+    if weight.device.type == "meta":
+        weight = dequantize(getattr(self, ATTRIBUTE)).to(x.dtype)
+    elif weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    bias = self.bias
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+def working_weight(layer: nn.Linear) -> torch.Tensor:
+    """`layer`'s weight in float32: the weight itself when it is float32 (a layer of a model
+    held whole, or of an eagerly onloaded block), else an upcast copy (a lazy layer's)."""
+    weight = layer.weight.detach()
+    if weight.device.type == "meta":
+        return dequantize(getattr(layer, ATTRIBUTE)).to(torch.float32)
+    return weight.float()
+
+
+def set_weight(layer: nn.Linear, weight: torch.Tensor) -> None:
+    """Make `weight` (float32) `layer`'s weight: written in place into a float32 weight, or
+    replacing a lazy layer's stored one (which a copy would round to its dtype)."""
+    with torch.no_grad():
+        if layer.weight.dtype == torch.float32 and layer.weight.device.type != "meta":
+            layer.weight.copy_(weight)
+        else:
+            layer.weight = nn.Parameter(weight.to(torch.float32), requires_grad=False)
+
+
 def _to_meta(block: nn.Module) -> None:
     """Drop the block's tensors (parameters, persistent buffers, attached codes): meta again."""
     for _, child in block.named_modules():
+        if getattr(child, LAZY, False):
+            delattr(child, LAZY)
+            child.__dict__.pop("forward", None)
         for name, param in list(child._parameters.items()):
             if param is not None:
                 child._parameters[name] = nn.Parameter(
@@ -428,9 +530,51 @@ def compute_in_float32(model: nn.Module) -> None:
 
 def _float32_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     x = x.float()
-    parts = [F.linear(x, rows.float()) for rows in self.weight.split(_HEAD_ROWS)]
+    parts = []
+    clean = unwritten(self.weight)  # checked on the weight: a slice taken in inference mode
+    for rows in self.weight.split(_HEAD_ROWS):  # has no version counter of its own
+        parts.append(F.linear(x, rows.float()))
+        if clean:  # a memory-mapped head is read a slice at a time, not held whole
+            drop_pages(rows, checked=True)
     out = torch.cat(parts, dim=-1)
     return out if self.bias is None else out + self.bias.float()
+
+
+def unwritten(tensor: torch.Tensor) -> bool:
+    """Whether nothing ever wrote into `tensor` in place (version 0; an inference-mode tensor,
+    which keeps no version counter, counts as written)."""
+    try:
+        return tensor._version == 0
+    except RuntimeError:
+        return False
+
+
+def drop_pages(tensor: torch.Tensor, *, checked: bool = False) -> bool:
+    """Take a memory-mapped tensor's pages out of the resident set once read
+    (`process_memory.drop_file_pages`): only a CPU tensor read from a file and never written
+    in place (`unwritten`, or `checked` by the caller on the tensor it is a slice of), so
+    nothing but a clean copy of the file is dropped."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return False
+    if not (checked or unwritten(tensor)):
+        return False
+    from workers.compression import process_memory
+
+    return process_memory.drop_file_pages(
+        tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    )
+
+
+def drop_skeleton_pages(model: nn.Module) -> None:
+    """`drop_pages` for the large tensors outside the blocks (embeddings, head) of a streamed
+    model: what a pass read of them leaves the resident set."""
+    store = store_of(model)
+    if store is None:
+        return
+    prefix = f"{store.blocks_name}."
+    for key, tensor in _state_tensors(model).items():
+        if not key.startswith(prefix) and tensor.numel() >= NATIVE_SKELETON_NUMEL:
+            drop_pages(tensor.detach())
 
 
 # --- running the whole model one block at a time ----------------------------------------------
@@ -506,11 +650,12 @@ def stream_forward(
     entry = model if entry is None else entry
     all_blocks = store.blocks
     captured = [first_block_call(entry, all_blocks, kwargs) for kwargs in calls]
+    drop_skeleton_pages(model)
     as_tuple = False
     for index in range(len(all_blocks) if blocks is None else blocks):
         if on_step is not None:
             on_step()
-        with store.resident(index, keep_changes=False) as block:
+        with store.resident(index, keep_changes=False, lazy=True) as block:
             for call in captured:
                 output = block(call.hidden, *call.args, **call.kwargs)
                 as_tuple = isinstance(output, tuple)
@@ -524,6 +669,7 @@ def stream_forward(
             setattr(parent, attribute, nn.ModuleList(stubs))
             results.append(finish(number, entry(**kwargs)))
             call.hidden = None
+            drop_skeleton_pages(model)
     finally:
         setattr(parent, attribute, all_blocks)
     return results
@@ -548,9 +694,10 @@ def resident_layers(
             if index != current:
                 if current is not None:
                     store.offload(current, keep_changes=keep_changes)
-                store.onload(index)
+                store.onload(index, lazy=True)
                 current = index
-            yield name, store.blocks[index].get_submodule(relative)
+            yield name, store.materialize(index, relative)
+            store.release(index, relative)
     except BaseException:
         if current is not None:
             store.offload(current, keep_changes=False)

@@ -9,7 +9,13 @@ from __future__ import annotations
 from torch import nn
 
 from workers.compression.layer_selection import linear_layers
-from workers.compression.quant import attach, quantize_groups, relative_error, resolve_group_size
+from workers.compression.quant import (
+    LAZY,
+    attach,
+    quantize_groups,
+    relative_error_of,
+    resolve_group_size,
+)
 from workers.compression.recipe import RtnConfig, WeightOnlyConfig
 from workers.compression.registry import StageContext, register_method
 from workers.compression.streaming import resident_layers
@@ -31,7 +37,9 @@ def rtn(model: nn.Module, config: RtnConfig, context: StageContext) -> dict:
     targeted, skipped = weight_only_targets(model, config)
     errors = []
     for step, (name, linear) in enumerate(resident_layers(model, targeted), start=1):
-        original = linear.weight.detach().clone()
+        # A lazy layer's weight is replaced, not written, when quantized: no copy needed.
+        weight = linear.weight.detach()
+        original = weight if getattr(linear, LAZY, False) else weight.clone()
         quantized = quantize_groups(
             original,
             bits=config.bits,
@@ -40,7 +48,7 @@ def rtn(model: nn.Module, config: RtnConfig, context: StageContext) -> dict:
             layer=name,
         )
         attach(linear, quantized)
-        errors.append(relative_error(original, linear.weight))
+        errors.append(relative_error_of(original, quantized))
         context.report(step, len(targeted), f"quantized {name}", unit="layer")
     return {
         "quantized_layers": len(targeted),

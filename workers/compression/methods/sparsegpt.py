@@ -42,6 +42,7 @@ from workers.compression.methods.magnitude import pruning_summary, sparsity_targ
 from workers.compression.recipe import SparseGptConfig
 from workers.compression.registry import StageContext, register_method
 from workers.compression.sparsity import keep_largest, prune_, two_of_four
+from workers.compression.streaming import set_weight
 
 
 def sparsegpt_prune(
@@ -112,7 +113,10 @@ def sparsegpt_prune(
 
 
 class SparseGptBlockHandler:
-    """Prunes the targeted layers of one block at a time (a `calibration.Handler`)."""
+    """Prunes the targeted layers of one block at a time (a `calibration.Handler`); a streamed
+    block comes lazily (see `GptqBlockHandler`)."""
+
+    lazy_block = True
 
     def __init__(self, config: SparseGptConfig, targeted: list[str]) -> None:
         self.config = config
@@ -141,8 +145,7 @@ class SparseGptBlockHandler:
                 errors=errors,
             )
             layer = layers[name]
-            with torch.no_grad():
-                layer.weight.copy_(pruned)
+            set_weight(layer, pruned)
             prune_(layer, keep, pattern=config.pattern)  # already zero there; marks the layer
             summary[prefix + name] = {
                 "relative_output_error": original.relative_output_error(errors["output"])
