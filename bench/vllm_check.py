@@ -87,6 +87,12 @@ def check(folder: Path, expected: dict, dtype: str) -> dict:
                 slimformer_perplexity=ours,
                 relative_difference=abs(ppl - ours) / ours,
             )
+            if "slimformer_bf16_perplexity" in expected:  # our runtime in bf16, as vLLM runs
+                ours_bf16 = expected["slimformer_bf16_perplexity"]
+                row.update(
+                    slimformer_bf16_perplexity=ours_bf16,
+                    relative_difference_bf16=abs(ppl - ours_bf16) / ours_bf16,
+                )
         else:
             llm = LLM(
                 model=str(folder),
@@ -126,20 +132,25 @@ def write(args, record: dict) -> None:
         f"vLLM {record['versions']['vllm']} (CPU), torch {record['versions']['torch']}, "
         f"sgl int8 kernel {args.sgl}",
         "",
-        "| layout | dtype | status | vLLM | Slimformer | rel. diff / cosine | s |",
-        "|---|---|---|---|---|---|---|",
+        "| layout | dtype | status | vLLM | Slimformer | rel. diff / cosine | Slimformer in bf16 "
+        "| rel. diff to it | s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in record["rows"]:
         if row["status"] != "loaded":
-            cells = ["—", "—", row["error"].split("\n")[0][:120]]
+            cells = ["—", "—", row["error"].split("\n")[0][:120], "—", "—"]
         elif "vllm_perplexity" in row:
+            bf16 = row.get("slimformer_bf16_perplexity")
             cells = [
                 f"ppl {row['vllm_perplexity']:.3f}",
                 f"ppl {row['slimformer_perplexity']:.3f}",
                 f"{row['relative_difference']:.2%}",
+                "—" if bf16 is None else f"ppl {bf16:.3f}",
+                "—" if bf16 is None else f"{row['relative_difference_bf16']:.2%}",
             ]
         else:
             cells = ["embeddings", "embeddings", f"min cos {row['min_cosine_to_slimformer']:.4f}"]
+            cells += ["—", "—"]
         lines.append(
             f"| {row['layout']} | {row['dtype']} | {row['status']} | "
             + " | ".join(cells)

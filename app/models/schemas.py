@@ -27,6 +27,22 @@ class ModelRegister(BaseModel):
     source: Annotated[PathSource | HubSource, Field(discriminator="type")]
 
 
+class ModelProgress(BaseModel):
+    """Where validation stands (API-additions.md, "Model.progress"): the phase (`stage`), steps
+    within it (MiB, shards), one fraction and one ETA, as a job's progress has them."""
+
+    stage: str
+    stage_index: int
+    num_stages: int
+    step: int
+    total_steps: int
+    fraction: float
+    eta_s: float | None
+    label: str
+    elapsed_s: float
+    updated_at: datetime
+
+
 class ModelOut(RowOut):
     id: str
     object: Literal["model"] = "model"
@@ -40,6 +56,7 @@ class ModelOut(RowOut):
     source: dict[str, Any]
     created_at: datetime
     error: dict[str, Any] | None
+    progress: ModelProgress | None = None
 
 
 class ModelList(BaseModel):

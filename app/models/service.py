@@ -12,7 +12,7 @@ from app.db.tables import Model, utcnow
 from app.errors import APIError, not_found
 from app.jobs.repository import live_jobs_referencing
 from app.models import repository
-from app.models.schemas import ModelOut, ModelRegister
+from app.models.schemas import ModelOut, ModelProgress, ModelRegister
 from app.pagination import page
 from app.settings import get_settings
 from app.storage import StoredObject, get_store
@@ -101,7 +101,11 @@ def delete_model(*, session: Session, model: Model) -> None:
 
 
 def to_out(model: Model) -> ModelOut:
-    return ModelOut.model_validate(model)
+    out = ModelOut.model_validate(model)
+    progress = (model.details or {}).get("progress")
+    if progress is not None:
+        out.progress = ModelProgress.model_validate(progress)
+    return out
 
 
 def etag(model: Model) -> str:

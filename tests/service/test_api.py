@@ -41,6 +41,10 @@ def tiny_model_id(service: Service, tiny_bert) -> str:  # noqa: ANN001
         assert model["status"] == "ready", model
         assert model["architecture"] == "BertModel" and model["task"] == "feature-extraction"
         assert model["parameters"] > 900_000
+        # Validation's progress stays on the model: every phase done (API-additions.md).
+        progress = model["progress"]
+        assert progress["stage"] == "done" and progress["label"] == "ready"
+        assert progress["fraction"] == 1.0 and progress["eta_s"] == 0
         return model["id"]
 
 
@@ -86,6 +90,7 @@ def test_builtins_are_listed(service: Service) -> None:
             weights = builtin.weights_file()
             assert names[name]["size_bytes"] == weights.stat().st_size
             assert names[name]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+            assert names[name]["progress"] is None  # never validated in a worker
         datasets = {d["name"]: d for d in client.get("/v1/datasets?limit=100").json()["data"]}
         assert {"enwiki-calibration", "enwiki-evaluation", "lee-sentences", "polarity"} <= set(
             datasets

@@ -62,6 +62,11 @@ class ArchiveError(Exception):
         self.message = message
 
 
+# `progress(phase, done, total)`: "scan" counts the archive's bytes read while its members are
+# checked (a tar.gz is decompressed end to end), "extract" the member bytes written.
+ProgressHook = Callable[[Literal["scan", "extract"], int, int], None]
+
+
 @dataclass(frozen=True)
 class Member:
     name: str  # as stored in the archive
@@ -88,29 +93,43 @@ def extract_archive(
     max_members: int,
     max_total_bytes: int,
     skip: Callable[[str], bool] | None = None,
+    check: Callable[[list[Member]], None] | None = None,
+    progress: ProgressHook | None = None,
 ) -> list[str]:
     """Check every member of `archive`, then extract its regular files into the new folder `dest`.
 
     `max_total_bytes` bounds the uncompressed size of all the archive's files, skipped ones included
     (they must still be read past). When every member sits under one top-level folder, that folder
     is stripped so `dest` holds the files directly. `skip(name)`, given the name relative to `dest`,
-    leaves a file out. Returns the extracted names relative to `dest`, in archive order. `dest` must
-    not exist and its parent must; on any failure nothing is left behind.
+    leaves a file out. `check(members)`, given every member as stored, may refuse the archive (by
+    raising) before anything is written: one read of the archive instead of a `list_members`
+    first. `progress` follows the scan and the extraction (`ProgressHook`). Returns the extracted
+    names relative to `dest`, in archive order. `dest` must not exist and its parent must; on any
+    failure nothing is left behind.
     """
     archive, dest = Path(archive), Path(dest)
     if dest.exists():
         raise FileExistsError(f"extraction target {dest} already exists")
-    with _open_archive(archive, max_members, max_total_bytes) as reader:
+    with _open_archive(archive, max_members, max_total_bytes, progress) as reader:
+        if check is not None:
+            check([member for member, _ in reader.entries])
         planned = _plan(reader.entries)
         wanted = [
             (name, member, handle) for name, member, handle in planned if not skip or not skip(name)
         ]
+        total = sum(member.size for _, member, _ in wanted)
+        if progress is not None:
+            progress("extract", 0, total)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extracting-", dir=dest.parent))
         try:
             written = 0
             for name, member, handle in wanted:
                 target = staging.joinpath(*name.split("/"))
                 target.parent.mkdir(parents=True, exist_ok=True)
+                done = written
+                on_chunk = None if progress is None else (
+                    lambda copied, done=done: progress("extract", done + copied, total)
+                )  # fmt: skip
                 with reader.open(handle) as source, open(target, "xb") as sink:
                     written += _copy_exact(
                         source,
@@ -118,6 +137,7 @@ def extract_archive(
                         name=name,
                         expected=member.size,
                         budget=max_total_bytes - written,
+                        on_chunk=on_chunk,
                     )
             os.rename(staging, dest)
         except BaseException:
@@ -210,7 +230,13 @@ def _refuse_collisions(checked: list[tuple[list[str], Member, object]]) -> None:
 
 
 def _copy_exact(
-    source: IO[bytes], sink: IO[bytes], *, name: str, expected: int, budget: int
+    source: IO[bytes],
+    sink: IO[bytes],
+    *,
+    name: str,
+    expected: int,
+    budget: int,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> int:
     """Stream one member, trusting the bytes actually read over the header that declared them."""
     written = 0
@@ -222,6 +248,8 @@ def _copy_exact(
                     "payload_too_large", "archive expands beyond the allowed total size"
                 )
             sink.write(chunk)
+            if on_chunk is not None and written <= expected:
+                on_chunk(written)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as error:
         raise ArchiveError(
             "invalid_archive", f"archive member {name!r} is corrupt: {error}"
@@ -260,20 +288,28 @@ class _Reader:
 
 @contextmanager
 def _open_archive(
-    archive: Path, max_members: int | None, max_total_bytes: int | None
+    archive: Path,
+    max_members: int | None,
+    max_total_bytes: int | None,
+    progress: ProgressHook | None = None,
 ) -> Iterator[_Reader]:
     with open(archive, "rb") as raw:
         head = raw.read(512)
+    size = archive.stat().st_size
+    if progress is not None:
+        progress("scan", 0, size)
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         opened = _open_zip(archive, max_members, max_total_bytes)
     elif head.startswith(b"\x1f\x8b") or head[257:262] == b"ustar":
         gzipped = head.startswith(b"\x1f\x8b")
-        opened = _open_tar(archive, gzipped, max_members, max_total_bytes)
+        opened = _open_tar(archive, gzipped, max_members, max_total_bytes, progress)
     else:
         raise ArchiveError("invalid_archive", "upload is not a .zip, .tar.gz or .tar archive")
     with opened as reader:
         if not reader.entries:
             raise ArchiveError("invalid_archive", "archive is empty")
+        if progress is not None:
+            progress("scan", size, size)
         yield reader
 
 
@@ -379,15 +415,21 @@ def _check_zip_layout(archive: Path, infos: list[zipfile.ZipInfo], central_direc
 
 @contextmanager
 def _open_tar(
-    archive: Path, gzipped: bool, max_members: int | None, max_total_bytes: int | None
+    archive: Path,
+    gzipped: bool,
+    max_members: int | None,
+    max_total_bytes: int | None,
+    progress: ProgressHook | None = None,
 ) -> Iterator[_Reader]:
     cap = None
     if max_total_bytes is not None:
         cap = max_total_bytes + TAR_OVERHEAD_MARGIN
         if max_members is not None:
             cap += max_members * TAR_OVERHEAD_PER_MEMBER
+    size = archive.stat().st_size
     with open(archive, "rb") as raw:
-        stream = _CappedStream(gzip.GzipFile(fileobj=raw) if gzipped else raw, cap)
+        read = None if progress is None else (lambda: progress("scan", min(raw.tell(), size), size))
+        stream = _CappedStream(gzip.GzipFile(fileobj=raw) if gzipped else raw, cap, read)
         try:
             bundle = tarfile.TarFile(fileobj=stream, mode="r")  # type: ignore[arg-type]
             entries = []
@@ -397,6 +439,8 @@ def _open_tar(
                 total += member.size
                 _check_limits(len(entries) + 1, total, max_members, max_total_bytes)
                 entries.append((member, info))
+                if read is not None:
+                    read()
             # tarfile checks that each member's data is all there (it reads the byte before the
             # next header), but not what follows the last one: the end-of-archive blocks and, for
             # gzip, the CRC trailer. Reading to the end catches a stream cut there.
@@ -433,9 +477,12 @@ class _CappedStream:
     """A seekable byte stream that refuses to be read (or sought) past `cap` bytes: a gzip bomb is
     stopped after a bounded amount of decompression, whatever the tar headers inside claim."""
 
-    def __init__(self, stream: IO[bytes], cap: int | None) -> None:
+    def __init__(
+        self, stream: IO[bytes], cap: int | None, on_drain: Callable[[], None] | None = None
+    ) -> None:
         self._stream = stream
         self._cap = cap
+        self._on_drain = on_drain
 
     def read(self, size: int = -1) -> bytes:
         position = self._stream.tell()
@@ -456,7 +503,8 @@ class _CappedStream:
 
     def drain(self) -> None:
         while self.read(_CHUNK):
-            pass
+            if self._on_drain is not None:
+                self._on_drain()
 
     def _refuse_past(self, position: int) -> None:
         if self._cap is not None and position > self._cap:

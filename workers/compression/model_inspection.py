@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -81,7 +82,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def inspect_model_folder(folder: Path) -> ModelInfo:
+# `progress(step, total_steps, detail)`: one step per weight file whose header has been read.
+HeaderProgress = Callable[[int, int, str], None]
+
+
+def inspect_model_folder(folder: Path, progress: HeaderProgress | None = None) -> ModelInfo:
     """Accept `folder` as a model or raise ModelRejected (`unsafe_model` / `unsupported_model`)."""
     folder = Path(folder)
     files = _list_files(folder)
@@ -101,7 +106,7 @@ def inspect_model_folder(folder: Path) -> ModelInfo:
     )
     ggufs = sorted(name for name in files if "/" not in name and name.endswith(".gguf"))
     if safetensors:
-        return _inspect_safetensors(folder, safetensors)
+        return _inspect_safetensors(folder, safetensors, progress)
     if len(ggufs) == 1:
         return _inspect_gguf(folder, ggufs[0])
     if ggufs:
@@ -165,7 +170,9 @@ def _refuse_remote_code(name: str, content: Any) -> None:
 # --- safetensors -------------------------------------------------------------------------------
 
 
-def _inspect_safetensors(folder: Path, weight_files: list[str]) -> ModelInfo:
+def _inspect_safetensors(
+    folder: Path, weight_files: list[str], progress: HeaderProgress | None = None
+) -> ModelInfo:
     if not (folder / "config.json").is_file():
         raise ModelRejected("unsupported_model", "model folder has no config.json")
     config = _read_json(folder / "config.json")
@@ -176,7 +183,9 @@ def _inspect_safetensors(folder: Path, weight_files: list[str]) -> ModelInfo:
     linear_shapes: dict[str, list[int]] = {}
     tensor_shapes: dict[str, list[int]] = {}
     seen: dict[str, str] = {}
-    for name in weight_files:
+    for index, name in enumerate(weight_files):
+        if progress is not None:
+            progress(index, len(weight_files), f"shard {index + 1}/{len(weight_files)} · {name}")
         for tensor, (dtype, shape) in _read_safetensors_header(folder / name).items():
             if tensor in seen:
                 raise ModelRejected(
@@ -189,6 +198,8 @@ def _inspect_safetensors(folder: Path, weight_files: list[str]) -> ModelInfo:
             tensor_shapes[tensor] = list(shape)
             if len(shape) == 2 and tensor.endswith(".weight"):
                 linear_shapes[tensor.removesuffix(".weight")] = list(shape)
+    if progress is not None:
+        progress(len(weight_files), len(weight_files), f"{len(weight_files)} shards read")
     return ModelInfo(
         architecture=architecture,
         model_type=model_type,

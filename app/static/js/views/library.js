@@ -63,6 +63,16 @@ export async function libraryView(view, kind) {
   });
 }
 
+// A model's validation in the worker: a bar with the server's label and ETA while it runs.
+function validation(item) {
+  const p = item.progress;
+  if (!p) return null;
+  if (item.status !== "validating") return text(p.label);
+  const eta = isNumber(p.eta_s) ? ` · ETA ${Math.round(p.eta_s)}s` : "";
+  return el("div", { class: "validation-progress" }, progressBar(p.fraction, "validation progress"),
+    el("span", { class: "small muted" }, `${Math.round(p.fraction * 100)}% · ${text(p.label)}${eta}`));
+}
+
 export async function itemView(view, kind, id) {
   const spec = KINDS[kind];
   let item;
@@ -85,6 +95,7 @@ export async function itemView(view, kind, id) {
            ...spec.columns.slice(2, -3).map((c, i) => [c, spec.cells(item)[i]]),
            ["Size", bytes(item.size_bytes)], ["sha256", item.sha256 ? el("span", { class: "mono small" }, item.sha256) : null],
            ["Source", sourceText(item)], ["Created", shortTime(item.created_at)],
+           ["Validation", validation(item)],
            ["Error", item.error ? `${text(item.error.code)}: ${text(item.error.message, "")}` : null]]),
     kind === "models" ? [el("h3", {}, "Jobs on this model"), table(["Job", "Status", "Recipe", "Headline", "Created (UTC)"],
       jobs.map((j) => el("tr", {}, el("td", { class: "mono" }, link(`/jobs/${j.id}`, j.id)), el("td", {}, statusBadge(j.status)),
