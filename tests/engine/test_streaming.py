@@ -39,22 +39,34 @@ def calibration() -> list[torch.Tensor]:
     return [torch.randint(6, 100, (1, 24), generator=generator) for _ in range(4)]
 
 
+def compressed_both_ways(folder, stages, scratch):  # noqa: ANN001, ANN201
+    """The model at `folder` loaded whole and streamed, each compressed with the same recipe."""
+    recipe = Recipe.model_validate({"stages": stages})
+    whole = load_model(folder, device="cpu")
+    streamed = load_model(folder, device="cpu", streamed=True, scratch=scratch)
+    compress(whole.model, recipe, calibration())
+    compress(streamed.model, recipe, calibration())
+    return whole, streamed
+
+
+def assert_block_equal(block, store, index: int) -> dict:  # noqa: ANN001
+    """Block `index` of the streamed store equals the whole model's `block`; its state."""
+    with store.resident(index, keep_changes=False) as resident:
+        expected, actual = block_state(block), block_state(resident)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            assert torch.equal(expected[key], actual[key]), (index, key)
+        return actual
+
+
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_a_streamed_model_compresses_to_the_same_weights(name, tmp_path) -> None:
     folder = saved(tiny_llama(layers=3), tmp_path / "model")
-    recipe = Recipe.model_validate({"stages": RECIPES[name]})
-    whole = load_model(folder, device="cpu")
-    streamed = load_model(folder, device="cpu", streamed=True, scratch=tmp_path / "blocks")
-    compress(whole.model, recipe, calibration())
-    compress(streamed.model, recipe, calibration())
+    whole, streamed = compressed_both_ways(folder, RECIPES[name], tmp_path / "blocks")
     store = store_of(streamed.model)
     for index, block in enumerate(whole.model.model.layers):
         assert streamed.model.model.layers[index].mlp.up_proj.weight.device.type == "meta"
-        with store.resident(index, keep_changes=False) as resident:
-            expected, actual = block_state(block), block_state(resident)
-            assert expected.keys() == actual.keys()
-            for key in expected:
-                assert torch.equal(expected[key], actual[key]), (index, key)
+        actual = assert_block_equal(block, store, index)
 
     ids = torch.randint(6, 100, (1, 16))
     with torch.inference_mode():
@@ -75,18 +87,10 @@ def test_a_bf16_model_streamed_one_layer_at_a_time_compresses_to_the_same_weight
     loaded = tiny_llama(layers=2)
     loaded.model.to(torch.bfloat16)
     folder = saved(loaded, tmp_path / "model")
-    recipe = Recipe.model_validate({"stages": RECIPES[name]})
-    whole = load_model(folder, device="cpu")
-    streamed = load_model(folder, device="cpu", streamed=True, scratch=tmp_path / "blocks")
-    compress(whole.model, recipe, calibration())
-    compress(streamed.model, recipe, calibration())
+    whole, streamed = compressed_both_ways(folder, RECIPES[name], tmp_path / "blocks")
     store = store_of(streamed.model)
     for index, block in enumerate(whole.model.model.layers):
-        with store.resident(index, keep_changes=False) as resident:
-            expected, actual = block_state(block), block_state(resident)
-            assert expected.keys() == actual.keys()
-            for key in expected:
-                assert torch.equal(expected[key], actual[key]), (index, key)
+        actual = assert_block_equal(block, store, index)
         with store.resident(index, keep_changes=False, lazy=True) as resident:
             # Lazily onloaded: nothing upcast, a quantized layer's weight is its codes only.
             weight = resident.mlp.up_proj.weight
@@ -232,11 +236,7 @@ def test_a_killed_streamed_run_resumes_to_the_same_model(name, tmp_path) -> None
     assert steps == [3]  # only block 2 ran again
     blocks = store_of(resumed.model)
     for index, block in enumerate(whole.model.model.layers):
-        with blocks.resident(index, keep_changes=False) as resident:
-            expected, actual = block_state(block), block_state(resident)
-            assert expected.keys() == actual.keys()
-            for key in expected:
-                assert torch.equal(expected[key], actual[key]), (index, key)
+        assert_block_equal(block, blocks, index)
 
 
 def test_a_memory_mapped_tensor_leaves_the_resident_set_once_read(tmp_path) -> None:
