@@ -201,3 +201,24 @@ def test_the_default_space_fits_the_model_and_imports_no_torch():
         "assert 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_replaying_the_blocks_before_a_unit_measures_what_a_full_pass_does(name, request):
+    from workers.compression.search.sensitivity import Proxy, block_of
+
+    loaded = request.getfixturevalue(name)
+    model = loaded.model
+    ids = [loaded.tokenizer(text, return_tensors="pt")["input_ids"] for text in ("a b c", "d e")]
+    proxy = Proxy(model, task=loaded.task, inputs=ids, device="cpu")
+    assert len(proxy.blocks) >= 2 and proxy.blocks == sorted(
+        set(proxy.blocks), key=proxy.blocks.index
+    )
+    unit = units(model, RECIPE.stages[0], granularity="layer")[-1]
+    compress(
+        model, Recipe(stages=[RECIPE.stages[0].model_copy(update={"modules": list(unit.layers)})])
+    )
+    start = block_of(unit.layers[0])
+    assert start == proxy.blocks[-1]
+    replayed = proxy.distance(model, start=start)
+    assert replayed > 0 and replayed == pytest.approx(proxy.distance(model), rel=1e-5)

@@ -62,7 +62,7 @@ def units(model: nn.Module, stage: StageConfig, *, granularity: str = "block") -
     targeted, _ = linear_layers(model, stage)
     grouped: dict[str, list[str]] = {}
     for name in targeted:
-        key = name if granularity == "layer" else _block_of(name)
+        key = name if granularity == "layer" else block_of(name)
         grouped.setdefault(key, []).append(name)
     return [
         Unit(
@@ -118,7 +118,7 @@ def _nominal_bits(stage: WeightOnlyConfig) -> float:
     return stage.bits + 32 / group
 
 
-def _block_of(name: str) -> str:
+def block_of(name: str) -> str:
     # "model.layers.3.self_attn.q_proj" -> "model.layers.3": up to the first numeric part.
     parts = name.split(".")
     for index, part in enumerate(parts):
