@@ -64,26 +64,22 @@ SEARCH = {
 }
 MAX_TRIALS = 16
 NOTES = """
-Notes (2026-12-07 run):
-- These MiniLM rows were measured with a 6-bit per-channel rung in the default ladder (3 → 4 →
-  6 → 8; commit 39a4aa7), taken out afterwards (workers/compression/search/defaults.py says why):
-  the committed default space is 3 → 4 → 8, and these rows are stale until rerun.
-- MiniLM, 0.5%: the search's pick (blocks 0-4 at 6 bits, block 5 at 8) is 20.7% fewer bits than the
-  best uniform recipe that holds (8-bit; uniform 6-bit missed by 34% of the allowance on the
-  search split). It held on the search split (0.98 of the allowance) and lands at 0.501% on the
-  reported split: a hair over, the split-to-split noise the search cannot see. At 1%, uniform
-  6-bit holds and the search gains 4.3% (block 0 at 4-bit g64, the rest at 6).
+Notes (2026-12-07):
+- MiniLM (default space 3 → 4 → 8 bits): the best uniform recipe that holds is 8-bit at both
+  targets; the search is 7.4% (0.5%) and 14.7% (1%) fewer bits, within the target on the reported
+  split, in 4 trials and about a minute cold on a quiet machine.
+- With a 6-bit per-channel rung in the ladder (tried, then taken out: defaults.py says why; rows
+  in this file at commit 4032e51, measured at load 12-27): uniform 6-bit misses 0.5% and holds 1%;
+  the search gave 6.40 bits at 0.5% (20.7% fewer than uniform 8-bit; 0.501% on the reported
+  split, a hair over) and 5.80 at 1% (4.3% fewer than uniform 6-bit).
 - basic (INC-style): from RTN 3-bit, every block but the last back to float still misses both
-  targets (the last block alone at 3 bits is over them); the candidates run out after 6 trials.
-- SmolLM2 rows are not in this run: on the shared 2-core machine (load 12-27) its bench got about
-  5% of a core and was stopped. Uniform rungs on its 3 x 256-token search split, measured ad hoc
-  in the same session: RTN 4-bit g64 +41%, 5-bit g64 +11.3%, 6-bit per channel +3.6%, 8-bit per
-  channel +0.4%; gate/up at 4-bit with the rest at 8-bit +10.6%. With the 6-bit rung the best
-  uniform at 5% is 6 bits, and 20% fewer (<= 4.85 bits) would need ~85% of the weights at 4-bit
-  g64: not reachable with RTN.
-- Wall seconds: this machine was shared by other benches; compare within a row only. A cold
-  search pays the sensitivity measurement (24 passes for MiniLM); `cold_wall_s` adds it back to
-  the warm runs.
+  MiniLM targets (the last block alone at 3 bits is over them); the candidates run out after 6.
+- SmolLM2 uniform rungs on its 3 x 256-token search split, measured ad hoc in the same session:
+  RTN 4-bit g64 +41%, 5-bit g64 +11.3%, 6-bit per channel +3.6%, 8-bit per channel +0.4%; gate/up
+  at 4-bit with the rest at 8-bit +10.6% (half the block weights). 20% fewer bits than uniform
+  8-bit (<= 6.44) needs ~45% of the weights at 4-bit g64 within 5%: not reached with RTN blocks.
+- Wall seconds: the machine is shared by other benches; compare within a row only. A cold
+  search pays the sensitivity measurement; `cold_wall_s` adds it back to the warm runs.
 """
 
 
