@@ -52,6 +52,15 @@ def resolve_job(*, session: Session, project_id: str, spec: JobCreate) -> Resolv
     """Raises the APIError the request deserves (404 unknown id, 409 unusable one, 422 a recipe
     that cannot apply); checks run in the order of the request's fields."""
     model = _job_model(session, project_id, spec.model_id)
+    if spec.recipe is None:
+        if spec.targets is None:
+            raise APIError(
+                "invalid_request",
+                "recipe is required unless targets are given (a search then starts from the "
+                "default space for the model's task)",
+                param="recipe",
+            )
+        spec = _with_default_recipe(spec, model)
     device = _device(spec)
     _check_recipe_against_shapes(spec.recipe, (model.details or {}).get("linear_shapes"))
     evaluation = spec.evaluation.model_dump(mode="json")
@@ -110,6 +119,17 @@ def _check_targets(spec: JobCreate, task: str, metrics: list[str]) -> list[str]:
     if spec.targets.objective == "latency":
         wanted.append("latency")
     return list(metrics) + [m for m in dict.fromkeys(wanted) if m not in metrics]
+
+
+def _with_default_recipe(spec: JobCreate, model: Model) -> JobCreate:
+    """The request with the default space's starting recipe for the model's task and the job's
+    device, its group size fitted to the model's widths where they are known."""
+    from workers.compression.search.defaults import default_recipe
+
+    recipe = default_recipe(
+        model.task, spec.resources.device, (model.details or {}).get("linear_shapes")
+    )
+    return spec.model_copy(update={"recipe": recipe})
 
 
 def _job_model(session: Session, project_id: str, model_id: str) -> Model:

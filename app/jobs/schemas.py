@@ -94,7 +94,9 @@ class WebhookOut(BaseModel):
 
 class JobCreate(Strict):
     model_id: str
-    recipe: Recipe
+    # None: only with `targets`, which then search the default space for the model's task and the
+    # job's device (workers/compression/search/defaults.py; app/jobs/resolver.py fills it in).
+    recipe: Recipe | None = None
     calibration: CalibrationSpec | None = None
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     targets: TargetsSpec | None = None

@@ -9,6 +9,8 @@ import copy
 import itertools
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -183,3 +185,40 @@ def test_mixed_precision_exports_one_group_per_scheme(llama, tmp_path):
         ours = load_artifact(tmp_path / "mixed", device="cpu").model
         got = ours(input_ids=ids).logits
     assert (got - expected).abs().max() <= 0.05 * max(1.0, expected.abs().max().item())
+
+
+def test_the_default_space_fits_the_model_and_imports_no_torch():
+    code = (
+        "import sys\n"
+        "from workers.compression.search.defaults import default_recipe\n"
+        "shapes = {'model.layers.0.mlp.up_proj': [1536, 576], 'lm_head': [49152, 576]}\n"
+        "stage = default_recipe('causal-lm', 'cpu', shapes).stages[0]\n"
+        "assert (stage.method, stage.bits, stage.group_size) == ('rtn', 3, 64), stage\n"
+        "odd = {'encoder.layer.0.dense': [100, 96]}\n"  # 64 does not divide 96; 32 does
+        "assert default_recipe('feature-extraction', 'gpu', odd).stages[0].group_size == 32\n"
+        "prime = {'encoder.layer.0.dense': [100, 97]}\n"
+        "assert default_recipe(None, 'any', prime).stages[0].group_size == -1\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_replaying_the_blocks_before_a_unit_measures_what_a_full_pass_does(name, request):
+    from workers.compression.search.sensitivity import Proxy, block_of
+
+    loaded = request.getfixturevalue(name)
+    model = loaded.model
+    ids = [loaded.tokenizer(text, return_tensors="pt")["input_ids"] for text in ("a b c", "d e")]
+    proxy = Proxy(model, task=loaded.task, inputs=ids, device="cpu")
+    assert len(proxy.blocks) >= 2 and proxy.blocks == sorted(
+        set(proxy.blocks), key=proxy.blocks.index
+    )
+    unit = units(model, RECIPE.stages[0], granularity="layer")[-1]
+    compress(
+        model, Recipe(stages=[RECIPE.stages[0].model_copy(update={"modules": list(unit.layers)})])
+    )
+    start = block_of(unit.layers[0])
+    assert start == proxy.blocks[-1]
+    replayed = proxy.distance(model, start=start)
+    assert replayed > 0 and replayed == pytest.approx(proxy.distance(model), rel=1e-5)

@@ -1,4 +1,5 @@
-"""A job with targets searches over HTTP, on the real MiniLM with a real worker."""
+"""A job with targets searches over HTTP, on the real MiniLM with a real worker; without a recipe it
+starts from the default space (workers/compression/search/defaults.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ def test_minilm_search_holds_a_cosine_floor_over_http(service: Service) -> None:
         sentences_id = builtin_id(client, "datasets", "lee-sentences")
         request = {
             "model_id": model_id,
-            "recipe": {"stages": [{"method": "rtn", "bits": 3, "group_size": 64}]},
             "evaluation": {
                 "dataset_id": sentences_id,
                 "metrics": ["embedding_cosine", "size"],
@@ -35,10 +35,17 @@ def test_minilm_search_holds_a_cosine_floor_over_http(service: Service) -> None:
         assert refused.status_code == 422 and "perplexity" in refused.text
         empty = client.post("/v1/jobs", json={**request, "targets": {"objective": "size"}})
         assert empty.status_code == 422
+        # Neither a recipe nor targets: nothing says what to do.
+        bare = {k: v for k, v in request.items() if k != "targets"}
+        refused = client.post("/v1/jobs", json=bare)
+        assert refused.status_code == 422 and refused.json()["error"]["param"] == "recipe"
 
         response = client.post("/v1/jobs", json=request)
         assert response.status_code == 202, response.text
         assert response.json()["targets"]["budget"] == {"max_trials": 6, "max_seconds": None}
+        # No recipe: the default space's starting point, its group size fitted to MiniLM's widths.
+        (stage,) = response.json()["recipe"]["stages"]
+        assert (stage["method"], stage["bits"], stage["group_size"]) == ("rtn", 3, 64)
         job = wait_for(client, response.json()["id"], {"succeeded", "failed"}, timeout=900)
         assert job["status"] == "succeeded", (job, service.logs())
         metrics = job["metrics"]

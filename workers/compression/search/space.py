@@ -16,19 +16,7 @@ from torch import nn
 
 from workers.compression.layer_selection import linear_layers
 from workers.compression.recipe import Recipe, StageConfig, WeightOnlyConfig
-
-# The default uniform ladder, most to least aggressive, when the job gives no recipe or its recipe
-# is one weight-only stage (then only the rungs that keep more bits than it are added below it).
-# RTN: no calibration, so a rung costs one pass over the weights; `gptq`/`awq` recipes keep their
-# own method on every rung.
-# A rung without a group size keeps the recipe's (which the API checked against the model's widths).
-DEFAULT_WEIGHT_ONLY_RUNGS = (
-    {"bits": 3},
-    {"bits": 4},
-    {"bits": 8, "group_size": -1},
-)
-DEFAULT_GROUP_SIZE = 64  # divides the hidden widths of SmolLM2 (576) and MiniLM (384)
-DEFAULT_METHOD = {"causal-lm": "rtn", "feature-extraction": "rtn"}
+from workers.compression.search.defaults import DEFAULT_WEIGHT_ONLY_RUNGS
 
 
 @dataclass(frozen=True)
@@ -42,21 +30,6 @@ class Unit:
         return sum(out * inp for out, inp in self.shapes)
 
 
-def default_recipe(task: str) -> Recipe:
-    """The most aggressive rung of the default ladder for `task`."""
-    return Recipe.model_validate(
-        {
-            "stages": [
-                {
-                    "method": DEFAULT_METHOD.get(task, "rtn"),
-                    "group_size": DEFAULT_GROUP_SIZE,
-                    **DEFAULT_WEIGHT_ONLY_RUNGS[0],
-                }
-            ]
-        }
-    )
-
-
 def searchable_stage(recipe: Recipe) -> WeightOnlyConfig | None:
     """The recipe's one weight-only stage, when that is all it is: then per-unit bits apply."""
     if len(recipe.stages) == 1 and isinstance(recipe.stages[0], WeightOnlyConfig):
@@ -65,7 +38,9 @@ def searchable_stage(recipe: Recipe) -> WeightOnlyConfig | None:
 
 
 def ladder(recipe: Recipe) -> list[Recipe]:
-    """Uniform recipes from `recipe` (the most aggressive) to the least aggressive."""
+    """Uniform recipes from `recipe` (the most aggressive) to the least aggressive: a recipe that
+    is one weight-only stage gets the default rungs (`defaults.py`, torch-free: the API reads it)
+    that keep more bits than it; `gptq`/`awq` recipes keep their own method on every rung."""
     stage = searchable_stage(recipe)
     if stage is None:
         return [recipe]
@@ -87,7 +62,7 @@ def units(model: nn.Module, stage: StageConfig, *, granularity: str = "block") -
     targeted, _ = linear_layers(model, stage)
     grouped: dict[str, list[str]] = {}
     for name in targeted:
-        key = name if granularity == "layer" else _block_of(name)
+        key = name if granularity == "layer" else block_of(name)
         grouped.setdefault(key, []).append(name)
     return [
         Unit(
@@ -143,7 +118,7 @@ def _nominal_bits(stage: WeightOnlyConfig) -> float:
     return stage.bits + 32 / group
 
 
-def _block_of(name: str) -> str:
+def block_of(name: str) -> str:
     # "model.layers.3.self_attn.q_proj" -> "model.layers.3": up to the first numeric part.
     parts = name.split(".")
     for index, part in enumerate(parts):
