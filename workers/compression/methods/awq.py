@@ -248,4 +248,5 @@ def awq(model: nn.Module, config: AwqConfig, context: StageContext) -> dict:
         "mean_relative_output_error": sum(i["relative_output_error"] for i in layers.values())
         / len(layers),
         "scales": scaled,
+        "layers": layers,  # per layer: the dashboard charts them
     }

@@ -385,6 +385,7 @@ def gptq(model: nn.Module, config: GptqConfig, context: StageContext) -> dict:
         "calibration_tokens": sum(ids.numel() for ids in context.calibration),
         "mean_relative_weight_error": _mean(e["relative_weight_error"] for e in layers.values()),
         "mean_relative_output_error": _mean(e["relative_output_error"] for e in layers.values()),
+        "layers": layers,  # per layer: the dashboard charts them
     }
 
 

@@ -35,7 +35,7 @@ def weight_only_targets(model: nn.Module, config: WeightOnlyConfig) -> tuple[lis
 @register_method(RtnConfig)
 def rtn(model: nn.Module, config: RtnConfig, context: StageContext) -> dict:
     targeted, skipped = weight_only_targets(model, config)
-    errors = []
+    errors: dict[str, float] = {}
     for step, (name, linear) in enumerate(resident_layers(model, targeted), start=1):
         # A lazy layer's weight is replaced, not written, when quantized: no copy needed.
         weight = linear.weight.detach()
@@ -48,7 +48,7 @@ def rtn(model: nn.Module, config: RtnConfig, context: StageContext) -> dict:
             layer=name,
         )
         attach(linear, quantized)
-        errors.append(relative_error_of(original, quantized))
+        errors[name] = relative_error_of(original, quantized)
         context.report(step, len(targeted), f"quantized {name}", unit="layer")
     return {
         "quantized_layers": len(targeted),
@@ -57,5 +57,6 @@ def rtn(model: nn.Module, config: RtnConfig, context: StageContext) -> dict:
         "bits": config.bits,
         "group_size": config.group_size,
         "symmetric": config.symmetric,
-        "mean_relative_weight_error": sum(errors) / len(errors),
+        "mean_relative_weight_error": sum(errors.values()) / len(errors),
+        "layers": {name: {"relative_weight_error": error} for name, error in errors.items()},
     }
