@@ -38,7 +38,7 @@ RECIPES = {
     "magnitude": [{"method": "magnitude"}],
     "wanda": [{"method": "wanda"}],
     "sparsegpt": [{"method": "sparsegpt"}],
-    "structured": [{"method": "structured"}],
+    "structured, 25% of FFN channels": [{"method": "structured", "ffn_channels": 0.25}],
 }
 SETTINGS = EvaluationSettings(metrics=["size", "embedding_cosine"], seq_len=128, max_samples=64)
 
