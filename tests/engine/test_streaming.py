@@ -59,15 +59,8 @@ def assert_block_equal(block, store, index: int) -> dict:  # noqa: ANN001
         return actual
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
-def test_a_streamed_model_compresses_to_the_same_weights(name, tmp_path) -> None:
-    folder = saved(tiny_llama(layers=3), tmp_path / "model")
-    whole, streamed = compressed_both_ways(folder, RECIPES[name], tmp_path / "blocks")
-    store = store_of(streamed.model)
-    for index, block in enumerate(whole.model.model.layers):
-        assert streamed.model.model.layers[index].mlp.up_proj.weight.device.type == "meta"
-        actual = assert_block_equal(block, store, index)
-
+def assert_same_logits(whole, streamed) -> None:  # noqa: ANN001
+    """The streamed model's forward gives exactly the whole model's logits."""
     ids = torch.randint(6, 100, (1, 16))
     with torch.inference_mode():
         expected = whole.model(input_ids=ids, use_cache=False).logits
@@ -75,6 +68,17 @@ def test_a_streamed_model_compresses_to_the_same_weights(name, tmp_path) -> None
         streamed.model, [{"input_ids": ids, "use_cache": False}], lambda _, out: out.logits
     )[0]
     assert torch.equal(expected, actual)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_a_streamed_model_compresses_to_the_same_weights(name, tmp_path) -> None:
+    folder = saved(tiny_llama(layers=3), tmp_path / "model")
+    whole, streamed = compressed_both_ways(folder, RECIPES[name], tmp_path / "blocks")
+    store = store_of(streamed.model)
+    for index, block in enumerate(whole.model.model.layers):
+        assert streamed.model.model.layers[index].mlp.up_proj.weight.device.type == "meta"
+        assert_block_equal(block, store, index)
+    assert_same_logits(whole, streamed)
 
 
 @pytest.mark.parametrize("name", ["rtn", "gptq", "sparsegpt"])
@@ -101,13 +105,7 @@ def test_a_bf16_model_streamed_one_layer_at_a_time_compresses_to_the_same_weight
             assert resident.input_layernorm.weight.dtype == torch.float32
             lazy = block_state(resident)
             assert all(torch.equal(lazy[key], actual[key]) for key in actual)
-    ids = torch.randint(6, 100, (1, 16))
-    with torch.inference_mode():
-        expected = whole.model(input_ids=ids, use_cache=False).logits
-    actual = stream_forward(
-        streamed.model, [{"input_ids": ids, "use_cache": False}], lambda _, out: out.logits
-    )[0]
-    assert torch.equal(expected, actual)
+    assert_same_logits(whole, streamed)
 
 
 def test_a_streamed_export_is_checked_and_loads(tmp_path) -> None:
