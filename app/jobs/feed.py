@@ -4,9 +4,12 @@ One `EventFeed` per API process keeps a `_Hub` per watched job: the events since
 the job's status. One notifier thread keeps every hub current with one query for all watched jobs:
 woken by PostgreSQL `NOTIFY` (sent by `app/db/session.py` when a transaction wrote a job event), and
 otherwise polling every `sse_poll_s` (the embedded SQLite default) or every `LISTEN_FALLBACK_S` (a
-safety net under `LISTEN`). A stream reads its hub in memory and waits on its own `asyncio.Event`;
-only a stream whose cursor is older than its hub (a `Last-Event-ID` resume, a first read) queries the
-database, once, in the threadpool. Waking a stream never waits on it, so a slow client blocks nobody.
+safety net under `LISTEN`). A stream reads its hub in memory and waits on its own `asyncio.Event`.
+A stream whose cursor is older than its hub (a first read, a `Last-Event-ID` resume) asks the
+notifier to reach back that far, and waits: a thousand streams opened at once cost one query for all
+of them, not one each in the threadpool (on PostgreSQL those kept every pooled connection busy for
+seconds, and GETs alongside waited behind them). Waking a stream never waits on it, so a slow client
+blocks nobody.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
 from app.db.session import JOB_EVENTS_CHANNEL, session_scope
 from app.db.tables import Job
@@ -46,6 +50,7 @@ class _Subscriber:
 class _Hub:
     subscribers: list[_Subscriber] = field(default_factory=list)
     base: int | None = None  # the hub holds every event with seq > base
+    want: int | None = None  # a stream waits for the events after this cursor (below `base`)
     last_seq: int = 0
     events: list[JobEventOut] = field(default_factory=list)
     status: str | None = None
@@ -88,16 +93,22 @@ class EventFeed:
                 del self._hubs[job_id]
 
     def read(self, job_id: str, cursor: int) -> Read | None:
-        """Events after `cursor` from memory, or None when the hub does not reach back that far."""
+        """Events after `cursor` from memory, or None when the hub does not reach back that far
+        yet: the notifier is asked to fill it from `cursor` (one query for every stream waiting),
+        and wakes the subscribers when it has. Only for a job this loop has subscribed to."""
         with self._lock:
-            hub = self._hubs.get(job_id)
-            if hub is None or hub.base is None or cursor < hub.base:
-                return None
+            hub = self._hubs[job_id]
             if hub.gone:
                 return Read([], True)
-            events = [event for event in hub.events if event.seq > cursor]
-            last = events[-1].seq if events else cursor
-            return Read(events, hub.status in TERMINAL and last >= hub.last_seq)
+            if hub.base is None or cursor < hub.base:
+                hub.want = cursor if hub.want is None else min(hub.want, cursor)
+                events = None
+            else:
+                events = [event for event in hub.events if event.seq > cursor]
+                last = events[-1].seq if events else cursor
+                return Read(events, hub.status in TERMINAL and last >= hub.last_seq)
+        self._poke.set()
+        return None
 
     def watching(self) -> int:
         with self._lock:
@@ -134,32 +145,31 @@ class EventFeed:
                 self._poke.wait(settings.sse_poll_s)
 
     def _refresh(self) -> None:
+        # Per hub: where it begins (None: not filled yet), its last seq, and how far back a
+        # stream waits for it to reach. Only this thread changes `base`, `last_seq` and `events`.
         with self._lock:
             wanted = {
-                job_id: hub.last_seq if hub.base is not None else None
-                for job_id, hub in self._hubs.items()
+                job_id: (hub.base, hub.last_seq, hub.want) for job_id, hub in self._hubs.items()
             }
         if not wanted:
             return
-        found: dict[str, tuple[int, str, list[JobEventOut]]] = {}
+        # job id -> (base, event_seq, status, events older than the hub's base, newer events)
+        found: dict[str, tuple[int, int, str, list[JobEventOut], list[JobEventOut]]] = {}
         with session_scope() as session:
             rows = session.execute(
                 select(Job.id, Job.event_seq, Job.status).where(Job.id.in_(list(wanted)))
             ).all()
+            # Status first, then events: a terminal status is read with its event.
             for job_id, event_seq, status in rows:
-                since = wanted[job_id]
-                events: list[JobEventOut] = []
-                if since is not None and event_seq > since:
-                    # Status first, then events: a terminal status is read with its event.
-                    while True:
-                        page, has_more = repository.events_after(
-                            session=session, job_id=job_id, after=since, limit=PAGE
-                        )
-                        events += [JobEventOut.model_validate(row) for row in page]
-                        if not has_more:
-                            break
-                        since = page[-1].seq
-                found[job_id] = (event_seq, status, events)
+                base, last_seq, want = wanted[job_id]
+                older: list[JobEventOut] = []
+                if base is None:  # a first fill: from the oldest cursor waiting, else from now
+                    base = last_seq = want if want is not None else event_seq
+                elif want is not None and want < base:  # a stream reaches back before the hub
+                    older = _events(session, job_id, after=want, upto=base)
+                    base = want
+                newer = _events(session, job_id, after=last_seq) if event_seq > last_seq else []
+                found[job_id] = (base, event_seq, status, older, newer)
         woken: list[_Subscriber] = []
         with self._lock:
             for job_id in wanted:
@@ -170,18 +180,38 @@ class EventFeed:
                     changed = not hub.gone
                     hub.gone, hub.base = True, hub.base if hub.base is not None else 0
                 else:
-                    event_seq, status, events = found[job_id]
-                    changed = hub.base is None or bool(events) or status != hub.status
+                    base, event_seq, status, older, newer = found[job_id]
+                    changed = base != hub.base or bool(newer) or status != hub.status
                     if hub.base is None:
-                        hub.base = hub.last_seq = event_seq
-                    hub.events += events
-                    if events:
-                        hub.last_seq = events[-1].seq
+                        hub.last_seq = base
+                    hub.base = base
+                    hub.events = older + hub.events + newer
+                    if newer:
+                        hub.last_seq = newer[-1].seq
                     hub.status = status
+                if hub.want is not None and hub.base is not None and hub.want >= hub.base:
+                    hub.want = None
                 if changed:
                     woken += hub.subscribers
         for subscriber in woken:
             subscriber.loop.call_soon_threadsafe(subscriber.wake.set)
+
+
+def _events(
+    session: Session, job_id: str, *, after: int, upto: int | None = None
+) -> list[JobEventOut]:
+    """The job's events with after < seq (<= upto), read a page at a time."""
+    events: list[JobEventOut] = []
+    while True:
+        page, has_more = repository.events_after(
+            session=session, job_id=job_id, after=after, limit=PAGE
+        )
+        events += [
+            JobEventOut.model_validate(row) for row in page if upto is None or row.seq <= upto
+        ]
+        if not has_more or (upto is not None and page[-1].seq >= upto):
+            return events
+        after = page[-1].seq
 
 
 def _listen(url: str):  # noqa: ANN202 - a psycopg connection, or None

@@ -10,15 +10,13 @@ from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from sqlalchemy.pool import QueuePool
 from sse_starlette import EventSourceResponse, ServerSentEvent
-from starlette.concurrency import run_in_threadpool
 
 from app.auth import CallerDep, CallerOnlyDep, SessionDep, authenticate
 from app.db.session import get_engine, release_connection, session_scope
 from app.db.tables import Job
 from app.errors import APIError, not_found
 from app.jobs import repository, service
-from app.jobs.feed import PAGE, Read, feed
-from app.jobs.lifecycle import TERMINAL
+from app.jobs.feed import feed
 from app.jobs.schemas import JobCreate, JobEventList, JobEventOut, JobList, JobOut
 from app.responses import json_response, not_modified, resource_response
 from app.settings import get_settings
@@ -166,21 +164,6 @@ def job_events(
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def _poll(job_id: str, after: int) -> Read:
-    """A stream's own read, for a cursor its hub does not reach: status first, then events, so a
-    terminal status is read together with its event."""
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            return Read([], True)
-        status = job.status
-        rows, has_more = service.list_events(
-            session=session, job_id=job_id, after=after, limit=PAGE
-        )
-        events = [JobEventOut.model_validate(row) for row in rows]
-        return Read(events, status in TERMINAL and not has_more)
-
-
 async def _stream(job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
     """Held by no database connection while idle: it waits on its hub in the process's feed."""
     events_feed = feed()
@@ -189,8 +172,9 @@ async def _stream(job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
         while True:
             subscriber.wake.clear()
             read = events_feed.read(job_id, after)
-            if read is None:
-                read = await run_in_threadpool(_poll, job_id, after)
+            if read is None:  # the feed reaches back to `after` for every stream waiting
+                await subscriber.wake.wait()
+                continue
             for event in read.events:
                 after = event.seq
                 yield ServerSentEvent(
