@@ -440,7 +440,9 @@ def run_sse(backend: str, streams: int, clients: int, seconds: float) -> dict:
             connect_s = time.monotonic() - started
             await asyncio.sleep(2.0)
             rss_held = api.memory_info().rss
+            cpu_before = _cpu_seconds(api.pid)
             latencies = await http_load(service.base_url, path, headers, clients, seconds)
+            cpu = _cpu_seconds(api.pid) - cpu_before
             still_open = open_streams
             for writer in opened:
                 writer.close()
@@ -454,6 +456,9 @@ def run_sse(backend: str, streams: int, clients: int, seconds: float) -> dict:
                 "api_rss_growth_mb": (rss_held - rss_before) / 2**20,
                 "clients": clients,
                 **_percentiles(latencies, seconds),
+                # the API's own CPU per answer (its streams' heartbeats included): what the
+                # shared machine's load hides
+                "api_cpu_ms_per_request": 1000 * cpu / max(len(latencies), 1),
             }
 
         return asyncio.run(scenario())
