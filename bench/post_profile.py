@@ -153,6 +153,26 @@ def markdown(rows: list[dict]) -> str:
     )
 
 
+def write(results: list[dict], label: str) -> str:
+    """bench/results/post_profile.{json,md}; rows are kept per (label, backend)."""
+    command = "python -m bench.post_profile --posts 100 --batches 5 --label <label>"
+    tables = results_file.write_labelled(
+        "post_profile",
+        results,
+        label=label,
+        key=lambda row: (row["label"], row["backend"]),
+        render=markdown,
+        intro="# POST /v1/jobs in-process\n\nThe application driven through ASGI in-process, one "
+        "request at a time (no HTTP parsing, sockets or load generator): SQL statements per "
+        "submission, the process's CPU per submission (all threads), and wall time per "
+        "submission (which includes the broker publish: the embedded broker fsyncs each "
+        "message file). Medians of the batches; the machine was shared with other work. "
+        "Reproduce: `" + command + "`.\n\n",
+        body={"command": command},
+    )
+    return tables
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         print(json.dumps(measure(int(sys.argv[2]), int(sys.argv[3]))))
@@ -165,24 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     backends = ["embedded", "postgres"] if args.backend == "both" else [args.backend]
     results = [run_backend(b, args.posts, args.batches) for b in backends]
-    for result in results:
-        result["label"] = args.label
-    rows = results_file.merged_rows(
-        "post_profile", results, key=lambda row: (row["label"], row["backend"])
-    )
-    command = "python -m bench.post_profile --posts 100 --batches 5 --label <label>"
-    tables = results_file.by_label(rows, markdown)
-    results_file.write(
-        "post_profile",
-        {"machine": results_file.machine(), "command": command, "results": rows},
-        "# POST /v1/jobs in-process\n\nThe application driven through ASGI in-process, one "
-        "request at a time (no HTTP parsing, sockets or load generator): SQL statements per "
-        "submission, the process's CPU per submission (all threads), and wall time per "
-        "submission (which includes the broker publish: the embedded broker fsyncs each "
-        "message file). Medians of the batches; the machine was shared with other work. "
-        "Reproduce: `" + command + "`.\n\n" + tables,
-    )
-    print(tables)
+    print(write(results, args.label))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -48,3 +48,30 @@ def by_label(rows: list[dict], render: Callable[[list[dict]], str]) -> str:
         f"### {label or 'current'}\n\n" + render([row for row in rows if row["label"] == label])
         for label in dict.fromkeys(row["label"] for row in rows)
     )
+
+
+def write_labelled(
+    name: str,
+    new: list[dict],
+    *,
+    label: str,
+    key: Callable[[dict], tuple],
+    render: Callable[[list[dict]], str],
+    intro: str,
+    body: Mapping[str, object],
+    defaults: Mapping[str, object] | None = None,
+) -> str:
+    """A bench's run written beside the earlier ones: `new` rows get `label`, replace the stored
+    rows of their `key` (which should include the label) in `<name>.json`, and the Markdown page is
+    `intro` and then one `### label` section of `render`'s table per label. `body` is the JSON's
+    fields between `machine` and `results` (the command); `defaults` fills fields that rows
+    written by older code lack. Returns the sections (the caller prints them)."""
+    for row in new:
+        row["label"] = label
+    rows = merged_rows(name, new, key)
+    for row in rows:
+        for field, value in (defaults or {}).items():
+            row.setdefault(field, value)
+    tables = by_label(rows, render)
+    write(name, {"machine": machine(), **body, "results": rows}, intro + tables)
+    return tables

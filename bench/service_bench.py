@@ -492,39 +492,32 @@ def load_markdown(rows: list[dict]) -> str:
 def write_load(results: list[dict], args: argparse.Namespace) -> None:
     """bench/results/service_load.{json,md}: rows kept per (label, scenario, backend, API
     processes), so the runs before a change and after it sit together."""
-    for result in results:
-        result["label"] = args.label
-    rows = results_file.merged_rows(
+    commands = {
+        "post": "python -m bench.service_bench --scenario post --clients 50 --repeats 3 "
+        "--seconds 10 --api-workers 1,2 --label <label>",
+        "sse": "python -m bench.service_bench --scenario sse --streams 1000 --clients 20",
+    }
+    tables = results_file.write_labelled(
         "service_load",
         results,
+        label=args.label,
         key=lambda row: (
             row.get("label", ""),
             row["scenario"],
             row["backend"],
             row.get("api_workers", 1),
         ),
-    )
-    for row in rows:  # rows from before labels and --api-workers here
-        row.setdefault("label", "")
-        row.setdefault("api_workers", 1)
-    commands = {
-        "post": "python -m bench.service_bench --scenario post --clients 50 --repeats 3 "
-        "--seconds 10 --api-workers 1,2 --label <label>",
-        "sse": "python -m bench.service_bench --scenario sse --streams 1000 --clients 20",
-    }
-    table = results_file.by_label(rows, load_markdown)
-    results_file.write(
-        "service_load",
-        {"machine": results_file.machine(), "commands": commands, "results": rows},
-        "# POST p99 at 50 clients; GET beside 1,000 SSE streams\n\nOne API process unless the "
-        "row says more; the load "
+        render=load_markdown,
+        intro="# POST p99 at 50 clients; GET beside 1,000 SSE streams\n\nOne API process unless "
+        "the row says more; the load "
         "generator (raw asyncio streams) runs on the same 2 cores, and the machine was shared "
         "with other work (noisy). Reproduce: `"
         + "`, `".join(commands.values())
-        + "` (add `--backend embedded|postgres`).\n\n"
-        + table,
+        + "` (add `--backend embedded|postgres`).\n\n",
+        body={"commands": commands},
+        defaults={"label": "", "api_workers": 1},  # rows from before labels and --api-workers
     )
-    print(table)
+    print(tables)
 
 
 def reads_markdown(rows: list[dict]) -> str:
@@ -640,55 +633,48 @@ def main() -> None:
 def write_reads(results: list[dict], args: argparse.Namespace) -> None:
     """bench/results/reads.{json,md}; rows are kept per (label, backend, processes, clients), so
     the runs before a change and after it sit together."""
-    for result in results:
-        result["label"] = args.label
-    rows = results_file.merged_rows(
-        "reads",
-        results,
-        key=lambda row: (row["label"], row["backend"], row["api_workers"], row["clients"]),
-    )
     command = (
         f"python -m bench.service_bench --scenario reads --backend {args.backend} "
         f"--api-workers {args.api_workers} --clients {args.clients} --seconds {args.seconds:g} "
         f"--repeats {args.repeats} --label <label>"
     )
-    tables = results_file.by_label(rows, reads_markdown)
-    results_file.write(
+    tables = results_file.write_labelled(
         "reads",
-        {"machine": results_file.machine(), "command": command, "results": rows},
-        "# GET /v1/jobs/{id} throughput\n\nKeep-alive clients on raw asyncio streams (the load "
-        "generator runs on the same 2 cores as the API, and the machine was shared with other "
-        "work: noisy). Each row: the median of its runs by req/s. Reproduce: `"
+        results,
+        label=args.label,
+        key=lambda row: (row["label"], row["backend"], row["api_workers"], row["clients"]),
+        render=reads_markdown,
+        intro="# GET /v1/jobs/{id} throughput\n\nKeep-alive clients on raw asyncio streams (the "
+        "load generator runs on the same 2 cores as the API, and the machine was shared with "
+        "other work: noisy). Each row: the median of its runs by req/s. Reproduce: `"
         + command
-        + "`.\n\n"
-        + tables,
+        + "`.\n\n",
+        body={"command": command},
     )
     print(tables)
 
 
 def write_stale(results: list[dict], args: argparse.Namespace) -> None:
     """Rows are kept per (label, backend), so a run before a change and one after sit together."""
-    for result in results:
-        result["label"] = args.label
-    rows = results_file.merged_rows(
-        "stale_messages", results, key=lambda row: (row["label"], row["backend"])
-    )
     command = f"python -m bench.service_bench --scenario stale --stale {args.stale}" + (
         " --resend" if args.resend else ""
     )
-    table = results_file.by_label(rows, stale_markdown)
-    results_file.write(
+    tables = results_file.write_labelled(
         "stale_messages",
-        {"machine": results_file.machine(), "command": command, "results": rows},
-        "# Stale messages\n\nJobs submitted and cancelled with no worker up, then a worker starts "
-        "and one real MiniLM `dynamic_int8` job (size only) is submitted once the worker is live: "
-        "how long it waits to start. `before`: the code before stale messages were made cheap "
-        "(the worker's pool ran each one, a child forked anew every 20). `sent again` "
+        results,
+        label=args.label,
+        key=lambda row: (row["label"], row["backend"]),
+        render=stale_markdown,
+        intro="# Stale messages\n\nJobs submitted and cancelled with no worker up, then a worker "
+        "starts and one real MiniLM `dynamic_int8` job (size only) is submitted once the worker is "
+        "live: how long it waits to start. `before`: the code before stale messages were made "
+        "cheap (the worker's pool ran each one, a child forked anew every 20). `sent again` "
         "(`--resend`): each cancelled job's message is sent again before the worker starts, as a "
         "broker that cannot withdraw a message would keep it. Reproduce: `python -m "
-        "bench.service_bench --scenario stale --stale 200 [--resend] --label NAME`.\n\n" + table,
+        "bench.service_bench --scenario stale --stale 200 [--resend] --label NAME`.\n\n",
+        body={"command": command},
     )
-    print(table)
+    print(tables)
 
 
 if __name__ == "__main__":
