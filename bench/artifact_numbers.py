@@ -54,13 +54,7 @@ def main() -> None:
             calibration = calibration_batches(
                 [r["text"] for r in texts], loaded.tokenizer, num_samples=32, seq_len=128, seed=0
             )
-            evaluator = Evaluator(
-                task=loaded.task,
-                tokenizer=loaded.tokenizer,
-                settings=SETTINGS,
-                records=texts,
-                device="cpu",
-            )
+            evaluator = Evaluator.for_model(loaded, settings=SETTINGS, records=texts, device="cpu")
             started = time.perf_counter()
             model, out = loaded.model, None
             if stages is not None:

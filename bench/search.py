@@ -139,13 +139,7 @@ def run_model(model_key: str, target_list: list[float], cache_dir: Path, save) -
     texts = records(dataset)
     reported_settings = REPORTED[model_key].model_copy(update={"metrics": [metric]})
     split, _ = search_split(texts, reported_settings, loaded.tokenizer, loaded.task)
-    reported = Evaluator(
-        task=loaded.task,
-        tokenizer=loaded.tokenizer,
-        settings=reported_settings,
-        records=texts,
-        device="cpu",
-    )
+    reported = Evaluator.for_model(loaded, settings=reported_settings, records=texts, device="cpu")
     baseline = reported.measure(loaded.model, folder=None)[metric]
     recipe = default_recipe(loaded.task, "cpu")
     layer_names = [n for u in units(loaded.model, recipe.stages[0]) for n in u.layers]

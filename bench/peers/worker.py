@@ -149,13 +149,7 @@ def run(spec: dict) -> dict:
             max_samples=evaluation["texts"],
         )
         records = read_records(Path(model_spec["evaluation_records"]))
-        evaluator = Evaluator(
-            task=loaded.task,
-            tokenizer=loaded.tokenizer,
-            settings=settings,
-            records=records,
-            device="cpu",
-        )
+        evaluator = Evaluator.for_model(loaded, settings=settings, records=records, device="cpu")
         reference = load_model(Path(model_spec["folder"]), device="cpu").model
         if evaluation["metric"] == "embedding_cosine":
             evaluator.measure(reference, folder=None)  # the first measurement is the baseline

@@ -22,9 +22,8 @@ FAST_LATENCY = LatencySettings(batch_size=2, seq_len=16, runs=3, warmup=1)
 
 
 def evaluator(loaded, records, **settings) -> Evaluator:
-    return Evaluator(
-        task=loaded.task,
-        tokenizer=loaded.tokenizer,
+    return Evaluator.for_model(
+        loaded,
         settings=EvaluationSettings(latency=FAST_LATENCY, **settings),
         records=records,
         device="cpu",

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
@@ -27,6 +28,9 @@ from workers.compression.data import special_tokens_around, token_stream
 from workers.compression.formats import weight_census
 from workers.compression.recipe import EvaluationSettings, default_metrics
 from workers.compression.streaming import store_of, stream_forward
+
+if TYPE_CHECKING:
+    from workers.compression.loading import LoadedModel
 
 EMBEDDING_BATCH_SIZE = 32
 
@@ -74,6 +78,24 @@ class Evaluator:
         self._on_step: Callable[[], None] | None = None
         self._on_progress: ProgressFn | None = None
         self._done = self._total = 0
+
+    @classmethod
+    def for_model(
+        cls,
+        loaded: LoadedModel,
+        *,
+        settings: EvaluationSettings,
+        records: list[dict],
+        device: torch.device | str,
+    ) -> Evaluator:
+        """The evaluator of a loaded model: its task and its tokenizer (how the benches build one)."""
+        return cls(
+            task=loaded.task,
+            tokenizer=loaded.tokenizer,
+            settings=settings,
+            records=records,
+            device=device,
+        )
 
     def _perplexity_windows(self, stream: list[int]) -> tuple[list, int]:
         """Fixed windows over the token stream, as in the transformers perplexity guide: each window
