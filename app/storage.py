@@ -193,6 +193,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def search_trials_key(job_id: str) -> str:
+    """Where a search job keeps its trials as they finish (a retried attempt resumes from them)."""
+    return f"search/trials/{job_id}.json"
+
+
 _stores: dict[str, Store] = {}
 
 

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from app.storage import get_store
+from app.storage import get_store, search_trials_key
 from workers.attempt import JobContext, JobFailure
 
 SEARCH_SETTINGS = {"seq_len": 256, "max_windows": 8, "max_samples": 64}
@@ -80,7 +80,7 @@ def run_search(
     except SearchSplitError as exc:
         raise JobFailure("invalid_request", str(exc)) from exc
     targets = Targets.from_spec(job.targets, max_runtime_s=job.max_runtime_s)
-    store = StorageTrialStore(f"search/trials/{context.job_id}.json")
+    store = StorageTrialStore(search_trials_key(context.job_id))
     search_index = 2  # the "search" stage of context.stage_names
 
     def on_trial(trial: dict) -> None:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import broker, quotas
 from app.db.session import after_commit
-from app.db.tables import Model, utcnow
+from app.db.tables import BaselineMetrics, Job, Model, utcnow
 from app.errors import APIError, not_found
 from app.jobs.repository import live_jobs_referencing
 from app.models import repository
 from app.models.schemas import ModelOut, ModelProgress, ModelRegister
 from app.pagination import page
 from app.settings import get_settings
-from app.storage import StoredObject, get_store
+from app.storage import StoredObject, get_store, search_trials_key
 
 
 def get_model(*, session: Session, project_id: str, model_id: str) -> Model:
@@ -94,10 +95,49 @@ def delete_model(*, session: Session, model: Model) -> None:
     if live:
         raise APIError("conflict", f"Model is used by live jobs: {', '.join(live[:5])}")
     model.deleted_at = utcnow()
-    storage_key = model.storage_key
+    keys = [model.storage_key] if model.storage_key else []
     model.storage_key = None
-    if storage_key:
-        after_commit(session, lambda: get_store().delete(storage_key))
+    keys += _derived_keys(session=session, model=model)
+    if keys:
+        after_commit(session, lambda: _delete_keys(keys))
+
+
+def _derived_keys(*, session: Session, model: Model) -> list[str]:
+    """What the model's jobs left in storage besides their results, for deletion with it: the
+    search trials of each of its jobs, and the baseline cache's entries measured on its bytes
+    (workers/baseline_cache.py: their rows are deleted here, their state files returned) unless
+    another model of the project has the same bytes and still uses them."""
+    job_ids = session.scalars(select(Job.id).where(Job.model_id == model.id))
+    keys = [search_trials_key(job_id) for job_id in job_ids]
+    if model.project_id is None or not model.sha256:
+        return keys
+    twin = session.scalar(
+        select(Model.id)
+        .where(
+            Model.project_id == model.project_id,
+            Model.sha256 == model.sha256,
+            Model.id != model.id,
+            Model.deleted_at.is_(None),
+        )
+        .limit(1)
+    )
+    if twin is not None:
+        return keys
+    entries = session.scalars(
+        select(BaselineMetrics).where(BaselineMetrics.project_id == model.project_id)
+    )
+    for entry in entries:
+        if entry.inputs.get("model_sha256") == model.sha256:
+            if entry.state_key:
+                keys.append(entry.state_key)
+            session.delete(entry)
+    return keys
+
+
+def _delete_keys(keys: list[str]) -> None:
+    store = get_store()
+    for key in keys:
+        store.delete(key)
 
 
 def to_out(model: Model) -> ModelOut:
