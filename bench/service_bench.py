@@ -415,6 +415,7 @@ def run_sse(backend: str, streams: int, clients: int, seconds: float) -> dict:
             rss_before = api.memory_info().rss
             opened: list[asyncio.StreamWriter] = []
             open_streams = 0
+            first_events: list[float] = []  # when each stream got its first event
 
             async def stream() -> None:
                 nonlocal open_streams
@@ -425,8 +426,13 @@ def run_sse(backend: str, streams: int, clients: int, seconds: float) -> dict:
                 assert head[9:12] == b"200", head
                 open_streams += 1
                 try:
+                    while chunk := await reader.read(65536):
+                        # the job's events, then heartbeats (the head comes before any event)
+                        if b"data:" in chunk:
+                            first_events.append(time.monotonic())
+                            break
                     while await reader.read(65536):
-                        pass  # the job's events, then heartbeats
+                        pass
                 finally:
                     open_streams -= 1
 
@@ -441,9 +447,11 @@ def run_sse(backend: str, streams: int, clients: int, seconds: float) -> dict:
             await asyncio.sleep(2.0)
             rss_held = api.memory_info().rss
             cpu_before = _cpu_seconds(api.pid)
+            served_before_load = len(first_events)
             latencies = await http_load(service.base_url, path, headers, clients, seconds)
             cpu = _cpu_seconds(api.pid) - cpu_before
             still_open = open_streams
+            served = len(first_events)
             for writer in opened:
                 writer.close()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -453,6 +461,12 @@ def run_sse(backend: str, streams: int, clients: int, seconds: float) -> dict:
                 "streams": streams,
                 "streams_open_after_the_load": still_open,
                 "seconds_to_open_all": connect_s,
+                # streams answer their head before their first read: how many had had their
+                # first event when the GETs began, and when the last one had it
+                "streams_with_an_event_at_load_start": served_before_load,
+                "seconds_to_first_event_all": (
+                    max(first_events) - started if served == streams else None
+                ),
                 "api_rss_growth_mb": (rss_held - rss_before) / 2**20,
                 "clients": clients,
                 **_percentiles(latencies, seconds),
@@ -476,6 +490,7 @@ def load_markdown(rows: list[dict]) -> str:
             r["api_workers"],
             r["clients"],
             f"{r['streams']} ({r['streams_open_after_the_load']})" if sse else "-",
+            r.get("streams_with_an_event_at_load_start", "-"),
             f"{r['api_rss_growth_mb']:.0f}" if sse else "-",
             f"{r['requests_per_s']:.0f}",
             f"{r['p50_ms']:.1f}",
@@ -484,7 +499,10 @@ def load_markdown(rows: list[dict]) -> str:
         ]
 
     header = ["scenario", "backend", "API processes", "clients"]
-    header += ["SSE streams held (open at the end)"]
+    header += [
+        "SSE streams held (open at the end)",
+        "streams with their first event when GETs began",
+    ]
     header += ["API RSS growth MB", "req/s", "p50 ms", "p99 ms", "API CPU ms per request"]
     return results_file.table(header, map(cells, rows))
 
@@ -511,7 +529,9 @@ def write_load(results: list[dict], args: argparse.Namespace) -> None:
         intro="# POST p99 at 50 clients; GET beside 1,000 SSE streams\n\nOne API process unless "
         "the row says more; the load "
         "generator (raw asyncio streams) runs on the same 2 cores, and the machine was shared "
-        "with other work (noisy). Reproduce: `"
+        "with other work (noisy). A stream's head is answered before its first read: the "
+        "streams column after it counts those that had their first event when the GETs began "
+        "(the others were still being served alongside). Reproduce: `"
         + "`, `".join(commands.values())
         + "` (add `--backend embedded|postgres`).\n\n",
         body={"commands": commands},
