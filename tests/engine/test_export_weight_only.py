@@ -94,6 +94,24 @@ def test_packing_is_compressed_tensors_bit_for_bit(bits):
         assert torch.equal(pack_int32(unsigned.T, bits).T, pack_to_int32(signed, bits, 0))
 
 
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_packing_a_layer_slice_by_slice_is_packing_it_whole(bits):
+    """A layer too large for one slice (1,000 x 3,000 codes: 3 slices of about 1M) is packed
+    and unpacked a slice of rows at a time; the words and codes are compressed-tensors' own, and
+    the signed codes come back straight into int8."""
+    generator = torch.Generator().manual_seed(bits)
+    signed = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (1000, 3000), generator=generator)
+    signed = signed.to(torch.int8)
+    packed = pack_int32(signed, bits, offset=2 ** (bits - 1))
+    assert torch.equal(packed, pack_to_int32(signed, bits))
+    codes = unpack_int32(packed, bits, 3000, offset=2 ** (bits - 1), dtype=torch.int8)
+    assert codes.dtype == torch.int8 and torch.equal(codes, signed)
+    unsigned = unpack_int32(packed, bits, 3000)
+    assert torch.equal(unsigned, signed.long() + 2 ** (bits - 1))
+    # Zero points: packed down the output dimension (here 3,000 rows of the transpose).
+    assert torch.equal(pack_int32(unsigned.T, bits).T, pack_to_int32(signed, bits, 0))
+
+
 def test_layout_on_disk(llama, tmp_path):
     rtn(llama, bits=4, group_size=16, symmetric=False)
     save(llama, tmp_path / "artifact")

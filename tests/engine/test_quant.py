@@ -289,13 +289,45 @@ def test_the_output_error_without_the_hessian_is_the_exact_one(act_order):
     delta = W - pruned
     assert errors["output"] == pytest.approx(((delta @ H) * delta).sum().item(), rel=1e-4)
 
-    # Consuming the Hessian as scratch gives the same factor.
+    # Consuming the Hessian as scratch gives the same factor, bit for bit, and it is the upper
+    # Cholesky factor of the dampened H⁻¹ (inputs in the factor's order).
     kept = inverse_hessian_factor(H, 0.01, act_order=act_order, method="GPTQ", layer="x")
     consumed = inverse_hessian_factor(
         H.clone(), 0.01, act_order=act_order, method="GPTQ", layer="x", consume=True
     )
     assert torch.equal(kept.order, consumed.order) and torch.equal(kept.dead, consumed.dead)
-    torch.testing.assert_close(kept.U, consumed.U, rtol=1e-5, atol=1e-6)
+    assert torch.equal(kept.U, consumed.U)
+    ordered = H[kept.order[:, None], kept.order].double()
+    ordered.diagonal()[kept.dead] = 1
+    ordered.diagonal().add_(kept.damping)
+    U = kept.U.double()
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(ordered), rtol=1e-4, atol=1e-5)
+    assert torch.equal(U, U.triu())
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_a_consumed_hessian_is_factored_beside_one_matrix_of_its_size(act_order):
+    """Consumed, the Hessian is reordered and factored where it lies: the factorization's peak
+    is the Hessian and one more matrix of its size (M⁻¹, which becomes U), not two more."""
+    from workers.compression import process_memory
+    from workers.compression.methods.gptq import inverse_hessian_factor
+
+    size = 2048  # 16 MiB matrices
+    X = torch.randn(2 * size, size, generator=torch.Generator().manual_seed(0))
+    H = X.T @ X / size
+    del X
+    matrix = H.numel() * 4
+    process_memory.return_large_frees()  # as the worker's job process: freed matrices go back
+    process_memory.trim()
+    if not process_memory.reset_peak():
+        pytest.skip("no /proc/self/clear_refs here")
+    before = process_memory.status_bytes("VmRSS")
+    factor = inverse_hessian_factor(
+        H, 0.01, act_order=act_order, method="GPTQ", layer="x", consume=True
+    )
+    peak = process_memory.status_bytes("VmHWM") - before
+    assert matrix < peak < 1.6 * matrix  # U (the one more matrix) and a slice
+    assert factor.U.is_contiguous() and factor.U.untyped_storage().data_ptr() != H.data_ptr()
 
 
 # --- calibration.py: block by block, resume, cancellation ---

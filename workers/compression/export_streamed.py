@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from torch.nn import functional as F
 
 from workers.compression.calibration import release_freed_memory
 from workers.compression.formats.layout import (
@@ -158,13 +157,16 @@ def check_streamed(
                 "from the model's"
             )
         for name in packed:
-            if not torch.equal(dequantize(found[name]), dequantize(engine[name])):
+            if not _same_weights(found[name], engine[name]):
                 raise ExportVerificationError(f"{name}: stored codes differ from the model's")
         exact_layers += len(packed)
         _check_shapes(state, expected, set(found), prefix)
+        del state, found, engine  # not kept beside the next block's, nor the loaded prefix
     outside = _read(folder, stored_names, None, exclude=blocks)
     found = layout.read(outside, quantization, context) if quantization is not None else {}
     _check_shapes(outside, expected, set(found), None, exclude=blocks)
+    del outside, found
+    release_freed_memory(store.device)
 
     ids = sample_input_ids.to(store.device)
     prefix_blocks = prefix_that_fits(model, store.device)
@@ -200,10 +202,7 @@ def agreement_report(
     `expected`, the bound the artifact's `layout` allows for the kernels its `runtime` ran, then
     the caller's `facts`, the runtime and the layers checked `exact`. Raises ExportVerificationError
     past the bound."""
-    max_abs_diff = (expected - actual).abs().max().item()
-    cosine = F.cosine_similarity(
-        expected.double().flatten(), actual.double().flatten(), dim=0
-    ).item()
+    max_abs_diff, cosine = _difference(expected, actual)
     relative = layout.relative_tolerance((runtime or {}).get("kernels", {}))
     tolerance = relative * max(1.0, expected.abs().max().item())
     report = {"max_abs_diff": max_abs_diff, "cosine": cosine, "tolerance": tolerance, **facts}
@@ -213,6 +212,30 @@ def agreement_report(
     if not max_abs_diff <= tolerance:  # also catches NaN
         raise ExportVerificationError(f"exported model disagrees with the original: {report}")
     return report
+
+
+def _difference(expected: torch.Tensor, actual: torch.Tensor) -> tuple[float, float]:
+    """max |expected - actual| (NaN if either holds one) and their cosine similarity (in float64,
+    as `F.cosine_similarity` computes it), a slice at a time: a causal LM's logits over a large
+    vocabulary are 30 MB or more, and float64 copies of both, with their products, ten times
+    that."""
+    expected, actual = expected.flatten(), actual.flatten()
+    dot = squares_expected = squares_actual = torch.zeros((), dtype=torch.float64)
+    largest = torch.zeros((), dtype=expected.dtype)
+    for first in range(0, expected.numel(), _DIFFERENCE_SLICE):
+        e = expected[first : first + _DIFFERENCE_SLICE]
+        a = actual[first : first + _DIFFERENCE_SLICE]
+        largest = torch.maximum(largest, (e - a).abs().max())  # maximum propagates NaN
+        e, a = e.double(), a.double()
+        dot = dot + (e * a).sum()
+        squares_expected = squares_expected + (e * e).sum()
+        squares_actual = squares_actual + (a * a).sum()
+    eps = 1e-8  # F.cosine_similarity's default
+    cosine = dot / (squares_expected * squares_actual).clamp_min(eps * eps).sqrt()
+    return largest.item(), cosine.item()
+
+
+_DIFFERENCE_SLICE = 1 << 20
 
 
 def _read(
@@ -267,6 +290,34 @@ def _check_shapes(
             f"stored tensors do not match the architecture: unexpected {wrong[:5]}, "
             f"missing {missing[:5]}"
         )
+
+
+def _same_weights(stored: QuantizedWeight, engine: QuantizedWeight) -> bool:
+    """Whether two quantized layers stand for the very same weight: their dequantized weights
+    compared bit for bit, `_CHECK_ROWS` output rows at a time (rows dequantize independently), so
+    the check holds two slices in float32, not two whole 7B-wide weights."""
+    if stored.codes.shape != engine.codes.shape:
+        return False
+    return all(
+        torch.equal(dequantize(_rows(stored, first)), dequantize(_rows(engine, first)))
+        for first in range(0, stored.codes.shape[0], _CHECK_ROWS)
+    )
+
+
+def _rows(quantized: QuantizedWeight, first: int) -> QuantizedWeight:
+    rows = slice(first, first + _CHECK_ROWS)
+    zero_point = quantized.zero_point
+    return QuantizedWeight(
+        codes=quantized.codes[rows],
+        scale=quantized.scale[rows],
+        zero_point=None if zero_point is None else zero_point[rows],
+        bits=quantized.bits,
+        group_size=quantized.group_size,
+        symmetric=quantized.symmetric,
+    )
+
+
+_CHECK_ROWS = 512
 
 
 def _engine_codes(store: BlockStore, index: int, prefix: str) -> dict[str, QuantizedWeight]:

@@ -69,9 +69,9 @@ def estimate_memory(
         * calibration_seq_len
         * hidden
         * FLOAT32,
-        # The Hessian of the widest layer input and, while it is factored, two more matrices of
+        # The Hessian of the widest layer input and, while it is factored, one more matrix of
         # its size (`methods.gptq.inverse_hessian_factor`), for the methods that collect them.
-        "layer_statistics": largest_input * largest_input * FLOAT32 * 3
+        "layer_statistics": largest_input * largest_input * FLOAT32 * 2
         if calibration_samples and hessians
         else 0,
         "evaluation_activations": evaluation_seq_len * (vocabulary + 8 * hidden) * FLOAT32 * 2,

@@ -244,43 +244,71 @@ def packed_weight_tensors(
 
     # Codes are stored unsigned: compressed-tensors' signed code plus 2^(bits-1). Its asymmetric
     # codes and zero points are ours minus 2^(bits-1), so ours are stored as they are.
-    unsigned = codes.long() + (1 << (bits - 1)) if zero_point is None else codes.long()
+    offset = 1 << (bits - 1) if zero_point is None else 0
     tensors = {
-        f"{name}.weight_packed": pack_int32(unsigned, bits),
+        f"{name}.weight_packed": pack_int32(codes, bits, offset=offset),
         f"{name}.weight_scale": scale.float(),
         f"{name}.weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
     }
     if zero_point is not None:
         # Packed down the output dimension: [ceil(out * bits / 32), groups].
-        tensors[f"{name}.weight_zero_point"] = pack_int32(zero_point.long().T, bits).T
+        tensors[f"{name}.weight_zero_point"] = pack_int32(zero_point.T, bits).T
     return tensors
 
 
-def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned `bits`-bit values [rows, cols] into int32 [rows, ceil(cols * bits / 32)] as
-    compressed-tensors does: value j of a row occupies bits j*bits .. j*bits+bits-1 of the row's
-    little-endian bit stream (word j*bits // 32, from bit j*bits % 32 up)."""
+def pack_int32(values: torch.Tensor, bits: int, *, offset: int = 0) -> torch.Tensor:
+    """Pack unsigned `bits`-bit values [rows, cols] (`values + offset`: the caller's signed codes
+    plus 2^(bits-1)) into int32 [rows, ceil(cols * bits / 32)] as compressed-tensors does: value j
+    of a row occupies bits j*bits .. j*bits+bits-1 of the row's little-endian bit stream (word
+    j*bits // 32, from bit j*bits % 32 up). Rows are packed a slice at a time (`_rows_per_slice`):
+    the int64 working tensors are a few MB, not 8 bytes for each value of the layer."""
     rows, cols = values.shape
     words = math.ceil(cols * bits / 32)
     start = torch.arange(cols) * bits
-    # Shifted values land in their word; bits past 32 are carried to the next word below. The
-    # values' bit ranges are disjoint, so adding them is OR-ing them.
-    stream = torch.zeros(rows, words + 1, dtype=torch.int64)
-    stream.index_add_(1, start // 32, values.long() << (start % 32))
-    carried = stream & 0xFFFFFFFF
-    carried[:, 1:] += stream[:, :-1] >> 32
-    packed = carried[:, :words]
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    word, shift = start // 32, start % 32
+    packed = torch.empty(rows, words, dtype=torch.int32)
+    step = _rows_per_slice(cols)
+    for first in range(0, rows, step):
+        chunk = values[first : first + step].long() + offset
+        # Shifted values land in their word; bits past 32 are carried to the next word below.
+        # The values' bit ranges are disjoint, so adding them is OR-ing them.
+        stream = torch.zeros(chunk.shape[0], words + 1, dtype=torch.int64)
+        stream.index_add_(1, word, chunk << shift)
+        carried = stream & 0xFFFFFFFF
+        carried[:, 1:] += stream[:, :-1] >> 32
+        part = carried[:, :words]
+        packed[first : first + step] = torch.where(part >= 2**31, part - 2**32, part)
+    return packed
 
 
-def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """The inverse of `pack_int32`: unsigned int64 values [rows, cols]."""
-    words = torch.nn.functional.pad(packed.long() & 0xFFFFFFFF, (0, 1))
+def unpack_int32(
+    packed: torch.Tensor,
+    bits: int,
+    cols: int,
+    *,
+    offset: int = 0,
+    dtype: torch.dtype = torch.int64,
+) -> torch.Tensor:
+    """The inverse of `pack_int32`: the unsigned values [rows, cols] minus `offset`, as `dtype`
+    (which must hold them: int8 codes are written straight into int8, never held as int64 whole).
+    Unpacked a slice of rows at a time, as `pack_int32` packs."""
+    rows = packed.shape[0]
     start = torch.arange(cols) * bits
-    word, offset = start // 32, start % 32
-    low = words[:, word] >> offset
-    high = words[:, word + 1] << (32 - offset)  # the part of a value that straddles into word + 1
-    return (low | high) & ((1 << bits) - 1)
+    word, shift = start // 32, start % 32
+    mask = (1 << bits) - 1
+    values = torch.empty(rows, cols, dtype=dtype)
+    step = _rows_per_slice(cols)
+    for first in range(0, rows, step):
+        words = torch.nn.functional.pad(packed[first : first + step].long() & 0xFFFFFFFF, (0, 1))
+        low = words[:, word] >> shift
+        high = words[:, word + 1] << (32 - shift)  # the part of a value straddling into word + 1
+        values[first : first + step] = ((low | high) & mask) - offset
+    return values
+
+
+def _rows_per_slice(cols: int) -> int:
+    """Rows of a layer packed or unpacked at once: about 1M values (8 MB per int64 tensor)."""
+    return max(1, (1 << 20) // max(1, cols))
 
 
 def read_packed_layers(
@@ -319,12 +347,13 @@ def read_packed_layers(
         ]
         if wrong or packed.dtype != torch.int32 or in_features % groups:
             raise UnsupportedModelError(f"{name}: not a {bits}-bit packed layer: {wrong}")
-        unsigned = unpack_int32(packed, bits, in_features)
         if symmetric:
-            codes = (unsigned - (1 << (bits - 1))).to(torch.int8)
+            codes = unpack_int32(
+                packed, bits, in_features, offset=1 << (bits - 1), dtype=torch.int8
+            )
         else:
-            codes = unsigned.to(torch.uint8)
-            zero_point = unpack_int32(zero_point.T, bits, out_features).T.to(torch.uint8)
+            codes = unpack_int32(packed, bits, in_features, dtype=torch.uint8)
+            zero_point = unpack_int32(zero_point.T, bits, out_features, dtype=torch.uint8).T
         layers[name] = QuantizedWeight(
             codes=codes,
             scale=scale,

@@ -107,9 +107,18 @@ def sparsegpt_prune(
             W[:, i2:].sub_(pending @ U[i1:i2, i2:])
             damped += pending.double().square().sum().item()
     if errors is not None:
-        delta = weight.detach().float().masked_fill(dead, 0).sub_(W)
-        errors["output"] = max(damped - factor.damping * delta.double().square().sum().item(), 0)
+        # ‖ΔW‖² a slice of rows at a time (float64 copies of a whole 7B MLP weight: 720 MB).
+        squares = sum(
+            rows.float().masked_fill(dead, 0).sub_(pruned).double().square().sum().item()
+            for rows, pruned in zip(
+                weight.detach().split(_DELTA_ROWS), W.split(_DELTA_ROWS), strict=True
+            )
+        )
+        errors["output"] = max(damped - factor.damping * squares, 0)
     return W.to(weight.dtype), keep
+
+
+_DELTA_ROWS = 1024
 
 
 class SparseGptBlockHandler:
