@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -172,6 +173,13 @@ def run_row(args: argparse.Namespace) -> dict:
         else None
     )
     phase("load", started)
+    # The calibration's token ids, hashed as bench.quant_peers hashes its own: equal hashes, the
+    # same calibration in both benches.
+    calibration_sha256 = (
+        hashlib.sha256(torch.cat(calibration).numpy().tobytes()).hexdigest()
+        if calibration
+        else None
+    )
     parameters = sum(p.numel() for p in loaded.model.parameters())  # before any layer is replaced
 
     _reset_peak()
@@ -207,7 +215,11 @@ def run_row(args: argparse.Namespace) -> dict:
         "parameters": parameters,
         "checkpoint_bytes": on_disk,
         "checkpoint_dtype": str(loaded.dtype).removeprefix("torch."),
-        "calibration": {"samples": args.samples, "seq_len": args.seq_len} if calibration else None,
+        "calibration": (
+            {"samples": args.samples, "seq_len": args.seq_len, "sha256": calibration_sha256}
+            if calibration
+            else None
+        ),
         "threads": args.threads,
         "device": args.device,
         "phases": phases,
