@@ -534,9 +534,9 @@ How to read this:
 """
 
 
-def write_results(body: dict) -> None:
+def write_results(body: dict, name: str = "quant_peers") -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quant_peers.json").write_text(json.dumps(body, indent=2, default=str) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(body, indent=2, default=str) + "\n")
     settings, machine = body["settings"], body["machine"]
     shapes = [f"{b}x{s}" for b, s in settings["latency"]["shapes"]]
     lines = [
@@ -587,7 +587,7 @@ def write_results(body: dict) -> None:
                 "",
             ]
     lines += [NOTES]
-    (RESULTS / "quant_peers.md").write_text("\n".join(lines))
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -628,6 +628,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--report", action="store_true", help="rewrite quant_peers.md from the JSON and exit"
     )
+    parser.add_argument(
+        "--results-name",
+        default="quant_peers",
+        help="bench/results/<name>.{json,md}: another name keeps a run at other settings (whose "
+        "rows would otherwise replace quant_peers.json's) beside it",
+    )
     args = parser.parse_args(argv)
     args.latency_shapes = [[int(n) for n in shape.split("x")] for shape in args.latency_shapes]
     return args
@@ -639,7 +645,8 @@ def main(argv: list[str] | None = None) -> None:
         setup_peers_venv()
         return
     if args.report:
-        write_results(json.loads((RESULTS / "quant_peers.json").read_text()))
+        name = args.results_name
+        write_results(json.loads((RESULTS / f"{name}.json").read_text()), name)
         return
     rows = [
         row
@@ -666,7 +673,7 @@ def main(argv: list[str] | None = None) -> None:
         },
     }
     previous_rows, previous_inputs = [], {}
-    results_file = RESULTS / "quant_peers.json"
+    results_file = RESULTS / f"{args.results_name}.json"
     if results_file.exists() and not args.fresh:
         previous = json.loads(results_file.read_text())
         comparable = {k: v for k, v in previous.get("settings", {}).items() if k != "models"}
@@ -705,7 +712,7 @@ def main(argv: list[str] | None = None) -> None:
             body["rows"].sort(key=lambda r: order.get((r["model"], r["row"]), len(order)))
             body["wall_s"] = time.perf_counter() - started
             body["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-            write_results(body)
+            write_results(body, args.results_name)
             summary = (
                 f"ppl/cos {_quality(result, model.metric)}, {result['compress_s']:.1f} s, "
                 f"peak {_mb(result['peak_rss_bytes'])} MB"
@@ -717,8 +724,8 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     body["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    write_results(body)
-    print((RESULTS / "quant_peers.md").read_text())
+    write_results(body, args.results_name)
+    print((RESULTS / f"{args.results_name}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 For each (model, method) row, in a fresh process: load the model streamed (blocks on disk, one
 resident; `workers/compression/streaming.py`), compress, write the export (shards, block by block)
 and check it (every shard read back; the largest prefix of blocks that fits loaded and run). Each
-phase reports its wall time and its own peak RSS (the kernel's high-water mark, reset before the
-phase: `/proc/self/clear_refs`), so the numbers say where the memory goes. Models: SmolLM2-135M
+phase reports its wall time, its CPU time (user + system of the whole process, all threads:
+`getrusage(RUSAGE_SELF)` deltas; on a machine shared with other work the CPU time is what still
+says how the work grows, wall time is inflated by the others) and its own peak RSS (the kernel's
+high-water mark, reset before the phase: `/proc/self/clear_refs`), so the numbers say where the
+memory goes. Models: SmolLM2-135M
 (the built-in, float32) and random Llama-shaped bf16 models written by `bench.synthetic`
 (`llama-1b`: Llama-3.2-1B's shapes, 2.47 GB; `llama-7b`: Llama-2-7B's, 13.5 GB). Quality is not
 measured here (random weights); the built-in quality tests and `bench.quant_peers` measure it.
@@ -13,15 +16,24 @@ measured here (random weights); the built-in quality tests and `bench.quant_peer
     .venv/bin/python -m bench.stream_scaling --models smollm2 --methods gptq --samples 64 --seq-len 512
     .venv/bin/python -m bench.stream_scaling --whole ...     # the same rows, model held whole (for the ratio)
 
-Writes bench/results/stream_scaling.{json,md}; rows of an earlier run are kept unless rerun.
+    .venv/bin/python -m bench.stream_scaling --row MODEL METHOD --out row.json ...   # one row, no merge
+    .venv/bin/python -m bench.stream_scaling --merge row.json ...   # merge rows run with --row
+
+Writes bench/results/stream_scaling.{json,md}; rows of an earlier run are kept unless rerun (a row
+is replaced by one of the same model, method, mode, device and calibration). Each row is merged
+under a file lock as it finishes, so two runs side by side do not drop each other's rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
 import json
 import os
 import platform
+import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -41,6 +53,12 @@ METHODS = {
     "fp8": [{"method": "fp8", "activations": "dynamic"}],
 }
 MODELS = ("smollm2", "llama-1b-4layers", "llama-1b", "llama-7b-4layers", "llama-7b")
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far, every thread included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _reset_peak() -> None:
@@ -112,6 +130,7 @@ def run_row(args: argparse.Namespace) -> dict:
     from workers.compression.recipe import Recipe
 
     commit = _commit()  # the code this row runs (read now: a commit made meanwhile is not it)
+    load_at_start = os.getloadavg()
     torch.set_num_threads(args.threads)
     process_memory.return_large_frees()  # as a worker's job process does (workers/celery_app.py)
     folder = model_folder(args.model, args.work)
@@ -122,10 +141,11 @@ def run_row(args: argparse.Namespace) -> dict:
     cuda = args.device.startswith("cuda")
     sampler = _RssSampler()
 
-    def phase(name: str, started: float) -> None:
+    def phase(name: str, started: tuple[float, float]) -> None:
         peaks = sampler.read()
         phases[name] = {
-            "seconds": round(time.perf_counter() - started, 2),
+            "seconds": round(time.perf_counter() - started[0], 2),
+            "cpu_seconds": round(_cpu_seconds() - started[1], 2),
             "peak_rss_bytes": process_memory.status_bytes("VmHWM"),
             "peak_rss_anon_bytes": peaks["RssAnon"],
             "peak_rss_file_bytes": peaks["RssFile"],
@@ -137,7 +157,7 @@ def run_row(args: argparse.Namespace) -> dict:
 
     _reset_peak()
     sampler.restart()
-    started = time.perf_counter()
+    started = time.perf_counter(), _cpu_seconds()
     # A scratch folder of the row's own: rows run side by side must not share block files.
     scratch = args.work / f"blocks-{args.model}-{args.method}"
     loaded = load_model(folder, device=args.device, streamed=not args.whole, scratch=scratch)
@@ -153,17 +173,24 @@ def run_row(args: argparse.Namespace) -> dict:
         else None
     )
     phase("load", started)
+    # The calibration's token ids, hashed as bench.quant_peers hashes its own: equal hashes, the
+    # same calibration in both benches.
+    calibration_sha256 = (
+        hashlib.sha256(torch.cat(calibration).numpy().tobytes()).hexdigest()
+        if calibration
+        else None
+    )
     parameters = sum(p.numel() for p in loaded.model.parameters())  # before any layer is replaced
 
     _reset_peak()
     sampler.restart()
-    started = time.perf_counter()
+    started = time.perf_counter(), _cpu_seconds()
     result = compress(loaded.model, recipe, calibration)
     phase("compress", started)
 
     _reset_peak()
     sampler.restart()
-    started = time.perf_counter()
+    started = time.perf_counter(), _cpu_seconds()
     out = args.work / f"out-{args.model}-{args.method}"
     draft = write_draft(
         loaded, result.model, out, recipe={"stages": stages}, inputs={}, sparse_storage="dense"
@@ -173,7 +200,7 @@ def run_row(args: argparse.Namespace) -> dict:
 
     _reset_peak()
     sampler.restart()
-    started = time.perf_counter()
+    started = time.perf_counter(), _cpu_seconds()
     sample = calibration[0][:, :64] if calibration else torch.tensor([[1, 450, 4996, 17354]])
     sample = sample.to(args.device)
     check = verify(draft, result.model, loaded.task, sample)
@@ -188,17 +215,23 @@ def run_row(args: argparse.Namespace) -> dict:
         "parameters": parameters,
         "checkpoint_bytes": on_disk,
         "checkpoint_dtype": str(loaded.dtype).removeprefix("torch."),
-        "calibration": {"samples": args.samples, "seq_len": args.seq_len} if calibration else None,
+        "calibration": (
+            {"samples": args.samples, "seq_len": args.seq_len, "sha256": calibration_sha256}
+            if calibration
+            else None
+        ),
         "threads": args.threads,
         "device": args.device,
         "phases": phases,
         "peak_rss_bytes": max(p["peak_rss_bytes"] for p in phases.values()),
         "peak_rss_anon_bytes": max(p["peak_rss_anon_bytes"] for p in phases.values()),
         "wall_s": round(sum(p["seconds"] for p in phases.values()), 2),
+        "cpu_s": round(sum(p["cpu_seconds"] for p in phases.values()), 2),
         "artifact_bytes": size,
         "export_check": {k: v for k, v in check.report.items() if k != "runtime"},
         "memory_budget_bytes": os.environ.get("SLIMFORMER_MEMORY_LIMIT_BYTES"),
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "load_average_start": load_at_start,
         "load_average": os.getloadavg(),
         "commit": commit,
     }
@@ -206,13 +239,18 @@ def run_row(args: argparse.Namespace) -> dict:
 
 def _commit() -> str:
     """The code measured: HEAD, marked `+dirty` when the work tree differs from it."""
+
     def git(*command: str) -> str:
         return subprocess.run(
             ["git", *command], cwd=BENCH.parent, capture_output=True, text=True, check=False
         ).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD")
-    return head + ("+dirty" if git("status", "--porcelain", "--", "workers", "bench", ":(exclude)bench/results") else "")
+    return head + (
+        "+dirty"
+        if git("status", "--porcelain", "--", "workers", "bench", ":(exclude)bench/results")
+        else ""
+    )
 
 
 def _mb(value: int) -> str:
@@ -221,17 +259,117 @@ def _mb(value: int) -> str:
 
 def _anon(row: dict) -> str:
     phases = row["phases"]
-    order = ("load", "compress", "export", "check")
+    order = PHASES
     if "peak_rss_anon_bytes" not in row:
         return "-"
     parts = " / ".join(_mb(phases[k]["peak_rss_anon_bytes"]) for k in order)
     return f"**{_mb(row['peak_rss_anon_bytes'])}** ({parts})"
 
 
-def write_results(rows: list[dict], argv: list[str]) -> None:
+PHASES = ("load", "compress", "export", "check")
+
+
+def _cpu(row: dict) -> str:
+    """CPU seconds, total (per phase); - for rows measured before CPU time was recorded."""
+    if "cpu_s" not in row:
+        return "-"
+    parts = " / ".join(str(round(row["phases"][k]["cpu_seconds"])) for k in PHASES)
+    return f"{row['cpu_s']:.0f} ({parts})"
+
+
+def _calibration(row: dict) -> str:
+    calibration = row.get("calibration")
+    return f"{calibration['samples']} x {calibration['seq_len']}" if calibration else "-"
+
+
+def row_key(row: dict) -> tuple:
+    """Rows with the same key replace each other; other calibrations sit beside each other."""
+    return (
+        row["model"],
+        row["method"],
+        row["streamed"],
+        row.get("device", "cpu"),
+        _calibration(row),
+    )
+
+
+def block_parameters(row: dict) -> int | None:
+    """The row's parameters less its embeddings, head and final norm: what a method compresses,
+    block by block. From the model's shape (`bench.synthetic.SHAPES`; SmolLM2-135M: vocabulary
+    49,152 x hidden 576, tied); None for a model of unknown shape."""
+    from bench.synthetic import SHAPES
+
+    if row["model"] == "smollm2":
+        vocab, hidden, tied = 49152, 576, True
+    elif row["model"] in SHAPES:
+        shape = SHAPES[row["model"]]
+        vocab, hidden, tied = shape.vocab, shape.hidden, shape.tie_embeddings
+    else:
+        return None
+    return row["parameters"] - vocab * hidden * (1 if tied else 2) - hidden
+
+
+def cpu_per_parameter_table(rows: list[dict]) -> list[str]:
+    """Compress-phase CPU seconds per billion parameters, per method and calibration, by size."""
+    measured = [r for r in rows if "cpu_s" in r]
+    if not measured:
+        return []
+    lines = [
+        "",
+        "## Compress-phase CPU seconds per billion parameters",
+        "",
+        "CPU time (user + system, every thread) of the compress phase divided by the model's "
+        "parameters, smallest model first: all of them, and those of its blocks only (what the "
+        "methods compress; the embeddings, 263M of llama-1b-4layers' 506M, are not). Constant "
+        "down a method's rows: the work grows linearly in parameters. Only rows with CPU time "
+        "recorded; calibrated methods compare at the same calibration only.",
+        "",
+        "| method | calibration | model | params | block params | compress CPU s | "
+        "compress wall s | CPU s per B params | CPU s per B block params | "
+        "load avg (start / end) | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ordered = sorted(
+        measured,
+        key=lambda r: (list(METHODS).index(r["method"]), _calibration(r), r["parameters"]),
+    )
+    for row in ordered:
+        compress = row["phases"]["compress"]
+        start = row.get("load_average_start")
+        end = row.get("load_average")
+        loads = f"{start[0]:.1f} / {end[0]:.1f}" if start and end else "-"
+        blocks = block_parameters(row)
+        per_block = f"{compress['cpu_seconds'] / (blocks / 1e9):.0f}" if blocks else "-"
+        lines.append(
+            f"| {row['method']} | {_calibration(row)} | {row['model']} "
+            f"{'' if row['streamed'] else '(whole) '}| {row['parameters'] / 1e9:.2f}B | "
+            f"{f'{blocks / 1e9:.3f}B' if blocks else '-'} | "
+            f"{compress['cpu_seconds']:.0f} | {compress['seconds']:.0f} | "
+            f"{compress['cpu_seconds'] / (row['parameters'] / 1e9):.0f} | {per_block} | {loads} | "
+            f"{row.get('commit', '-')} |"
+        )
+    return lines
+
+
+def merge_rows(new: list[dict], command: str) -> list[dict]:
+    """Merge `new` into bench/results/stream_scaling.json (each replacing the row of its key) and
+    rewrite the Markdown, under a lock: runs side by side each merge their own rows."""
+    RESULTS.mkdir(exist_ok=True)
+    with open(RESULTS / ".stream_scaling.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        previous = RESULTS / "stream_scaling.json"
+        rows = json.loads(previous.read_text())["rows"] if previous.is_file() else []
+        for row in new:
+            rows = [r for r in rows if row_key(r) != row_key(row)]
+            rows.append(row)
+        write_results(rows, command)
+    return rows
+
+
+def write_results(rows: list[dict], command: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     body = {
-        "command": "python -m bench.stream_scaling " + " ".join(argv),
+        "command": command,
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
@@ -260,25 +398,29 @@ def write_results(rows: list[dict], argv: list[str]) -> None:
         "load average is the 1-minute one when the row ended (2 shared cores: wall times above "
         "2 are inflated by other work).",
         "",
-        "| model | params | checkpoint MB | method | calibration | mode | peak RSS MB (load / compress / export / check) | peak RssAnon MB (load / compress / export / check) | wall s (load / compress / export / check) | artifact MB | load avg | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "CPU s is user + system time of the row's process (every thread), per phase: unlike "
+        "wall time it is barely inflated by other work on the machine (rows measured before it "
+        "was recorded show -). Each row's exact command is its `command` in the JSON.",
+        "",
+        "| model | params | checkpoint MB | method | calibration | mode | peak RSS MB (load / compress / export / check) | peak RssAnon MB (load / compress / export / check) | CPU s (load / compress / export / check) | wall s (load / compress / export / check) | artifact MB | load avg | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         p = row["phases"]
-        order = ("load", "compress", "export", "check")
-        calibration = row.get("calibration")
-        samples = f"{calibration['samples']} x {calibration['seq_len']}" if calibration else "-"
+        order = PHASES
+        samples = _calibration(row)
         load = row.get("load_average")
         lines.append(
             f"| {row['model']} | {row['parameters'] / 1e9:.2f}B | {_mb(row['checkpoint_bytes'])} "
             f"({row['checkpoint_dtype']}) | {row['method']} | {samples} | "
             f"{'streamed' if row['streamed'] else 'whole'} | **{_mb(row['peak_rss_bytes'])}** "
             f"({' / '.join(_mb(p[k]['peak_rss_bytes']) for k in order)}) | {_anon(row)} | "
-            f"{row['wall_s']:.0f} "
+            f"{_cpu(row)} | {row['wall_s']:.0f} "
             f"({' / '.join(str(round(p[k]['seconds'])) for k in order)}) | "
             f"{_mb(row['artifact_bytes'])} | {f'{load[0]:.1f}' if load else '-'} | "
             f"{row.get('commit', '-')} |"
         )
+    lines += cpu_per_parameter_table(rows)
     notes = RESULTS / "stream_scaling.notes.md"  # kept by hand: what the rows show
     if notes.is_file():
         lines += ["", notes.read_text(encoding="utf-8").rstrip()]
@@ -305,16 +447,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path(".slimformer/bench-scaling"))
     parser.add_argument("--row", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, metavar="ROW_JSON", help="merge rows run with --row"
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        rows = [json.loads(path.read_text()) for path in args.merge]
+        merge_rows(
+            rows,
+            "python -m bench.stream_scaling (rows merged one by one: see each row's `command`)",
+        )
+        for row in rows:
+            print(f"merged {row['model']} {row['method']} {_calibration(row)}", flush=True)
+        return
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.row:
         args.model, args.method = args.row
-        args.out.write_text(json.dumps(run_row(args)))
+        row = run_row(args)
+        budget = os.environ.get("SLIMFORMER_MEMORY_LIMIT_BYTES")
+        row["command"] = (
+            (f"SLIMFORMER_MEMORY_LIMIT_BYTES={budget} " if budget else "")
+            + "python -m bench.stream_scaling "
+            + shlex.join(str(a) for a in argv)
+        )
+        args.out.write_text(json.dumps(row))
         return
 
-    previous = RESULTS / "stream_scaling.json"
-    rows = json.loads(previous.read_text())["rows"] if previous.is_file() else []
     for model in args.models:
         for method in args.methods:
             out = args.work / f"row-{model}-{method}.json"
@@ -333,18 +492,15 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{model} {method}: exit {done.returncode}", flush=True)
                 continue
             row = json.loads(out.read_text())
-            rows = [
-                r
-                for r in rows
-                if (r["model"], r["method"], r["streamed"], r.get("device", "cpu"))
-                != (model, method, row["streamed"], row["device"])
-            ]
-            rows.append(row)
+            merge_rows(
+                [row],
+                "python -m bench.stream_scaling (rows merged one by one: see each row's `command`)",
+            )
             print(
-                f"  peak RSS {row['peak_rss_bytes'] / 1e6:,.0f} MB, {row['wall_s']:.0f} s",
+                f"  peak RSS {row['peak_rss_bytes'] / 1e6:,.0f} MB, {row['cpu_s']:.0f} CPU s, "
+                f"{row['wall_s']:.0f} s",
                 flush=True,
             )
-            write_results(rows, argv)
 
 
 if __name__ == "__main__":
