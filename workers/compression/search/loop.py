@@ -260,6 +260,10 @@ def _ladder_then_mixed(
     stage = searchable_stage(recipe)
     if stage is None:
         return
+    if ladder_trials[0][1]["held"]:
+        # The most aggressive rung holds: every unit already has the cheapest option, so no mixed
+        # choice is smaller (a W8A8 space that holds uniformly, or an RTN one at a loose target).
+        return
     choices = options(recipe)
     search_units = units(model, stage, granularity=granularity)
     losses = _sensitivities(
