@@ -87,6 +87,26 @@ Notes (2026-12-07):
   8-bit (<= 6.44) needs ~45% of the weights at 4-bit g64 within 5%: not reached with RTN blocks.
 - Wall seconds: the machine is shared by other benches; compare within a row only. A cold
   search pays the sensitivity measurement; `cold_wall_s` adds it back to the warm runs.
+
+Notes (2026-12-07, later; the machine at load 14-21 on its 2 cores throughout, ~0.1 core each):
+- W8A8 space (`--method w8a8`: one `w8a8` stage, dynamic activations; the search gives each block
+  W8A8 or float): at 5% uniform W8A8 holds (+2.74% on the search split, usage 0.55), so the
+  search stops after that one trial: nothing in the space is smaller (the mixed step is skipped
+  when the most aggressive rung holds; before, it measured 30 sensitivities and evaluated the same
+  all-W8A8 choice again). Its bits/w equal uniform W8A8 (8.05): a W8A8 space can only trade W8A8 for
+  float, so it saves nothing against its own uniform rung (reported split +2.10%, 1 trial, 174 s
+  at load ~17); a tighter target (1%: uniform misses
+  it) is where its mixed step works, not measured here.
+- GPTQ (`--method gptq --bits 4 --calibration 16x512 --no-basic`, SmolLM2, 5%): NOT MEASURED to
+  the end. Killed after 33 minutes: the ladder done, the sensitivity pass at 16 of 60
+  (block, option) steps after ~18 minutes (about 1 min per step at load ~17; each step is GPTQ of
+  one block from its cached Hessian factors plus one proxy pass). First blocks' proxy KL: GPTQ 4-bit
+  0.0113 and 0.0106, 8-bit 7.5e-5 and 4.8e-5. Whether GPTQ 4/8 mixed reaches <= 6.44 bits/w
+  (20% fewer than uniform 8-bit) within 5% is still open: rerun that command on a quiet machine.
+- SmolLM2 RTN at 1% and 2% (`--targets 0.01 0.02`): NOT MEASURED. Killed after 28 minutes: the
+  three ladder trials took 3-6 minutes each and the sensitivity pass was at 8 of 90 steps.
+- Per-layer units (`--granularity layer`): not measured (no block-granularity GPTQ pick to
+  compare with).
 """
 
 
