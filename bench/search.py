@@ -40,7 +40,8 @@ import torch
 
 from bench import results_file
 from workers.compression import compress
-from workers.compression.evaluation import Evaluator
+from workers.compression.data import calibration_batches
+from workers.compression.evaluation import Evaluator, _weight_bytes
 from workers.compression.examples import builtin_dataset_jsonl, builtin_model_folder
 from workers.compression.loading import load_model
 from workers.compression.quant import ATTRIBUTE
@@ -62,6 +63,7 @@ SEARCH = {
     "smollm2": EvaluationSettings(seq_len=256, max_windows=3),
     "minilm": EvaluationSettings(seq_len=128, max_samples=48),
 }
+CALIBRATION = {"smollm2": "enwiki-calibration", "minilm": "lee-sentences"}
 MAX_TRIALS = 16
 NOTES = """
 Notes (2026-12-07):
@@ -85,6 +87,26 @@ Notes (2026-12-07):
   8-bit (<= 6.44) needs ~45% of the weights at 4-bit g64 within 5%: not reached with RTN blocks.
 - Wall seconds: the machine is shared by other benches; compare within a row only. A cold
   search pays the sensitivity measurement; `cold_wall_s` adds it back to the warm runs.
+
+Notes (2026-12-07, later; the machine at load 14-21 on its 2 cores throughout, ~0.1 core each):
+- W8A8 space (`--method w8a8`: one `w8a8` stage, dynamic activations; the search gives each block
+  W8A8 or float): at 5% uniform W8A8 holds (+2.74% on the search split, usage 0.55), so the
+  search stops after that one trial: nothing in the space is smaller (the mixed step is skipped
+  when the most aggressive rung holds; before, it measured 30 sensitivities and evaluated the same
+  all-W8A8 choice again). Its bits/w equal uniform W8A8 (8.05): a W8A8 space can only trade W8A8 for
+  float, so it saves nothing against its own uniform rung (reported split +2.10%, 1 trial, 174 s
+  at load ~17); a tighter target (1%: uniform misses
+  it) is where its mixed step works, not measured here.
+- GPTQ (`--method gptq --bits 4 --calibration 16x512 --no-basic`, SmolLM2, 5%): NOT MEASURED to
+  the end. Killed after 33 minutes: the ladder done, the sensitivity pass at 16 of 60
+  (block, option) steps after ~18 minutes (about 1 min per step at load ~17; each step is GPTQ of
+  one block from its cached Hessian factors plus one proxy pass). First blocks' proxy KL: GPTQ 4-bit
+  0.0113 and 0.0106, 8-bit 7.5e-5 and 4.8e-5. Whether GPTQ 4/8 mixed reaches <= 6.44 bits/w
+  (20% fewer than uniform 8-bit) within 5% is still open: rerun that command on a quiet machine.
+- SmolLM2 RTN at 1% and 2% (`--targets 0.01 0.02`): NOT MEASURED. Killed after 28 minutes: the
+  three ladder trials took 3-6 minutes each and the sensitivity pass was at 8 of 90 steps.
+- Per-layer units (`--granularity layer`): not measured (no block-granularity GPTQ pick to
+  compare with).
 """
 
 
@@ -115,7 +137,10 @@ def block_bits(model, layer_names: list[str], float_bits: int) -> float:
                 group_size=quant.group_size,
                 symmetric=quant.symmetric,
             )
-        bits += stored_bits(shape, option, float_bits)
+        if quant is None and not isinstance(getattr(module, "weight", None), torch.nn.Parameter):
+            bits += 8 * _weight_bytes(module)  # W8A8: int8 weights and their scales
+        else:
+            bits += stored_bits(shape, option, float_bits)
         weights += shape[0] * shape[1]
     return bits / weights
 
@@ -132,16 +157,57 @@ def describe(model, layer_names, reported, metric, baseline) -> dict:
     }
 
 
-def run_model(model_key: str, target_list: list[float], cache_dir: Path, save) -> list[dict]:
+def start_recipe(task: str, method: str, bits: int | None, activations: str = "dynamic") -> Recipe:
+    """The job's default space (`default_recipe`), or the same with `method` and/or `bits`; or the
+    W8A8 space (every targeted layer W8A8, then per unit W8A8 or float)."""
+    if method == "w8a8":
+        return Recipe.model_validate({"stages": [{"method": "w8a8", "activations": activations}]})
+    recipe = default_recipe(task, "cpu")
+    update = {"method": method} if method != recipe.stages[0].method else {}
+    if bits is not None:
+        update["bits"] = bits
+    if not update:
+        return recipe
+    return Recipe.model_validate({"stages": [{**recipe.stages[0].model_dump(), **update}]})
+
+
+def run_model(
+    model_key: str,
+    target_list: list[float],
+    cache_dir: Path,
+    save,
+    *,
+    method: str = "rtn",
+    bits: int | None = None,
+    calibration_spec: tuple[int, int] = (16, 512),
+    granularity: str = "block",
+    basic: bool = True,
+    activations: str = "dynamic",
+) -> list[dict]:
     """The rows of one model; `save(rows)` is called as they fill (a long run keeps its part)."""
     builtin, dataset, metric = MODELS[model_key]
     loaded = load_model(builtin_model_folder(builtin, cache_dir), device="cpu")
     texts = records(dataset)
+    recipe = start_recipe(loaded.task, method, bits, activations)
+    calibration = None
+    if recipe.stages[0].needs_calibration:
+        samples, seq_len = calibration_spec
+        calibration = calibration_batches(
+            [r["text"] for r in records(CALIBRATION[model_key])],
+            loaded.tokenizer,
+            num_samples=samples,
+            seq_len=seq_len,
+            seed=0,
+        )
+    space = {
+        "start": recipe.stages[0].model_dump(mode="json"),
+        "granularity": granularity,
+        "calibration": list(calibration_spec) if calibration else None,
+    }
     reported_settings = REPORTED[model_key].model_copy(update={"metrics": [metric]})
     split, _ = search_split(texts, reported_settings, loaded.tokenizer, loaded.task)
     reported = Evaluator.for_model(loaded, settings=reported_settings, records=texts, device="cpu")
     baseline = reported.measure(loaded.model, folder=None)[metric]
-    recipe = default_recipe(loaded.task, "cpu")
     layer_names = [n for u in units(loaded.model, recipe.stages[0]) for n in u.layers]
 
     def run(target: float, strategy: str, cache) -> tuple:
@@ -153,13 +219,16 @@ def run_model(model_key: str, target_list: list[float], cache_dir: Path, save) -
             tokenizer=loaded.tokenizer,
             targets=Targets(max_metric_drop={metric: target}, max_trials=MAX_TRIALS),
             recipe=recipe,
-            calibration=None,
+            calibration=calibration,
             search_records=split,
             settings=SEARCH[model_key],
             device="cpu",
             model_sha=builtin,
             cache=cache,
             strategy=strategy,
+            granularity=granularity,
+            progress=lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True),
+            on_trial=lambda trial: print(json.dumps(_brief(trial)), flush=True),
         )
         return result, time.perf_counter() - started
 
@@ -177,6 +246,7 @@ def run_model(model_key: str, target_list: list[float], cache_dir: Path, save) -
                 "model": model_key,
                 "metric": metric,
                 "target": target,
+                "space": space,
                 "baseline_reported": baseline,
                 "search": {
                     **describe(result.model, layer_names, reported, metric, baseline),
@@ -185,6 +255,7 @@ def run_model(model_key: str, target_list: list[float], cache_dir: Path, save) -
                     "trials": len(result.trials),
                     "wall_s": round(wall, 1),
                     "sensitivity_cached": sensitivity.get("cached"),
+                    "sensitivity_s": sensitivity.get("seconds"),
                     "cold_wall_s": round(
                         wall + ((cold_sensitivity_s or 0) if sensitivity.get("cached") else 0), 1
                     ),
@@ -195,7 +266,9 @@ def run_model(model_key: str, target_list: list[float], cache_dir: Path, save) -
             held_rungs = [t for t in result.trials if t["kind"] == "ladder" and t["held"]]
             if held_rungs:
                 rung = held_rungs[0]
-                model = compress(copy.deepcopy(loaded.model), Recipe(**rung["recipe"])).model
+                model = compress(
+                    copy.deepcopy(loaded.model), Recipe(**rung["recipe"]), calibration
+                ).model
                 row["uniform"] = {
                     **describe(model, layer_names, reported, metric, baseline),
                     "recipe": rung["recipe"],
@@ -206,6 +279,8 @@ def run_model(model_key: str, target_list: list[float], cache_dir: Path, save) -
             rows.append(row)
             save(rows)
 
+    if not basic:
+        return rows
     # Basic: one run to the tightest target (its candidates do not depend on the target).
     basic, basic_wall = run(min(target_list), "basic", None)
     search_baseline = basic.report["baseline"][metric]
@@ -226,7 +301,7 @@ def run_model(model_key: str, target_list: list[float], cache_dir: Path, save) -
             }
             continue
         count = trial["index"] + 1
-        model = compress(copy.deepcopy(loaded.model), Recipe(**trial["recipe"])).model
+        model = compress(copy.deepcopy(loaded.model), Recipe(**trial["recipe"]), calibration).model
         row["basic"] = {
             **describe(model, layer_names, reported, metric, baseline),
             "held_search_split": True,
@@ -247,6 +322,29 @@ def _brief(trial: dict) -> dict:
     }
 
 
+def space_label(row: dict) -> str:
+    """The searched space of a row: its starting rung, unit granularity and calibration (rows
+    before the space was recorded: the default, RTN 3-bit g64 per block)."""
+    space = row.get("space") or {"start": {"method": "rtn", "bits": 3, "group_size": 64}}
+    start = space["start"]
+    group = "channel" if start.get("group_size") == -1 else f"g{start.get('group_size')}"
+    if start["method"] == "w8a8":
+        label = f"w8a8 {start['activations']} activations"
+    else:
+        label = f"{start['method']} {start['bits']}-bit {group}"
+    if start.get("method") == "gptq":
+        label += " act_order" if start.get("act_order", True) else ""
+    if space.get("granularity", "block") != "block":
+        label += f", per {space['granularity']}"
+    if space.get("calibration"):
+        label += f", calib {space['calibration'][0]}x{space['calibration'][1]}"
+    return label
+
+
+def row_key(row: dict) -> tuple:
+    return (row["model"], space_label(row), row["target"])
+
+
 def _cell(part: dict | None, reference: dict | None = None) -> str:
     if part is None:
         return "none holds"
@@ -261,16 +359,17 @@ def _cell(part: dict | None, reference: dict | None = None) -> str:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     header = [
-        "model", "target", "uniform bits/w (reported drop)", "search bits/w",
+        "model", "space (start)", "target", "uniform bits/w (reported drop)", "search bits/w",
         "search trials / wall s (cold)", "search reported drop", "basic bits/w",
         "basic trials / wall s", "basic reported drop",
     ]  # fmt: skip
     cells = []
-    for row in sorted(rows, key=lambda r: (r["model"], r["target"])):
+    for row in sorted(rows, key=row_key):
         auto, uniform, basic = row["search"], row.get("uniform"), row.get("basic") or {}
         cells.append(
             [
                 row["model"],
+                space_label(row),
                 f"{row['target']:.1%}",
                 "none holds"
                 if uniform is None
@@ -298,7 +397,16 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), required=True)
     parser.add_argument("--targets", nargs="+", type=float, required=True)
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "bench")
+    parser.add_argument("--method", choices=["rtn", "gptq", "w8a8"], default="rtn")
+    parser.add_argument("--activations", choices=["dynamic", "static"], default="dynamic")
+    parser.add_argument("--bits", type=int, help="the starting rung's bits (default: the space's)")
+    parser.add_argument(
+        "--calibration", default="16x512", help="SAMPLESxSEQ_LEN, for a method that needs it"
+    )
+    parser.add_argument("--granularity", choices=["block", "layer"], default="block")
+    parser.add_argument("--no-basic", action="store_true", help="skip the INC-style baseline")
     args = parser.parse_args()
+    samples, seq_len = (int(part) for part in args.calibration.split("x"))
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     load_before = os.getloadavg()
     command = "nice -n 10 .venv/bin/python -m bench.search " + shlex.join(sys.argv[1:])
@@ -307,7 +415,7 @@ def main() -> None:
         load = f"{load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
         for row in new:
             row["command"], row["load"] = command, load
-        rows = results_file.merged_rows("search", new, key=lambda r: (r["model"], r["target"]))
+        rows = results_file.merged_rows("search", new, key=row_key)
         path = results_file.RESULTS / "search.json"
         runs = json.loads(path.read_text()).get("runs", []) if path.exists() else []
         runs = [r for r in runs if r["command"] != command] + [{"command": command, "load": load}]
@@ -315,7 +423,18 @@ def main() -> None:
         results_file.write("search", {**meta, "results": rows}, markdown(rows, meta))
         print(markdown(rows, meta), flush=True)
 
-    run_model(args.model, args.targets, args.cache_dir, save)
+    run_model(
+        args.model,
+        args.targets,
+        args.cache_dir,
+        save,
+        method=args.method,
+        bits=args.bits,
+        calibration_spec=(samples, seq_len),
+        granularity=args.granularity,
+        basic=not args.no_basic,
+        activations=args.activations,
+    )
 
 
 if __name__ == "__main__":

@@ -222,3 +222,64 @@ def test_replaying_the_blocks_before_a_unit_measures_what_a_full_pass_does(name,
     assert start == proxy.blocks[-1]
     replayed = proxy.distance(model, start=start)
     assert replayed > 0 and replayed == pytest.approx(proxy.distance(model), rel=1e-5)
+
+
+def test_gptq_sensitivity_pass_measures_what_compress_of_the_unit_alone_does(llama):
+    """The one-pass GPTQ sensitivity (`_GptqPass`: each block's Hessians from the original hidden
+    states, shared by every option) gives the very weights `compress` of the unit alone does."""
+    from workers.compression.search.sensitivity import _GptqPass, _restore
+
+    model = llama.model
+    calibration = [
+        torch.randint(6, 128, (1, 16), generator=torch.Generator().manual_seed(seed))
+        for seed in range(4)
+    ]
+    gptq = Recipe.model_validate({"stages": [{"method": "gptq", "bits": 3, "group_size": 16}]})
+    all_units = units(model, gptq.stages[0], granularity="layer")
+    one_pass = _GptqPass(model, calibration, all_units)
+    checked = 0
+    for unit in all_units[:: max(1, len(all_units) // 4)]:
+        for option in options(gptq)[:-1]:  # every GPTQ rung, float aside
+            original = {n: model.get_submodule(n).weight.detach().clone() for n in unit.layers}
+            one_pass.quantize(unit, option)
+            fast = {n: model.get_submodule(n).weight.detach().clone() for n in unit.layers}
+            _restore(model, original, None)
+            alone = option.model_copy(update={"modules": list(unit.layers), "ignore": []})
+            compress(model, Recipe(stages=[alone]), calibration)
+            for name in unit.layers:
+                torch.testing.assert_close(model.get_submodule(name).weight, fast[name])
+                assert not torch.equal(fast[name], original[name])
+            _restore(model, original, None)
+            checked += 1
+    assert checked >= 4
+
+
+def test_w8a8_space_picks_w8a8_or_float_per_unit(llama):
+    """A W8A8 recipe is searched too: its ladder is the recipe, then each block W8A8 or float; the
+    sensitivity pass puts the replaced layers back."""
+    from workers.compression.runtime.int8 import W8A8Linear
+    from workers.compression.search.sensitivity import Proxy, measure
+
+    model = llama.model
+    w8a8 = Recipe.model_validate({"stages": [{"method": "w8a8"}]})
+    assert ladder(w8a8) == [w8a8] and options(w8a8) == [w8a8.stages[0], None]
+    blocks = units(model, w8a8.stages[0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = [torch.randint(6, 128, (1, 12), generator=torch.Generator().manual_seed(0))]
+    measured = measure(
+        model, blocks, options(w8a8), Proxy(model, task=llama.task, inputs=ids, device="cpu"),
+        calibration=None,
+    )  # fmt: skip
+    assert all(row[0] > 0 and row[1] == 0 for row in measured["losses"])
+    assert not any(isinstance(m, W8A8Linear) for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    mixed = mixed_recipe(w8a8.stages[0], [w8a8.stages[0], None], blocks)
+    assert [s.modules for s in mixed.stages] == [list(blocks[0].layers)]
+    compress(model, mixed)
+    kinds = {name: type(model.get_submodule(name)) for u in blocks for name in u.layers}
+    assert all(kinds[n] is W8A8Linear for n in blocks[0].layers)
+    assert all(kinds[n] is torch.nn.Linear for n in blocks[1].layers)
+    size, bits = footprint(model, 32)
+    assert 8 < bits < 32

@@ -42,6 +42,7 @@ from workers.compression.search import sensitivity as sensitivity_module
 from workers.compression.search.sensitivity import Proxy, SensitivityCache
 from workers.compression.search.solver import solve
 from workers.compression.search.space import (
+    SearchableStage,
     ladder,
     mixed_recipe,
     options,
@@ -259,6 +260,10 @@ def _ladder_then_mixed(
     stage = searchable_stage(recipe)
     if stage is None:
         return
+    if ladder_trials[0][1]["held"]:
+        # The most aggressive rung holds: every unit already has the cheapest option, so no mixed
+        # choice is smaller (a W8A8 space that holds uniformly, or an RTN one at a loose target).
+        return
     choices = options(recipe)
     search_units = units(model, stage, granularity=granularity)
     losses = _sensitivities(
@@ -318,7 +323,7 @@ def _basic(state, model, recipe, granularity) -> None:
     if trial["held"] or stage is None:
         return
     search_units = units(model, stage, granularity=granularity)
-    chosen: list[WeightOnlyConfig | None] = [stage] * len(search_units)
+    chosen: list[SearchableStage | None] = [stage] * len(search_units)
     for index in range(len(search_units)):
         chosen[index] = None
         candidate = mixed_recipe(stage, chosen, search_units)
@@ -337,6 +342,11 @@ def _sensitivities(
         options=choices,
         units=search_units,
         data_sha=sensitivity_module.data_sha(proxy_inputs),
+        calibration_sha=(
+            sensitivity_module.data_sha(calibration)
+            if calibration and any(c is not None and c.needs_calibration for c in choices)
+            else None
+        ),
     )
     measured = cache.get(key) if cache is not None else None
     cached = measured is not None
@@ -367,9 +377,9 @@ def _proxy_inputs(evaluator: Evaluator) -> list[torch.Tensor]:
         return [ids[:, :PROXY_TOKENS] for ids, _ in evaluator.windows[:PROXY_INPUTS]]
     texts = evaluator.embedding_texts[: PROXY_INPUTS * 8]
     return [
-        evaluator.tokenizer(
-            text, return_tensors="pt", truncation=True, max_length=PROXY_TOKENS
-        )["input_ids"]
+        evaluator.tokenizer(text, return_tensors="pt", truncation=True, max_length=PROXY_TOKENS)[
+            "input_ids"
+        ]
         for text in texts
     ]
 

@@ -23,11 +23,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from workers.compression.calibration import (
+    block_layers,
+    capture_block_inputs,
+    input_hessians,
+    model_blocks,
+)
 from workers.compression.engine import compress
 from workers.compression.evaluation import linear_layer_names
-from workers.compression.quant import ATTRIBUTE
-from workers.compression.recipe import Recipe, WeightOnlyConfig
-from workers.compression.search.space import Unit, block_of
+from workers.compression.methods.gptq import HessianFactor, gptq_quantize, inverse_hessian_factor
+from workers.compression.quant import ATTRIBUTE, attach
+from workers.compression.recipe import GptqConfig, Recipe, W8A8Config
+from workers.compression.search.space import SearchableStage, Unit, block_of
 
 EMBEDDING_BATCH = 16
 
@@ -141,8 +148,14 @@ def block_names(model: nn.Module) -> list[str]:
 
 
 def cache_key(
-    *, model_sha: str, options: list[WeightOnlyConfig | None], units: list[Unit], data_sha: str
+    *,
+    model_sha: str,
+    options: list[SearchableStage | None],
+    units: list[Unit],
+    data_sha: str,
+    calibration_sha: str | None = None,
 ) -> str:
+    """`calibration_sha`: of the calibration samples, when an option reads them (GPTQ, AWQ)."""
     described = json.dumps(
         {
             "model": model_sha,
@@ -150,6 +163,7 @@ def cache_key(
             "units": [[unit.name, list(unit.layers)] for unit in units],
             "data": data_sha,
             "proxy": 1,
+            **({"calibration": calibration_sha} if calibration_sha is not None else {}),
         },
         sort_keys=True,
     )
@@ -166,46 +180,143 @@ def data_sha(inputs: list[torch.Tensor]) -> str:
 def measure(
     model: nn.Module,
     units: list[Unit],
-    options: list[WeightOnlyConfig | None],
+    options: list[SearchableStage | None],
     proxy: Proxy,
     *,
     calibration: list[torch.Tensor] | None,
     on_step: Callable[[int, int, str], None] | None = None,
 ) -> dict:
-    """{"losses": [[proxy distance per option] per unit], "seconds": ...}; float (None) is 0."""
+    """{"losses": [[proxy distance per option] per unit], "seconds": ...}; float (None) is 0.
+
+    GPTQ options are measured in one pass over the blocks (`_GptqPass`): a unit alone under GPTQ
+    sees its block's original inputs, so each block's Hessians (and their factors, which do not
+    depend on the bits) are computed once, from the calibration hidden states advanced through the
+    original blocks, and serve every GPTQ option of every unit in the block. That is exactly what
+    `compress` of the unit alone computes, without its pass over the whole model per (unit,
+    option). Other options go through `compress` itself."""
     started = time.perf_counter()
-    losses = []
+    losses: list[list[float]] = []
     steps = len(units) * sum(option is not None for option in options)
     step = 0
+    gptq_pass = (
+        _GptqPass(model, calibration, units)
+        if calibration and any(isinstance(option, GptqConfig) for option in options)
+        else None
+    )
     for unit in units:
+        block = block_of(unit.layers[0])
         row = []
         for option in options:
             if option is None:
                 row.append(0.0)
                 continue
-            saved = {
-                name: model.get_submodule(name).weight.detach().clone() for name in unit.layers
-            }
+            modules = {name: model.get_submodule(name) for name in unit.layers}
+            saved = {name: module.weight.detach().clone() for name, module in modules.items()}
             state = (
                 {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if option.rescales_weights
                 else None
             )
-            alone = Recipe(
-                stages=[option.model_copy(update={"modules": list(unit.layers), "ignore": []})]
-            )
-            compress(model, alone, calibration)
-            row.append(proxy.distance(model, start=block_of(unit.layers[0])))
+            if isinstance(option, GptqConfig) and gptq_pass is not None and gptq_pass.covers(unit):
+                gptq_pass.quantize(unit, option)
+            else:
+                alone = Recipe(
+                    stages=[option.model_copy(update={"modules": list(unit.layers), "ignore": []})]
+                )
+                compress(model, alone, calibration)
+            row.append(proxy.distance(model, start=block))
+            for name, module in modules.items():  # W8A8 replaces the layers
+                if model.get_submodule(name) is not module:
+                    model.set_submodule(name, module)
             _restore(model, saved, state)
             step += 1
             if on_step is not None:
                 on_step(step, steps, f"sensitivity of {unit.name} at {_label(option)}")
         losses.append(row)
-    return {"losses": losses, "seconds": round(time.perf_counter() - started, 3)}
+    result = {"losses": losses, "seconds": round(time.perf_counter() - started, 3)}
+    if gptq_pass is not None:
+        result["gptq_hessian_seconds"] = round(gptq_pass.seconds, 3)
+    return result
+
+
+class _GptqPass:
+    """The calibration hidden states walked through the original blocks in order, with the
+    current block's input Hessians and their factors: units must be asked for in model order
+    (as `units` lists them), and the model must be back to its original weights between calls."""
+
+    def __init__(
+        self, model: nn.Module, calibration: list[torch.Tensor], units: list[Unit]
+    ) -> None:
+        self.model = model
+        self.blocks_name, self.blocks = model_blocks(model)
+        # Every covered unit's layers, per block: one run of the block collects all their inputs.
+        self.layers_of: dict[str, list[str]] = {}
+        for unit in units:
+            if self.covers(unit):
+                self.layers_of.setdefault(block_of(unit.layers[0]), []).extend(unit.layers)
+        with torch.no_grad():
+            self.inputs = capture_block_inputs(model, calibration)
+        self.index = -1  # the block whose Hessians are held
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.factors: dict[tuple, HessianFactor] = {}
+        self.seconds = 0.0
+
+    def covers(self, unit: Unit) -> bool:
+        block = block_of(unit.layers[0])
+        prefix = f"{self.blocks_name}."
+        if not block.startswith(prefix) or not block[len(prefix) :].isdigit():
+            return False
+        return all(block_of(name) == block for name in unit.layers)
+
+    @torch.no_grad()
+    def _reach(self, index: int) -> None:
+        if index < self.index:
+            raise ValueError("GPTQ sensitivities must be measured in block order")
+        if index == self.index:
+            return
+        began = time.perf_counter()
+        self.hessians, self.factors = {}, {}
+        while self.index < index:
+            if self.index >= 0:
+                self.inputs.advance(self.blocks[self.index])  # the original block
+            self.index += 1
+        block_name = f"{self.blocks_name}.{index}"
+        block = self.blocks[index]
+        layers = block_layers(block_name, block, self.layers_of.get(block_name, []))
+        found = input_hessians(block, layers, self.inputs)
+        self.hessians = {block_name + "." + name: h for name, h in found.items()}
+        self.seconds += time.perf_counter() - began
+
+    @torch.no_grad()
+    def quantize(self, unit: Unit, option: GptqConfig) -> None:
+        block = block_of(unit.layers[0])
+        self._reach(int(block.rsplit(".", 1)[1]))
+        for name in unit.layers:
+            hessian = self.hessians[name]
+            key = (id(hessian), option.damping, option.act_order)
+            if key not in self.factors:
+                began = time.perf_counter()
+                self.factors[key] = inverse_hessian_factor(
+                    hessian, option.damping, act_order=option.act_order, method="GPTQ", layer=name
+                )
+                self.seconds += time.perf_counter() - began
+            layer = self.model.get_submodule(name)
+            quantized = gptq_quantize(
+                layer.weight,
+                self.factors[key],
+                bits=option.bits,
+                group_size=option.group_size,
+                symmetric=option.symmetric,
+                act_order=option.act_order,
+                damping=option.damping,
+                block_size=option.block_size,
+                layer=name,
+            )
+            attach(layer, quantized)
 
 
 def summary(
-    units: list[Unit], options: list[WeightOnlyConfig | None], measured: dict, *, cached: bool
+    units: list[Unit], options: list[SearchableStage | None], measured: dict, *, cached: bool
 ) -> dict:
     """What report.json shows: the options, each unit's losses, the most sensitive units."""
     labels = [_label(option) for option in options]
@@ -225,9 +336,11 @@ def summary(
     }
 
 
-def _label(option: WeightOnlyConfig | None) -> str:
+def _label(option: SearchableStage | None) -> str:
     if option is None:
         return "float"
+    if isinstance(option, W8A8Config):
+        return f"w8a8 {option.activations}"
     group = "channel" if option.group_size == -1 else f"g{option.group_size}"
     return f"{option.method} {option.bits}-bit {group}"
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from workers.compression.layer_selection import linear_layers
-from workers.compression.recipe import Recipe, StageConfig, WeightOnlyConfig
+from workers.compression.recipe import Recipe, StageConfig, W8A8Config, WeightOnlyConfig
 from workers.compression.search.defaults import DEFAULT_WEIGHT_ONLY_RUNGS
 
 
@@ -30,9 +30,15 @@ class Unit:
         return sum(out * inp for out, inp in self.shapes)
 
 
-def searchable_stage(recipe: Recipe) -> WeightOnlyConfig | None:
-    """The recipe's one weight-only stage, when that is all it is: then per-unit bits apply."""
-    if len(recipe.stages) == 1 and isinstance(recipe.stages[0], WeightOnlyConfig):
+# A stage a search can give per unit: weight-only (bits per unit, the ladder's rungs) or W8A8 (one
+# precision: each unit W8A8 or float).
+SearchableStage = WeightOnlyConfig | W8A8Config
+
+
+def searchable_stage(recipe: Recipe) -> SearchableStage | None:
+    """The recipe's one weight-only or W8A8 stage, when that is all it is: then per-unit choices
+    apply."""
+    if len(recipe.stages) == 1 and isinstance(recipe.stages[0], WeightOnlyConfig | W8A8Config):
         return recipe.stages[0]
     return None
 
@@ -40,9 +46,10 @@ def searchable_stage(recipe: Recipe) -> WeightOnlyConfig | None:
 def ladder(recipe: Recipe) -> list[Recipe]:
     """Uniform recipes from `recipe` (the most aggressive) to the least aggressive: a recipe that
     is one weight-only stage gets the default rungs (`defaults.py`, torch-free: the API reads it)
-    that keep more bits than it; `gptq`/`awq` recipes keep their own method on every rung."""
+    that keep more bits than it; `gptq`/`awq` recipes keep their own method on every rung. W8A8
+    has one precision: its ladder is the recipe alone (float is the next step, per unit)."""
     stage = searchable_stage(recipe)
-    if stage is None:
+    if stage is None or isinstance(stage, W8A8Config):
         return [recipe]
     rungs = [recipe]
     for rung in DEFAULT_WEIGHT_ONLY_RUNGS:
@@ -52,7 +59,7 @@ def ladder(recipe: Recipe) -> list[Recipe]:
     return rungs
 
 
-def options(recipe: Recipe) -> list[WeightOnlyConfig | None]:
+def options(recipe: Recipe) -> list[SearchableStage | None]:
     """Per-unit options, cheapest first, float (None) last."""
     return [rung.stages[0] for rung in ladder(recipe)] + [None]
 
@@ -75,10 +82,10 @@ def units(model: nn.Module, stage: StageConfig, *, granularity: str = "block") -
 
 
 def mixed_recipe(
-    template: WeightOnlyConfig, chosen: list[WeightOnlyConfig | None], all_units: list[Unit]
+    template: SearchableStage, chosen: list[SearchableStage | None], all_units: list[Unit]
 ) -> Recipe | None:
     """The recipe giving unit i option chosen[i]; None when every unit stays float."""
-    by_option: dict[str, tuple[WeightOnlyConfig, list[str]]] = {}
+    by_option: dict[str, tuple[SearchableStage, list[str]]] = {}
     for option, unit in zip(chosen, all_units, strict=True):
         if option is None:
             continue
@@ -95,12 +102,16 @@ def mixed_recipe(
     return Recipe(stages=stages)
 
 
-def stored_bits(shape: tuple[int, int], option: WeightOnlyConfig | None, float_bits: int) -> int:
+def stored_bits(shape: tuple[int, int], option: SearchableStage | None, float_bits: int) -> int:
     """Bits the export stores for one [out, in] weight: packed codes, float32 scales (and packed
-    zero points when asymmetric), or the float weight."""
+    zero points when asymmetric), or the float weight. W8A8: int8 codes, a float32 scale per
+    output channel and, with static activations, one float32 input scale."""
     out_features, in_features = shape
     if option is None:
         return out_features * in_features * float_bits
+    if isinstance(option, W8A8Config):
+        static = 32 if option.activations == "static" else 0
+        return out_features * in_features * 8 + out_features * 32 + static
     group = in_features if option.group_size == -1 else option.group_size
     groups = in_features // group
     codes = out_features * math.ceil(in_features * option.bits / 32) * 32
@@ -109,11 +120,13 @@ def stored_bits(shape: tuple[int, int], option: WeightOnlyConfig | None, float_b
     return codes + scales + zeros
 
 
-def unit_bits(unit: Unit, option: WeightOnlyConfig | None, float_bits: int) -> int:
+def unit_bits(unit: Unit, option: SearchableStage | None, float_bits: int) -> int:
     return sum(stored_bits(shape, option, float_bits) for shape in unit.shapes)
 
 
-def _nominal_bits(stage: WeightOnlyConfig) -> float:
+def _nominal_bits(stage: SearchableStage) -> float:
+    if isinstance(stage, W8A8Config):
+        return 8 + 32 / 4096
     group = 4096 if stage.group_size == -1 else stage.group_size
     return stage.bits + 32 / group
 
