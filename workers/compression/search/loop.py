@@ -309,7 +309,9 @@ def _ladder_then_mixed(
         # refit on this trial and try the smaller pick that allows.
         if not predicted or trial["usage"] is None:
             return
-        fitted = trial["usage"] / predicted
+        # A pick that used none of it (its metric as good as the original's, or better) gives no
+        # scale to fit: halve it. Each pass tries a new pick (`tried`) within the trial budget.
+        fitted = trial["usage"] / predicted if trial["usage"] > 0 else alpha / 2
         if fitted >= alpha * (1 - REFINE_MIN_GAIN):
             return
         alpha = fitted
