@@ -19,7 +19,7 @@ from app.jobs.lifecycle import LIVE, TERMINAL, add_event, transition
 from app.jobs.resolver import ResolvedJob, resolve_job
 from app.jobs.schemas import JobCreate, JobOut, Progress, ResourcesSpec, WebhookOut, WebhookSpec
 from app.pagination import page
-from app.storage import get_store
+from app.storage import get_store, search_trials_key
 from app.webhooks import service as webhooks
 from app.webhooks.schemas import EndpointCreate
 
@@ -235,8 +235,8 @@ def retry_job(*, session: Session, project_id: str, job: Job) -> Job:
 
 
 def delete_job(*, session: Session, job: Job) -> None:
-    """Deletes the job, its rows and the stored bytes that no other job's artifact rows share
-    (a result-cache hit points at the bytes of the job it reused)."""
+    """Deletes the job, its rows, its search trials and the stored bytes that no other job's
+    artifact rows share (a result-cache hit points at the bytes of the job it reused)."""
     if job.status in LIVE:
         raise APIError("conflict", f"Job {job.id} is {job.status}; cancel it first")
     store = get_store()
@@ -255,6 +255,7 @@ def delete_job(*, session: Session, job: Job) -> None:
                 store.delete(key)
         if not any(key.startswith(f"{prefix}/") for key in shared):
             store.delete_prefix(prefix)
+        store.delete(search_trials_key(job.id))  # a search job's trials (none for the others)
 
     after_commit(session, remove_files)
 

@@ -1,5 +1,5 @@
-"""Deleting a model deletes what its jobs left in storage besides their results: the search trials
-of its jobs and the baseline cache's state measured on its bytes (kept while another model of the
+"""Deleting a job deletes its search trials; deleting a model deletes what its jobs left in storage
+besides their results: the search trials of its jobs and the baseline cache's state measured on its bytes (kept while another model of the
 project has the same bytes). A real search job, on the real storage (the local filesystem)."""
 
 from __future__ import annotations
@@ -34,28 +34,34 @@ def test_deleting_a_model_deletes_its_trials_and_baseline_state(tmp_path: Path, 
                 assert model["status"] == "ready", model
                 models.append(model)
             first, twin = models
-            response = client.post(
-                "/v1/jobs",
-                json={
-                    "model_id": first["id"],
-                    "evaluation": {
-                        "dataset_id": builtin_id(client, "datasets", "lee-sentences"),
-                        "metrics": ["embedding_cosine", "size"],
-                        "max_samples": 16,
-                        "seq_len": 32,
-                    },
-                    "targets": {
-                        "min_metric": {"embedding_cosine": 0.5},
-                        "budget": {"max_trials": 2},
-                    },
+            search = {
+                "model_id": first["id"],
+                "evaluation": {
+                    "dataset_id": builtin_id(client, "datasets", "lee-sentences"),
+                    "metrics": ["embedding_cosine", "size"],
+                    "max_samples": 16,
+                    "seq_len": 32,
                 },
-            )
+                "targets": {
+                    "min_metric": {"embedding_cosine": 0.5},
+                    "budget": {"max_trials": 2},
+                },
+            }
+            response = client.post("/v1/jobs", json=search)
             assert response.status_code == 202, response.text
             job = wait_for(client, response.json()["id"], {"succeeded", "failed"}, timeout=600)
             assert job["status"] == "succeeded", (job, service.logs())
             assert job["metrics"]["trials"]
-            trials = stored(storage, "search/trials")
-            assert trials == [f"search/trials/{job['id']}.json"]
+            assert stored(storage, "search/trials") == [f"search/trials/{job['id']}.json"]
+
+            # The same search on the twin, then that job deleted: its trials go, not the other's.
+            response = client.post("/v1/jobs", json={**search, "model_id": twin["id"]})
+            assert response.status_code == 202, response.text
+            other = wait_for(client, response.json()["id"], {"succeeded", "failed"}, timeout=600)
+            assert other["status"] == "succeeded", (other, service.logs())
+            assert len(stored(storage, "search/trials")) == 2
+            assert client.delete(f"/v1/jobs/{other['id']}").status_code == 204
+            assert stored(storage, "search/trials") == [f"search/trials/{job['id']}.json"]
             baseline = stored(storage, "baseline-cache")
             assert len(baseline) == 1 and baseline[0].endswith(".safetensors"), baseline
 
