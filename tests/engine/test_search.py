@@ -112,6 +112,9 @@ def test_search_reports_trials_and_picks_the_smallest_that_holds(make_llama, rec
     chosen = trials[result.report["chosen_trial"]]
     assert result.targets_met == chosen["held"]
     assert not trials[0]["held"] and any(t["kind"] == "mixed" for t in trials)
+    # No model is measured twice: a mixed pick that is a uniform rung reuses the ladder's trial.
+    measured = {(t["size_bytes"], t["metrics"]["perplexity"]) for t in trials}
+    assert len(measured) == len(trials), trials
     held = [t for t in trials if t["held"]]
     assert held and chosen["size_bytes"] == min(t["size_bytes"] for t in held)
     assert result.report["stopped"] == "held"
