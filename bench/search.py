@@ -107,6 +107,26 @@ Notes (2026-12-07, later; the machine at load 14-21 on its 2 cores throughout, ~
   three ladder trials took 3-6 minutes each and the sensitivity pass was at 8 of 90 steps.
 - Per-layer units (`--granularity layer`): not measured (no block-granularity GPTQ pick to
   compare with).
+
+Notes (2026-12-07, stop 20; the machine at load 2.5-5, other benches beside it; rows run without
+nice although the commands above say nice -n 10):
+- SmolLM2 RTN 1% and 2% (block units): at 1% the search's only held pick is uniform 8-bit (the
+  mixed step's pick was all-8-bit; it is now recognised as that rung and its ladder trial reused,
+  not measured again); at 2%, 7.93 bits/w, 1.5% fewer, +0.75% reported. RTN's 4-bit rung (+41%)
+  is far too coarse a step for targets this tight: each block moved to 4-bit costs about 1.4%.
+- SmolLM2 RTN 5% per layer (210 units, 630 sensitivities in ~6 min): 6.65 bits/w, 17.4% fewer than
+  uniform 8-bit (block units: 7.46, 7.3%), but +5.67% on the reported split: it held on the search
+  split (usage 0.99 after five repairs, each promoting one layer) and not on the reported one.
+  The search split (3 windows x 256 tokens) is too small to tell 5% from 5.7%; the issue's 20%
+  (<= 6.44 bits/w) is still not reached with RTN, by layer or by block.
+- SmolLM2 W8A8 space at 1% and 2%: uniform W8A8 misses both (+2.10% reported at 5%); the search
+  keeps W8A8 where it costs least: 11.24 bits/w at 1% (+1.00% reported, at the limit) and 8.85 at
+  2% (+1.22%), against float32 (32 bits/w), the only uniform choice that holds.
+- MiniLM 2%, 5%, 10%: 6.28 (22.1% fewer than uniform 8-bit), 4.93 (38.9% fewer) and, at 10%
+  where uniform 4-bit holds (4.50), 4.17 bits/w (7.4% fewer), all within target on the reported
+  split; basic holds only at 10%, with 27.25 bits/w (most blocks float).
+- GPTQ as the 4-bit option (`--method gptq`): still not measured to the end (the machine's CPU
+  went to the 7B-shape GPTQ row of bench/stream_scaling this stop).
 """
 
 
@@ -353,7 +373,10 @@ def _cell(part: dict | None, reference: dict | None = None) -> str:
     text = f"{part['bits_per_weight']:.2f}"
     if reference is not None and reference.get("bits_per_weight"):
         saving = 1 - part["bits_per_weight"] / reference["bits_per_weight"]
-        text += f" ({saving:.1%} fewer than uniform)"
+        if saving >= 0:
+            text += f" ({saving:.1%} fewer than uniform)"
+        else:
+            text += f" ({-saving:.1%} more than uniform)"
     return text
 
 
