@@ -187,6 +187,29 @@ def _permute_symmetric(matrix: torch.Tensor, permutation: torch.Tensor) -> None:
         done[row] = True
 
 
+def quantize_with(
+    config: GptqConfig,
+    weight: torch.Tensor,
+    factor: torch.Tensor | HessianFactor,
+    *,
+    layer: str,
+    errors: dict | None = None,
+) -> QuantizedWeight:
+    """`gptq_quantize` with a recipe stage's settings."""
+    return gptq_quantize(
+        weight,
+        factor,
+        bits=config.bits,
+        group_size=config.group_size,
+        symmetric=config.symmetric,
+        act_order=config.act_order,
+        damping=config.damping,
+        block_size=config.block_size,
+        layer=layer,
+        errors=errors,
+    )
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor | HessianFactor,
@@ -380,17 +403,8 @@ class GptqBlockHandler:
             prefix=prefix,
         ):  # fmt: skip
             errors: dict = {}
-            quantized = gptq_quantize(
-                original.weight,
-                factor,
-                bits=config.bits,
-                group_size=config.group_size,
-                symmetric=config.symmetric,
-                act_order=config.act_order,
-                damping=config.damping,
-                block_size=config.block_size,
-                layer=prefix + name,
-                errors=errors,
+            quantized = quantize_with(
+                config, original.weight, factor, layer=prefix + name, errors=errors
             )
             attach(layers[name], quantized)
             summary[prefix + name] = {

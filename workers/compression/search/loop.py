@@ -282,13 +282,6 @@ def _ladder_then_mixed(
     alpha = _fit_scale(ladder_trials, choices, losses)
     if alpha is None:
         return
-    # A pick that gives every unit the same option is that option's uniform rung: when the ladder
-    # evaluated it, its trial stands for the pick instead of the same model measured again.
-    known = {
-        (j,) * len(search_units): trial
-        for j, (rung, trial) in enumerate(ladder_trials)
-        if len(rung.stages) == 1
-    }
     tried: set[str] = set()
     while True:
         pick = solve(costs, losses, 1.0 / alpha)
@@ -299,9 +292,7 @@ def _ladder_then_mixed(
             return
         tried.add(pick_recipe.model_dump_json())
         predicted = sum(losses[i][j] for i, j in enumerate(pick))
-        trial = known.get(tuple(pick)) or state.evaluate_trial(
-            pick_recipe, "mixed", {"predicted_usage": alpha * predicted}
-        )
+        trial = state.evaluate_trial(pick_recipe, "mixed", {"predicted_usage": alpha * predicted})
         while not trial["held"]:
             pick = _promote(pick, losses, len(choices))
             if pick is None:
@@ -311,7 +302,7 @@ def _ladder_then_mixed(
                 return
             tried.add(pick_recipe.model_dump_json())
             predicted = sum(losses[i][j] for i, j in enumerate(pick))
-            trial = known.get(tuple(pick)) or state.evaluate_trial(
+            trial = state.evaluate_trial(
                 pick_recipe, "repair", {"predicted_usage": alpha * predicted}
             )
         # It holds: if it used less of the allowance than predicted, the scale was pessimistic;

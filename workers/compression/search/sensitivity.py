@@ -31,7 +31,7 @@ from workers.compression.calibration import (
 )
 from workers.compression.engine import compress
 from workers.compression.evaluation import linear_layer_names
-from workers.compression.methods.gptq import HessianFactor, gptq_quantize, inverse_hessian_factor
+from workers.compression.methods.gptq import HessianFactor, inverse_hessian_factor, quantize_with
 from workers.compression.quant import ATTRIBUTE, attach
 from workers.compression.recipe import GptqConfig, Recipe, W8A8Config
 from workers.compression.search.space import SearchableStage, Unit, block_of
@@ -301,18 +301,7 @@ class _GptqPass:
                 )
                 self.seconds += time.perf_counter() - began
             layer = self.model.get_submodule(name)
-            quantized = gptq_quantize(
-                layer.weight,
-                self.factors[key],
-                bits=option.bits,
-                group_size=option.group_size,
-                symmetric=option.symmetric,
-                act_order=option.act_order,
-                damping=option.damping,
-                block_size=option.block_size,
-                layer=name,
-            )
-            attach(layer, quantized)
+            attach(layer, quantize_with(option, layer.weight, self.factors[key], layer=name))
 
 
 def summary(

@@ -93,6 +93,10 @@ def mixed_recipe(
         by_option.setdefault(key, (option, []))[1].extend(unit.layers)
     if not by_option:
         return None
+    if len(by_option) == 1 and None not in chosen:
+        # Every unit the same option: that is the option's uniform rung, written as the ladder
+        # writes it, so a search sees it as the trial it may already have measured.
+        return Recipe(stages=[chosen[0]])
     # Fewest bits first: the recipe reads like the ladder.
     stages = [
         option.model_copy(update={"modules": layers, "ignore": []})
