@@ -248,6 +248,7 @@ def delete_job(*, session: Session, job: Job) -> None:
     session.flush()
     shared = still_referenced(session=session, storage_keys=keys)
     prefix = f"jobs/{job.id}"
+    trials = search_trials_key(job.id) if job.targets else None  # a search job's trials
 
     def remove_files() -> None:
         for key in keys:
@@ -255,7 +256,8 @@ def delete_job(*, session: Session, job: Job) -> None:
                 store.delete(key)
         if not any(key.startswith(f"{prefix}/") for key in shared):
             store.delete_prefix(prefix)
-        store.delete(search_trials_key(job.id))  # a search job's trials (none for the others)
+        if trials is not None:
+            store.delete(trials)
 
     after_commit(session, remove_files)
 
