@@ -260,3 +260,37 @@ def test_a_memory_mapped_tensor_leaves_the_resident_set_once_read(tmp_path) -> N
     assert not drop_pages(values)  # heap memory: refused
     mapped.add_(0)  # written in place: never dropped (the write would be lost)
     assert not drop_pages(mapped)
+
+
+@pytest.mark.parametrize(
+    "stages",
+    [
+        [{"method": "w8a8", "activations": "dynamic"}],
+        [{"method": "smoothquant"}, {"method": "w8a8"}],
+    ],
+    ids=["w8a8", "smoothquant+w8a8"],
+)
+def test_a_layer_a_stage_replaces_is_freed_as_it_leaves_its_block(stages, tmp_path) -> None:
+    """W8A8 (like FP8 and dynamic int8) swaps each lazily onloaded Linear for a module of its own;
+    the Linear it replaced, with its weight (memory-mapped or upcast), is freed then, not at the
+    next garbage collection: nothing refers to it, not even its own forward."""
+    import gc
+    import weakref
+
+    loaded = tiny_llama(layers=2)
+    loaded.model.to(torch.bfloat16)
+    folder = saved(loaded, tmp_path / "model")
+    streamed = load_model(folder, device="cpu", streamed=True, scratch=tmp_path / "blocks")
+    linears = [
+        weakref.ref(module)
+        for name, module in streamed.model.model.layers.named_modules()
+        if type(module) is torch.nn.Linear
+    ]
+    gc.collect()
+    gc.disable()
+    try:
+        compress(streamed.model, Recipe.model_validate({"stages": stages}), calibration())
+        alive = [ref() for ref in linears if ref() is not None]
+        assert alive == []
+    finally:
+        gc.enable()

@@ -357,7 +357,23 @@ def make_lazy(layer: nn.Linear) -> None:
     """Let `layer` compute in float32 from its weight as stored (or, quantized with its weight
     on the meta device, from its codes): this instance's forward upcasts one layer at a time."""
     setattr(layer, LAZY, True)
-    layer.forward = _lazy_linear.__get__(layer)  # this instance only
+    layer.forward = _LazyForward(layer)  # this instance only
+
+
+class _LazyForward:
+    """A lazy layer's forward. It holds its layer weakly: a bound method would make a reference
+    cycle (layer -> forward -> layer), so a layer that a stage replaces (W8A8, FP8, dynamic int8
+    swap in modules of their own) would keep its weight, memory-mapped or upcast, until the next
+    garbage collection instead of freeing it as it leaves the block (measured: a 1.24B bf16
+    model's SmoothQuant + W8A8 held 3.8 GB of scratch pages mapped after compressing)."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: nn.Linear) -> None:
+        self.layer = weakref.ref(layer)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _lazy_linear(self.layer(), x)
 
 
 def _lazy_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
