@@ -294,3 +294,22 @@ def test_a_layer_a_stage_replaces_is_freed_as_it_leaves_its_block(stages, tmp_pa
         assert alive == []
     finally:
         gc.enable()
+
+
+def test_a_bf16_head_computes_in_float32_in_a_copy_too() -> None:
+    """`compute_in_float32` gives the head a forward of its own (held weakly: no cycle that would
+    keep a finished model's head alive); a deep copy's head computes with the copy's weight."""
+    import copy
+
+    from workers.compression.streaming import compute_in_float32
+
+    loaded = tiny_llama(layers=1)
+    loaded.model.to(torch.bfloat16)
+    compute_in_float32(loaded.model)
+    twin = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        twin.lm_head.weight.zero_()
+    x = torch.ones(1, loaded.model.config.hidden_size)
+    assert twin.lm_head(x).dtype == torch.float32
+    assert torch.equal(twin.lm_head(x), torch.zeros_like(twin.lm_head(x)))
+    assert loaded.model.lm_head(x).abs().sum() > 0

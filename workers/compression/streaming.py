@@ -31,6 +31,7 @@ replaying them through the model with its blocks stubbed out.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
@@ -357,23 +358,28 @@ def make_lazy(layer: nn.Linear) -> None:
     """Let `layer` compute in float32 from its weight as stored (or, quantized with its weight
     on the meta device, from its codes): this instance's forward upcasts one layer at a time."""
     setattr(layer, LAZY, True)
-    layer.forward = _LazyForward(layer)  # this instance only
+    layer.forward = _InstanceForward(_lazy_linear, layer)
 
 
-class _LazyForward:
-    """A lazy layer's forward. It holds its layer weakly: a bound method would make a reference
-    cycle (layer -> forward -> layer), so a layer that a stage replaces (W8A8, FP8, dynamic int8
-    swap in modules of their own) would keep its weight, memory-mapped or upcast, until the next
-    garbage collection instead of freeing it as it leaves the block (measured: a 1.24B bf16
-    model's SmoothQuant + W8A8 held 3.8 GB of scratch pages mapped after compressing)."""
+class _InstanceForward:
+    """`function` as one module instance's forward, holding the module weakly: a bound method
+    would make a reference cycle (module -> forward -> module), so a layer that a stage replaces
+    (W8A8, FP8, dynamic int8 swap in modules of their own) would keep its weight, memory-mapped
+    or upcast, until the next garbage collection instead of freeing it as it leaves the block
+    (measured: a 1.24B bf16 model's SmoothQuant + W8A8 held 3.8 GB of scratch pages mapped after
+    compressing), and a finished job's LM head would outlive its model."""
 
-    __slots__ = ("layer",)
+    __slots__ = ("function", "module")
 
-    def __init__(self, layer: nn.Linear) -> None:
-        self.layer = weakref.ref(layer)
+    def __init__(self, function: Callable[..., torch.Tensor], module: nn.Module) -> None:
+        self.function, self.module = function, weakref.ref(module)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _lazy_linear(self.layer(), x)
+        return self.function(self.module(), x)
+
+    def __deepcopy__(self, memo: dict) -> _InstanceForward:
+        # A copied module's forward is bound to the copy (as a copied bound method would be).
+        return _InstanceForward(self.function, copy.deepcopy(self.module(), memo))
 
 
 def _lazy_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -541,7 +547,7 @@ def compute_in_float32(model: nn.Module) -> None:
         embeddings.register_forward_hook(lambda module, args, output: output.float())
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, nn.Linear) and head.weight.dtype != torch.float32:
-        head.forward = _float32_linear.__get__(head)  # this instance only
+        head.forward = _InstanceForward(_float32_linear, head)
 
 
 def _float32_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
