@@ -313,3 +313,19 @@ def test_a_bf16_head_computes_in_float32_in_a_copy_too() -> None:
     assert twin.lm_head(x).dtype == torch.float32
     assert torch.equal(twin.lm_head(x), torch.zeros_like(twin.lm_head(x)))
     assert loaded.model.lm_head(x).abs().sum() > 0
+
+
+def test_a_later_stage_leaves_one_scratch_file_per_block(tmp_path) -> None:
+    """SmoothQuant changes every block's weights and norms (float32 scratch files); W8A8 then
+    replaces the weights. The norms move into W8A8's file, so SmoothQuant's files, superseded,
+    are deleted: one file per block is left, and the model is still the whole model's."""
+    loaded = tiny_llama(layers=3)
+    loaded.model.to(torch.bfloat16)
+    folder = saved(loaded, tmp_path / "model")
+    stages = RECIPES["smoothquant+w8a8"]
+    whole, streamed = compressed_both_ways(folder, stages, tmp_path / "blocks")
+    files = sorted(path.name for path in (tmp_path / "blocks").glob("*.safetensors"))
+    assert files == [f"block-{index}-v2.safetensors" for index in range(3)]
+    store = store_of(streamed.model)
+    for index, block in enumerate(whole.model.model.layers):
+        assert_block_equal(block, store, index)

@@ -185,14 +185,26 @@ class BlockStore:
             if f".{ATTRIBUTE}." not in key
         }
         keys = {key for key in tensors if f".{ATTRIBUTE}." not in key}
+        current = {key: tensors[key] for key in keys}
         for name, module in _quantized_modules(block):
             # A quantized layer is stored whole: codes, scale, zero point and format together.
             prefix = f"{name}.{ATTRIBUTE}."
             layer = getattr(module, ATTRIBUTE).to_tensors(prefix)
             keys |= set(layer)
+            current.update(layer)
             if any(key.startswith(prefix) for key in changed_keys):
                 changed.update({k: v.cpu().contiguous() for k, v in layer.items()})
         old = self.sources[index]
+        if changed:
+            # What the block still reads from an older scratch file moves into the new one, so
+            # the older file is left unreferenced and deleted: a stage that changed a few small
+            # tensors (SmoothQuant's norms) would otherwise keep a whole superseded file (its
+            # float32 weights, which the next stage quantized) on disk for the rest of the job.
+            for key in keys - changed.keys():
+                source, tensor = old.get(key), current.get(key)
+                scratch = source is not None and not source.original
+                if scratch and tensor is not None and tensor.device.type != "meta":
+                    changed[key] = tensor.detach().to("cpu").contiguous()
         sources = {key: old[key] for key in keys if key in old and key not in changed}
         if changed:
             version = self._versions.get(index, 0) + 1
