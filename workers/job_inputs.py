@@ -23,7 +23,7 @@ from app.storage import get_store
 from workers.attempt import JobFailure
 from workers.checkpoints import StorageBlockCheckpoint, fingerprint
 from workers.compression.examples import BUILTIN_MODELS
-from workers.compression.preflight import estimate_memory
+from workers.compression.preflight import estimate_disk, estimate_memory
 from workers.compression.recipe import DistillConfig, Recipe
 from workers.compression.records import read_records
 from workers.model_files import ModelUnavailable, materialize, validate_model
@@ -261,9 +261,14 @@ def streams(recipe: Any, inputs: JobInputs, device: Any) -> bool:
     return whole is not None and not whole.fits
 
 
-def preflight(inputs: JobInputs, device: Any, *, streamed: bool = False) -> None:
-    """Refuse a job that cannot fit, before loading it (when the model's size is known). A
-    streamed job needs one block resident, so it is refused only when one block does not fit."""
+def preflight(
+    inputs: JobInputs, device: Any, *, streamed: bool = False, scratch: Path | None = None
+) -> None:
+    """Refuse a job that cannot fit, before loading it (when the model's size is known): in
+    memory (a streamed job needs one block resident, so it is refused only when one block does
+    not fit), and on the disk of its `scratch` folder."""
+    if scratch is not None:
+        disk_preflight(inputs, scratch, streamed=streamed)
     estimate = memory_estimate(inputs, device, streamed=streamed)
     if estimate is None or estimate.fits:
         return
@@ -277,4 +282,30 @@ def preflight(inputs: JobInputs, device: Any, *, streamed: bool = False) -> None
         f"this job needs about {estimate.peak_bytes / 1e9:.1f} GB on {device} but "
         f"{estimate.available_bytes / 1e9:.1f} GB is free ({estimate.breakdown}); {advice}, "
         "or use a worker with more memory",
+    )
+
+
+def disk_preflight(inputs: JobInputs, scratch: Path, *, streamed: bool) -> None:
+    """Refuse a job whose scratch files (a streamed model's changed blocks, the export and its
+    archive: `preflight.estimate_disk`) would not fit on the disk of `scratch`."""
+    model_row = inputs.model_row
+    if not model_row.parameters:
+        return
+    details = model_row.details or {}
+    estimate = estimate_disk(
+        parameters=model_row.parameters,
+        linear_shapes=details.get("linear_shapes") or {},
+        stages=Recipe.model_validate(inputs.job.recipe).stages,
+        folder=scratch,
+        streamed=streamed,
+        stored_bytes_per_parameter=details.get("weight_bytes", 0) / model_row.parameters or 4,
+    )
+    if estimate.fits:
+        return
+    parts = ", ".join(f"{name} {size / 1e9:.2f} GB" for name, size in estimate.breakdown.items())
+    raise JobFailure(
+        "insufficient_disk",
+        f"this job writes about {estimate.needed_bytes / 1e9:.2f} GB under {scratch.parent} "
+        f"({parts}) but {estimate.free_bytes / 1e9:.2f} GB is free there; free disk space, "
+        "point SLIMFORMER_DATA_DIR at a larger disk, or use a worker with more disk",
     )

@@ -76,7 +76,7 @@ def execute(context: JobContext, scratch: Path) -> tuple[dict, list[dict]]:
     else:
         device = select_device()
     streamed = streams(recipe, inputs, device)
-    preflight(inputs, device, streamed=streamed)
+    preflight(inputs, device, streamed=streamed, scratch=scratch)
     torch.manual_seed(0)
     loaded = load_model(inputs.folder, device=device, streamed=streamed, scratch=scratch / "blocks")
     evaluation = {k: v for k, v in (job.evaluation or {}).items() if k != "dataset_id"}

@@ -219,6 +219,31 @@ def test_preflight_refuses_a_job_that_cannot_fit(tmp_path: Path) -> None:
         cleanup()
 
 
+def test_preflight_refuses_a_job_whose_files_would_not_fit_on_disk(tmp_path: Path) -> None:
+    """The worker may write 20 MB: MiniLM's export (87 MB of float32 weights, int8 after
+    dynamic_int8) and its archive do not fit, so the job fails with the numbers before loading
+    anything, and leaves nothing behind."""
+    svc, cleanup = start_service(tmp_path, SLIMFORMER_DISK_LIMIT_BYTES=str(20 * 1024**2))
+    try:
+        svc.start_worker()
+        with svc.client() as client:
+            models = client.get("/v1/models", params={"limit": 100}).json()["data"]
+            minilm = next(m for m in models if m["name"] == "all-MiniLM-L6-v2")
+            job = client.post(
+                "/v1/jobs",
+                json={"model_id": minilm["id"], "recipe": {"stages": [{"method": "dynamic_int8"}]}},
+            ).json()
+            final = wait_for(client, job["id"], {"succeeded", "failed"}, timeout=120)
+            assert final["status"] == "failed"
+            assert final["error"]["code"] == "insufficient_disk"
+            message = final["error"]["message"]
+            assert "GB" in message and "0.02 GB is free" in message, message
+            assert final["artifact_ids"] == [] and final["error"]["retryable"] is False
+    finally:
+        svc.stop()
+        cleanup()
+
+
 def submit_training(
     client: httpx.Client, model_id: str, *, steps: int, checkpoint_every: int
 ) -> dict:

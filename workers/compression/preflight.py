@@ -201,3 +201,88 @@ def _cgroup_usage(folder: Path, usage_file: str) -> int | None:
 
 def _own_resident_bytes() -> int:
     return process_memory.status_bytes("VmRSS") or 0
+
+
+# --- disk -------------------------------------------------------------------------------------
+
+# Bytes per Linear weight a stage leaves in a streamed block's scratch file (and, for the last
+# stage, in the artifact): float32 for stages whose output is float weights (kept as computed,
+# `streaming.py`), int8 codes plus their float32 scales for the quantizing ones.
+FLOAT_STAGES = {"smoothquant", "magnitude", "wanda", "sparsegpt", "structured"}
+INT8_STAGES = {"w8a8", "fp8", "dynamic_int8"}
+
+
+@dataclass(frozen=True)
+class DiskEstimate:
+    needed_bytes: int
+    free_bytes: int | None
+    breakdown: dict[str, int]
+
+    @property
+    def fits(self) -> bool:
+        return self.free_bytes is None or self.needed_bytes <= self.free_bytes
+
+
+def estimate_disk(
+    *,
+    parameters: int,
+    linear_shapes: dict[str, list[int]],
+    stages: list,
+    folder: Path,
+    streamed: bool,
+    stored_bytes_per_parameter: float = FLOAT32,
+) -> DiskEstimate:
+    """The disk a job writes under `folder` (its scratch) at most: a streamed model's changed
+    blocks (each block's latest stage output: superseded files are deleted), the export draft,
+    and its .tar.gz beside it (quantized and float weights barely compress). `stages`: the
+    recipe's stage configs, in order. Pessimistic where it must guess (a distilled student is
+    counted at the teacher's size; structured pruning at the unpruned one)."""
+    outside, _ = resident_parameters(parameters, linear_shapes)
+    in_blocks = max(0, parameters - outside)
+    per_stage = [_stored_bytes_per_weight(stage, stored_bytes_per_parameter) for stage in stages]
+    final = (
+        _stored_bytes_per_weight(stages[-1], stored_bytes_per_parameter, packed=True)
+        if stages
+        else stored_bytes_per_parameter
+    )
+    artifact = int(outside * stored_bytes_per_parameter + in_blocks * final)
+    breakdown = {
+        "changed_blocks": int(in_blocks * max(per_stage, default=0)) if streamed else 0,
+        "export": artifact,
+        "archive": artifact,
+    }
+    return DiskEstimate(int(sum(breakdown.values()) * 1.1), free_disk(folder), breakdown)
+
+
+def _stored_bytes_per_weight(
+    stage, stored_bytes_per_parameter: float, *, packed: bool = False
+) -> float:
+    """`packed`: as the artifact stores it (weight-only codes packed into int32 words), else as
+    the block scratch does (one int8 per code)."""
+    bits = getattr(stage, "bits", None)
+    if bits is not None:  # weight-only: the codes, and a float32 scale per group
+        group = getattr(stage, "group_size", -1)
+        return (bits / 8 if packed else 1) + (FLOAT32 / group if group and group > 0 else 0)
+    if stage.method in INT8_STAGES:
+        return 1.0
+    if stage.method in FLOAT_STAGES:
+        return FLOAT32
+    return stored_bytes_per_parameter  # distill: a student in the checkpoint's dtype
+
+
+def free_disk(folder: Path) -> int | None:
+    """Free bytes on `folder`'s file system for this process, or the smaller of that and
+    `SLIMFORMER_DISK_LIMIT_BYTES` (an operator's cap on what a job may write). None when neither
+    can be read."""
+    import shutil
+
+    candidates = []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        candidates.append(shutil.disk_usage(folder).free)
+    except OSError:
+        pass
+    override = os.environ.get("SLIMFORMER_DISK_LIMIT_BYTES")
+    if override:
+        candidates.append(int(override))
+    return min(candidates) if candidates else None
