@@ -329,3 +329,36 @@ def test_a_later_stage_leaves_one_scratch_file_per_block(tmp_path) -> None:
     store = store_of(streamed.model)
     for index, block in enumerate(whole.model.model.layers):
         assert_block_equal(block, store, index)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("name", ["rtn", "sparsegpt"])
+def test_a_bf16_model_is_exported_in_bf16(name, streamed, tmp_path) -> None:
+    """Held whole (upcast to float32) or streamed, a bf16 checkpoint's artifact stores its float
+    tensors in bf16: the untouched ones as they came, SparseGPT's updated weights rounded to bf16
+    by the method itself (so the model measured is the model written), never as float32 twice
+    the checkpoint's size."""
+    from safetensors import safe_open
+
+    loaded = tiny_llama(layers=2)
+    loaded.model.to(torch.bfloat16)
+    folder = saved(loaded, tmp_path / "model")
+    model = load_model(folder, device="cpu", streamed=streamed, scratch=tmp_path / "blocks")
+    result = compress(model.model, Recipe.model_validate({"stages": RECIPES[name]}), calibration())
+    draft = write_draft(
+        model, result.model, tmp_path / "out", recipe={}, inputs={}, sparse_storage="dense"
+    )
+    dtypes = {}
+    for path in draft.path.glob("*.safetensors"):
+        with safe_open(path, "pt") as stored:
+            for key in stored.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                dtypes[key] = stored.get_slice(key).get_dtype()
+    assert dtypes["model.embed_tokens.weight"] == "BF16"
+    assert dtypes["model.norm.weight"] == "BF16"
+    if name == "sparsegpt":
+        assert dtypes["model.layers.0.mlp.up_proj.weight"] == "BF16"
+        size = sum(path.stat().st_size for path in draft.path.glob("*.safetensors"))
+        assert size <= 1.05 * sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+    check = verify(draft, result.model, model.task, torch.tensor([[1, 7, 9, 11]]))
+    assert check.report["max_abs_diff"] <= check.report["tolerance"]
+    draft.discard()

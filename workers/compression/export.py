@@ -62,7 +62,7 @@ from workers.compression.loading import (
 from workers.compression.model_card import model_card, read_front_matter
 from workers.compression.model_inspection import sha256_file
 from workers.compression.sentence_transformers_files import write_sentence_transformers_files
-from workers.compression.shards import weight_files
+from workers.compression.shards import exact_in, weight_files
 from workers.compression.streaming import store_of
 
 __all__ = [
@@ -209,7 +209,9 @@ def write_draft(
             # The layouts read the float weights on CPU; the tensors they add may come from any
             # device.
             steps = 3
-            tensors = _on_cpu(_float_tensors(model, layout, layers))
+            # In the checkpoint's dtype where that is exact (a bf16 model is held in float32):
+            # untouched tensors go back as they came, as the streamed export writes them.
+            tensors = _narrowed(_on_cpu(_float_tensors(model, layout, layers)), loaded.dtype)
             storage_format = layout.write(model, layers, tensors, config)
             report(1, steps, "weights laid out")
             safetensors.torch.save_file(
@@ -283,6 +285,12 @@ def _float_tensors(
         if tied and tensors[target].data_ptr() == tensors[source].data_ptr():
             del tensors[target]
     return tensors
+
+
+def _narrowed(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {
+        key: value.to(dtype) if exact_in(value, dtype) else value for key, value in tensors.items()
+    }
 
 
 def _on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

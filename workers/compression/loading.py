@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from workers.compression.device import select_device
-from workers.compression.streaming import build_streamed, checkpoint_dtype
+from workers.compression.streaming import DTYPE_ATTRIBUTE, build_streamed, checkpoint_dtype
 
 
 class UnsupportedModelError(ValueError):
@@ -99,13 +99,15 @@ def load_model(
             dtype=torch.float32,
         )
         model.to(device).eval()
+    dtype = checkpoint_dtype(folder)
+    setattr(model, DTYPE_ATTRIBUTE, dtype)
     return LoadedModel(
         model=model,
         tokenizer=load_tokenizer(folder, task),
         task=task,
         architecture=architecture,
         folder=folder,
-        dtype=checkpoint_dtype(folder),
+        dtype=dtype,
     )
 
 

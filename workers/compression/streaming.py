@@ -52,6 +52,7 @@ from workers.compression.quant import ATTRIBUTE, LAZY, QuantizedWeight, dequanti
 from workers.compression.shards import read_header, write_file
 
 STORE_ATTRIBUTE = "slimformer_blocks"
+DTYPE_ATTRIBUTE = "slimformer_checkpoint_dtype"
 
 
 @dataclass(frozen=True)
@@ -293,6 +294,23 @@ class BlockStore:
 def _remove(path: Path | None) -> None:
     if path is not None:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def checkpoint_dtype_of(model: nn.Module) -> torch.dtype:
+    """The dtype the model's checkpoint stores its weights in (`loading.load_model` records it;
+    float32 for a model built otherwise)."""
+    return getattr(model, DTYPE_ATTRIBUTE, torch.float32)
+
+
+def in_checkpoint_precision(model: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A float32 weight a method computed anew (SparseGPT's updated weights), rounded to what
+    the checkpoint's dtype holds and kept in float32: the model measured is the model exported,
+    and the export writes it back in the checkpoint's dtype (a bf16 model pruned stays the size
+    of a bf16 model, as one pruned in bf16 by llm-compressor does), not in float32."""
+    dtype = checkpoint_dtype_of(model)
+    if dtype == torch.float32 or not weight.is_floating_point():
+        return weight
+    return weight.to(dtype).to(weight.dtype)
 
 
 def store_of(model: nn.Module) -> BlockStore | None:

@@ -42,7 +42,7 @@ from workers.compression.methods.magnitude import pruning_summary, sparsity_targ
 from workers.compression.recipe import SparseGptConfig
 from workers.compression.registry import StageContext, register_method
 from workers.compression.sparsity import keep_largest, prune_, two_of_four
-from workers.compression.streaming import set_weight
+from workers.compression.streaming import in_checkpoint_precision, set_weight
 
 
 def sparsegpt_prune(
@@ -127,9 +127,12 @@ class SparseGptBlockHandler:
 
     lazy_block = True
 
-    def __init__(self, config: SparseGptConfig, targeted: list[str]) -> None:
+    def __init__(
+        self, config: SparseGptConfig, targeted: list[str], model: nn.Module | None = None
+    ) -> None:
         self.config = config
         self.targeted = targeted
+        self.model = model  # whose checkpoint dtype the updated weights are rounded to
 
     def __call__(self, index: int, block_name: str, block: nn.Module, inputs: BlockInputs) -> dict:
         prefix = block_name + "."
@@ -154,6 +157,8 @@ class SparseGptBlockHandler:
                 errors=errors,
             )
             layer = layers[name]
+            if self.model is not None:
+                pruned = in_checkpoint_precision(self.model, pruned)
             set_weight(layer, pruned)
             prune_(layer, keep, pattern=config.pattern)  # already zero there; marks the layer
             summary[prefix + name] = {
@@ -165,7 +170,7 @@ class SparseGptBlockHandler:
 @register_method(SparseGptConfig)
 def sparsegpt(model: nn.Module, config: SparseGptConfig, context: StageContext) -> dict:
     targeted, skipped = sparsity_targets(model, config, blockwise=True)
-    per_block = context.run_blockwise(model, SparseGptBlockHandler(config, targeted))
+    per_block = context.run_blockwise(model, SparseGptBlockHandler(config, targeted, model))
     errors = [layer["relative_output_error"] for block in per_block for layer in block.values()]
     return {
         **pruning_summary(model, config, targeted, skipped),
