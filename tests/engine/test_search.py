@@ -270,12 +270,14 @@ def test_gptq_sensitivity_pass_measures_what_compress_of_the_unit_alone_does(lla
     assert checked >= 4
 
 
-def test_w8a8_space_picks_w8a8_or_float_per_unit(llama):
+def test_w8a8_space_picks_w8a8_or_float_per_unit(make_llama):
     """A W8A8 recipe is searched too: its ladder is the recipe, then each block W8A8 or float; the
-    sensitivity pass puts the replaced layers back."""
+    sensitivity pass puts the replaced layers back. (The scaled Llama: at init scale W8A8's KL is
+    ~1e-8, at the level of float rounding, and came out -2e-9 on one machine.)"""
     from workers.compression.runtime.int8 import W8A8Linear
     from workers.compression.search.sensitivity import Proxy, measure
 
+    llama = sensitive_llama(make_llama)
     model = llama.model
     w8a8 = Recipe.model_validate({"stages": [{"method": "w8a8"}]})
     assert ladder(w8a8) == [w8a8] and options(w8a8) == [w8a8.stages[0], None]
@@ -286,7 +288,7 @@ def test_w8a8_space_picks_w8a8_or_float_per_unit(llama):
         model, blocks, options(w8a8), Proxy(model, task=llama.task, inputs=ids, device="cpu"),
         calibration=None,
     )  # fmt: skip
-    assert all(row[0] > 0 and row[1] == 0 for row in measured["losses"])
+    assert all(row[0] > 0 and row[1] == 0 for row in measured["losses"]), measured["losses"]
     assert not any(isinstance(m, W8A8Linear) for m in model.modules())
     after = model.state_dict()
     assert after.keys() == before.keys()
