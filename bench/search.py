@@ -207,6 +207,7 @@ def run_model(
     granularity: str = "block",
     basic: bool = True,
     activations: str = "dynamic",
+    search_windows: int | None = None,
 ) -> list[dict]:
     """The rows of one model; `save(rows)` is called as they fill (a long run keeps its part)."""
     builtin, dataset, metric = MODELS[model_key]
@@ -223,10 +224,14 @@ def run_model(
             seq_len=seq_len,
             seed=0,
         )
+    search_settings = SEARCH[model_key]
+    if search_windows is not None:
+        search_settings = search_settings.model_copy(update={"max_windows": search_windows})
     space = {
         "start": recipe.stages[0].model_dump(mode="json"),
         "granularity": granularity,
         "calibration": list(calibration_spec) if calibration else None,
+        **({"search_windows": search_windows} if search_windows is not None else {}),
     }
     reported_settings = REPORTED[model_key].model_copy(update={"metrics": [metric]})
     split, _ = search_split(texts, reported_settings, loaded.tokenizer, loaded.task)
@@ -245,7 +250,7 @@ def run_model(
             recipe=recipe,
             calibration=calibration,
             search_records=split,
-            settings=SEARCH[model_key],
+            settings=search_settings,
             device="cpu",
             model_sha=builtin,
             cache=cache,
@@ -362,6 +367,8 @@ def space_label(row: dict) -> str:
         label += f", per {space['granularity']}"
     if space.get("calibration"):
         label += f", calib {space['calibration'][0]}x{space['calibration'][1]}"
+    if space.get("search_windows"):
+        label += f", search split {space['search_windows']} windows"
     return label
 
 
@@ -431,6 +438,11 @@ def main() -> None:
         "--calibration", default="16x512", help="SAMPLESxSEQ_LEN, for a method that needs it"
     )
     parser.add_argument("--granularity", choices=["block", "layer"], default="block")
+    parser.add_argument(
+        "--search-windows",
+        type=int,
+        help="perplexity windows of the search split (default 3; a job searches on 8)",
+    )
     parser.add_argument("--no-basic", action="store_true", help="skip the INC-style baseline")
     args = parser.parse_args()
     samples, seq_len = (int(part) for part in args.calibration.split("x"))
@@ -461,6 +473,7 @@ def main() -> None:
         granularity=args.granularity,
         basic=not args.no_basic,
         activations=args.activations,
+        search_windows=args.search_windows,
     )
 
 

@@ -301,3 +301,51 @@ def test_w8a8_space_picks_w8a8_or_float_per_unit(make_llama):
     assert all(kinds[n] is torch.nn.Linear for n in blocks[1].layers)
     size, bits = footprint(model, 32)
     assert 8 < bits < 32
+
+
+def test_a_repaired_unit_keeps_its_option_and_a_refined_miss_is_bisected():
+    """The mixed step's policy, on a quality whose losses do not add up for one unit: unit 2 looks
+    the least sensitive at 4 bits (0.05) but costs 5.0 there. The first pick misses; the repairs
+    promote unit 0 (no better than predicted) and then unit 2 (far better), and the pick holds.
+    Unit 2 stays at 8 bits from then on, unit 0 does not; the refinement loosens the budget (the
+    ladder's scale, 4, was pessimistic: the truth is 1) and ends at the optimum, every other unit
+    at 4 bits, in 5 trials. Before, the refined pick put unit 2 back at 4 bits, missed, and
+    repaired from there one innocent unit at a time."""
+    from workers.compression.search.loop import _mixed, _State
+    from workers.compression.search.space import Unit
+
+    stage = RECIPE.stages[0].model_copy(update={"bits": 4})
+    choices = [stage, stage.model_copy(update={"bits": 8, "group_size": -1}), None]
+    search_units = [Unit(f"u{i}", (f"u{i}.w",), ((64, 64),)) for i in range(6)]
+    measured = [[0.05 if i == 2 else 0.1, 0.001, 0.0] for i in range(6)]
+    real = [[5.0 if i == 2 else 0.1, 0.001, 0.0] for i in range(6)]
+    costs = [[4, 8, 32] for _ in range(6)]
+
+    def chosen(recipe: Recipe) -> list[int]:
+        options_of = {}
+        for option in recipe.stages:
+            plain = option.model_copy(update={"modules": None, "ignore": []})
+            j = next(j for j, c in enumerate(choices) if c is not None and c == plain)
+            for layer in option.modules or [u.layers[0] for u in search_units]:
+                options_of[layer] = j
+        return [options_of.get(u.layers[0], 2) for u in search_units]
+
+    trials = []
+
+    def evaluate_trial(recipe, kind, extra):
+        pick = chosen(recipe)
+        usage = sum(real[i][j] for i, j in enumerate(pick))
+        trial = {"kind": kind, "pick": pick, "usage": usage, "held": usage <= 1.0, **extra}
+        trials.append(trial)
+        return trial
+
+    state = _State(targets=None, baseline={}, evaluate_trial=evaluate_trial)
+    _mixed(state, stage, choices, search_units, costs, measured, 4.0)
+    kinds = [t["kind"] for t in trials]
+    assert kinds[:3] == ["mixed", "repair", "repair"] and not trials[1]["held"]
+    assert trials[2]["held"] and trials[2]["pick"][2] == 1
+    assert all(t["pick"][2] == 1 for t in trials[2:])
+    assert any(t["pick"][0] == 0 for t in trials[3:])  # unit 0 was not pinned
+    best = min((t for t in trials if t["held"]), key=lambda t: sum(costs[0][j] for j in t["pick"]))
+    assert best["pick"] == [0, 0, 1, 0, 0, 0]
+    assert len(trials) <= 5
