@@ -108,6 +108,7 @@ def run_search(
         progress=lambda message: context.progress(search_index, 0, 1, message, force=True),
         on_trial=on_trial,
         on_step=context.check,
+        granularity=(job.targets or {}).get("granularity") or "block",
     )
     context.progress(search_index, 1, 1, found.message, force=True)
     if not found.targets_met:

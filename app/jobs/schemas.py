@@ -43,6 +43,9 @@ class TargetsSpec(Strict):
     min_metric: dict[TargetMetric, float] = Field(default_factory=dict)  # worst acceptable value
     objective: Literal["size", "bits_per_weight", "latency"] = "size"
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    # What takes one precision in a mixed pick: a block's layers together, or each layer alone
+    # (more sensitivities to measure, finer picks: bench/results/search.md).
+    granularity: Literal["block", "layer"] = "block"
 
     @field_validator("max_metric_drop")
     @classmethod

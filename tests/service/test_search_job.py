@@ -35,6 +35,10 @@ def test_minilm_search_holds_a_cosine_floor_over_http(service: Service) -> None:
         assert refused.status_code == 422 and "perplexity" in refused.text
         empty = client.post("/v1/jobs", json={**request, "targets": {"objective": "size"}})
         assert empty.status_code == 422
+        atoms = {**request["targets"], "granularity": "atom"}
+        refused = client.post("/v1/jobs", json={**request, "targets": atoms})
+        assert refused.status_code == 422
+        assert refused.json()["error"]["param"] == "targets.granularity"
         # Neither a recipe nor targets: nothing says what to do.
         bare = {k: v for k, v in request.items() if k != "targets"}
         refused = client.post("/v1/jobs", json=bare)
@@ -53,6 +57,7 @@ def test_minilm_search_holds_a_cosine_floor_over_http(service: Service) -> None:
         assert 1 <= len(trials) <= 6
         assert all(trial.keys() >= TRIAL_KEYS for trial in trials)
         search = metrics["search"]
+        assert search["granularity"] == response.json()["targets"]["granularity"] == "block"
         chosen = trials[search["chosen_trial"]]
         assert chosen["held"] and chosen["pareto"] and search["stopped"] == "held"
         # The reported numbers come from texts the search never read, and hold the floor there too.
@@ -62,3 +67,15 @@ def test_minilm_search_holds_a_cosine_floor_over_http(service: Service) -> None:
         events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 500}).json()["data"]
         streamed = [e["data"]["trial"] for e in events if (e["data"] or {}).get("trial")]
         assert [t["index"] for t in streamed] == [t["index"] for t in trials]
+
+        # Per layer: each Linear layer is a unit of its own (its sensitivities are measured anew).
+        per_layer = {**request["targets"], "granularity": "layer", "budget": {"max_trials": 4}}
+        response = client.post("/v1/jobs", json={**request, "targets": per_layer})
+        assert response.status_code == 202, response.text
+        job = wait_for(client, response.json()["id"], {"succeeded", "failed"}, timeout=900)
+        assert job["status"] == "succeeded", (job, service.logs())
+        search = job["metrics"]["search"]
+        assert search["granularity"] == "layer" and len(job["metrics"]["trials"]) <= 4
+        units = search["sensitivity"]["units"]  # the ladder's 3 rungs, then the mixed step
+        assert len(units) == 36  # 6 blocks x (query, key, value, 3 dense)
+        assert all(name.endswith(("query", "key", "value", "dense")) for name in units), units
