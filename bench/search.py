@@ -131,6 +131,21 @@ nice although the commands above say nice -n 10):
   g64 costs +27.9% on the search split (RTN 4-bit: +43.8%), so about twice as many blocks can go
   to 4 bits. The issue's 20% (<= 6.44 bits/w) is still not reached; GPTQ per layer, the next
   candidate, was not run.
+
+Notes (2026-12-07, stop 21; load 3-5, other benches beside it, without nice):
+- GPTQ per layer, 5% (`--method gptq --bits 4 --calibration 16x512 --granularity layer
+  --search-windows 8 --no-basic`): **5.67 bits/w, 29.5% fewer than uniform 8-bit (8.05): the
+  issue's >= 20% target is met**, +3.31% on the reported split (holds), 7 trials, 1,424 s cold
+  (420 GPTQ sensitivities in one pass, ~8 min). Searched on 8 windows, as a job searches
+  (`workers/search_job.SEARCH_SETTINGS`); the earlier rows searched on 3.
+- The same search on 3 windows with the mixed step as it was (killed after 5 trials; not a row):
+  the first pick missed (usage 1.12), one repair promoting one layer made it hold at 0.20 (5.77
+  bits/w), the refit then took the scale from that trial (x0.2) and picked near-uniform 4-bit
+  (usage 4.37), and the search went on repairing it one layer at a time. Since fdd65d8 a unit whose
+  promotion cut the usage by more than twice its predicted share keeps its option, a refined pick
+  that misses bisects the scale instead of being repaired, and one step loosens the budget at most
+  2x: on 8 windows the trials were 0.58 (held, 5.85 bits/w) -> 1.43 -> 1.04 -> 0.70 (held, 5.67)
+  -> 1.11, and it stopped with the budget scale bracketed within 5%.
 """
 
 
@@ -448,7 +463,10 @@ def main() -> None:
     samples, seq_len = (int(part) for part in args.calibration.split("x"))
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     load_before = os.getloadavg()
-    command = "nice -n 10 .venv/bin/python -m bench.search " + shlex.join(sys.argv[1:])
+    # The command as run: `nice -n N` only when the process was niced.
+    niceness = os.nice(0)
+    command = (f"nice -n {niceness} " if niceness else "") + ".venv/bin/python -m bench.search "
+    command += shlex.join(sys.argv[1:])
 
     def save(new: list[dict]) -> None:
         load = f"{load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
