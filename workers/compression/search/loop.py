@@ -6,9 +6,9 @@
    holds.
 3. Mixed: the exact knapsack (`solver.py`) picks per-unit options whose predicted usage of the
    allowed loss fits; the pick is evaluated for real and, while it misses, repaired by promoting the
-   unit that costs most quality at its option (which keeps that option from then on). A pick that
-   holds with room to spare re-scales the prediction and tries a smaller pick; a smaller pick that
-   misses narrows the scale by bisection (`_mixed`).
+   unit that costs most quality at its option (kept from then on when that helped far more than
+   its sensitivity predicted). A pick that holds with room to spare re-scales the prediction and
+   tries a smaller pick; a smaller pick that misses narrows the scale by bisection (`_mixed`).
 4. Every evaluated candidate is a trial (`trials.py`), kept in the trial store so that a resumed
    search does not evaluate it again; the Pareto front of usage vs the objective is marked.
 5. Always a result: the held trial with the smallest objective, or, if none held within the budget,
