@@ -207,7 +207,8 @@ def _own_resident_bytes() -> int:
 
 # Bytes per Linear weight a stage leaves in a streamed block's scratch file (and, for the last
 # stage, in the artifact): float32 for stages whose output is float weights (kept as computed,
-# `streaming.py`), int8 codes plus their float32 scales for the quantizing ones.
+# `streaming.py`; the artifact stores them in the checkpoint's dtype), int8 codes plus their
+# float32 scales for the quantizing ones (packed in the artifact).
 FLOAT_STAGES = {"smoothquant", "magnitude", "wanda", "sparsegpt", "structured"}
 INT8_STAGES = {"w8a8", "fp8", "dynamic_int8"}
 
@@ -266,7 +267,9 @@ def _stored_bytes_per_weight(
     if stage.method in INT8_STAGES:
         return 1.0
     if stage.method in FLOAT_STAGES:
-        return FLOAT32
+        # Kept in float32 while the job runs; the artifact writes them in the checkpoint's dtype
+        # (exact, or rounded by the method: `streaming.in_checkpoint_precision`).
+        return stored_bytes_per_parameter if packed else FLOAT32
     return stored_bytes_per_parameter  # distill: a student in the checkpoint's dtype
 
 
