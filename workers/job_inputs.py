@@ -242,9 +242,7 @@ def memory_estimate(inputs: JobInputs, device: Any, *, streamed: bool) -> Any:
         ),
         streamed=streamed,
         hessians=any(stage.collects_hessians for stage in recipe.stages),
-        stored_bytes_per_parameter=(model_row.details or {}).get("weight_bytes", 0)
-        / model_row.parameters
-        or 4,
+        stored_bytes_per_parameter=_stored_bytes_per_parameter(model_row),
     )
 
 
@@ -298,7 +296,7 @@ def disk_preflight(inputs: JobInputs, scratch: Path, *, streamed: bool) -> None:
         stages=Recipe.model_validate(inputs.job.recipe).stages,
         folder=scratch,
         streamed=streamed,
-        stored_bytes_per_parameter=details.get("weight_bytes", 0) / model_row.parameters or 4,
+        stored_bytes_per_parameter=_stored_bytes_per_parameter(model_row),
     )
     if estimate.fits:
         return
@@ -309,3 +307,9 @@ def disk_preflight(inputs: JobInputs, scratch: Path, *, streamed: bool) -> None:
         f"({parts}) but {estimate.free_bytes / 1e9:.2f} GB is free there; free disk space, "
         "point SLIMFORMER_DATA_DIR at a larger disk, or use a worker with more disk",
     )
+
+
+def _stored_bytes_per_parameter(model_row: Any) -> float:
+    """What the checkpoint stores per parameter (2 for bf16), from the model's inspected details;
+    float32's 4 when they do not say."""
+    return (model_row.details or {}).get("weight_bytes", 0) / model_row.parameters or 4

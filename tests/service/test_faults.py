@@ -199,8 +199,9 @@ def test_lost_broker_messages_are_resent(tmp_path: Path, tiny_bert: Path) -> Non
             redis_process.wait()
 
 
-def test_preflight_refuses_a_job_that_cannot_fit(tmp_path: Path) -> None:
-    svc, cleanup = start_service(tmp_path, SLIMFORMER_MEMORY_LIMIT_BYTES=str(300 * 1024**2))
+def dynamic_int8_minilm_job(tmp_path: Path, **env: str) -> dict:
+    """A MiniLM dynamic_int8 job on a service started with `env`, waited for to the end."""
+    svc, cleanup = start_service(tmp_path, **env)
     try:
         svc.start_worker()
         with svc.client() as client:
@@ -210,38 +211,29 @@ def test_preflight_refuses_a_job_that_cannot_fit(tmp_path: Path) -> None:
                 "/v1/jobs",
                 json={"model_id": minilm["id"], "recipe": {"stages": [{"method": "dynamic_int8"}]}},
             ).json()
-            final = wait_for(client, job["id"], {"succeeded", "failed"}, timeout=120)
-            assert final["status"] == "failed"
-            assert final["error"]["code"] == "insufficient_memory"
-            assert "GB" in final["error"]["message"] and final["artifact_ids"] == []
+            return wait_for(client, job["id"], {"succeeded", "failed"}, timeout=120)
     finally:
         svc.stop()
         cleanup()
+
+
+def test_preflight_refuses_a_job_that_cannot_fit(tmp_path: Path) -> None:
+    final = dynamic_int8_minilm_job(tmp_path, SLIMFORMER_MEMORY_LIMIT_BYTES=str(300 * 1024**2))
+    assert final["status"] == "failed"
+    assert final["error"]["code"] == "insufficient_memory"
+    assert "GB" in final["error"]["message"] and final["artifact_ids"] == []
 
 
 def test_preflight_refuses_a_job_whose_files_would_not_fit_on_disk(tmp_path: Path) -> None:
     """The worker may write 20 MB: MiniLM's export (87 MB of float32 weights, int8 after
     dynamic_int8) and its archive do not fit, so the job fails with the numbers before loading
     anything, and leaves nothing behind."""
-    svc, cleanup = start_service(tmp_path, SLIMFORMER_DISK_LIMIT_BYTES=str(20 * 1024**2))
-    try:
-        svc.start_worker()
-        with svc.client() as client:
-            models = client.get("/v1/models", params={"limit": 100}).json()["data"]
-            minilm = next(m for m in models if m["name"] == "all-MiniLM-L6-v2")
-            job = client.post(
-                "/v1/jobs",
-                json={"model_id": minilm["id"], "recipe": {"stages": [{"method": "dynamic_int8"}]}},
-            ).json()
-            final = wait_for(client, job["id"], {"succeeded", "failed"}, timeout=120)
-            assert final["status"] == "failed"
-            assert final["error"]["code"] == "insufficient_disk"
-            message = final["error"]["message"]
-            assert "GB" in message and "0.02 GB is free" in message, message
-            assert final["artifact_ids"] == [] and final["error"]["retryable"] is False
-    finally:
-        svc.stop()
-        cleanup()
+    final = dynamic_int8_minilm_job(tmp_path, SLIMFORMER_DISK_LIMIT_BYTES=str(20 * 1024**2))
+    assert final["status"] == "failed"
+    assert final["error"]["code"] == "insufficient_disk"
+    message = final["error"]["message"]
+    assert "GB" in message and "0.02 GB is free" in message, message
+    assert final["artifact_ids"] == [] and final["error"]["retryable"] is False
 
 
 def submit_training(

@@ -9,7 +9,9 @@ evaluation's largest activation (perplexity logits: seq_len × vocabulary), and 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,7 +270,7 @@ def _stored_bytes_per_weight(
         return 1.0
     if stage.method in FLOAT_STAGES:
         # Kept in float32 while the job runs; the artifact writes them in the checkpoint's dtype
-        # (exact, or rounded by the method: `streaming.in_checkpoint_precision`).
+        # (exact, or rounded by the method: `streaming.in_precision`).
         return stored_bytes_per_parameter if packed else FLOAT32
     return stored_bytes_per_parameter  # distill: a student in the checkpoint's dtype
 
@@ -277,14 +279,9 @@ def free_disk(folder: Path) -> int | None:
     """Free bytes on `folder`'s file system for this process, or the smaller of that and
     `SLIMFORMER_DISK_LIMIT_BYTES` (an operator's cap on what a job may write). None when neither
     can be read."""
-    import shutil
-
     candidates = []
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # not there (yet): only the cap, if any
         candidates.append(shutil.disk_usage(folder).free)
-    except OSError:
-        pass
     override = os.environ.get("SLIMFORMER_DISK_LIMIT_BYTES")
     if override:
         candidates.append(int(override))

@@ -302,12 +302,11 @@ def checkpoint_dtype_of(model: nn.Module) -> torch.dtype:
     return getattr(model, DTYPE_ATTRIBUTE, torch.float32)
 
 
-def in_checkpoint_precision(model: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+def in_precision(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A float32 weight a method computed anew (SparseGPT's updated weights), rounded to what
-    the checkpoint's dtype holds and kept in float32: the model measured is the model exported,
+    the checkpoint's `dtype` holds and kept in float32: the model measured is the model exported,
     and the export writes it back in the checkpoint's dtype (a bf16 model pruned stays the size
     of a bf16 model, as one pruned in bf16 by llm-compressor does), not in float32."""
-    dtype = checkpoint_dtype_of(model)
     if dtype == torch.float32 or not weight.is_floating_point():
         return weight
     return weight.to(dtype).to(weight.dtype)

@@ -42,7 +42,7 @@ from workers.compression.methods.magnitude import pruning_summary, sparsity_targ
 from workers.compression.recipe import SparseGptConfig
 from workers.compression.registry import StageContext, register_method
 from workers.compression.sparsity import keep_largest, prune_, two_of_four
-from workers.compression.streaming import in_checkpoint_precision, set_weight
+from workers.compression.streaming import checkpoint_dtype_of, in_precision, set_weight
 
 
 def sparsegpt_prune(
@@ -128,11 +128,11 @@ class SparseGptBlockHandler:
     lazy_block = True
 
     def __init__(
-        self, config: SparseGptConfig, targeted: list[str], model: nn.Module | None = None
+        self, config: SparseGptConfig, targeted: list[str], dtype: torch.dtype = torch.float32
     ) -> None:
         self.config = config
         self.targeted = targeted
-        self.model = model  # whose checkpoint dtype the updated weights are rounded to
+        self.dtype = dtype  # the checkpoint's: the updated weights are rounded to it
 
     def __call__(self, index: int, block_name: str, block: nn.Module, inputs: BlockInputs) -> dict:
         prefix = block_name + "."
@@ -157,9 +157,7 @@ class SparseGptBlockHandler:
                 errors=errors,
             )
             layer = layers[name]
-            if self.model is not None:
-                pruned = in_checkpoint_precision(self.model, pruned)
-            set_weight(layer, pruned)
+            set_weight(layer, in_precision(pruned, self.dtype))
             prune_(layer, keep, pattern=config.pattern)  # already zero there; marks the layer
             summary[prefix + name] = {
                 "relative_output_error": original.relative_output_error(errors["output"])
@@ -170,7 +168,8 @@ class SparseGptBlockHandler:
 @register_method(SparseGptConfig)
 def sparsegpt(model: nn.Module, config: SparseGptConfig, context: StageContext) -> dict:
     targeted, skipped = sparsity_targets(model, config, blockwise=True)
-    per_block = context.run_blockwise(model, SparseGptBlockHandler(config, targeted, model))
+    handler = SparseGptBlockHandler(config, targeted, checkpoint_dtype_of(model))
+    per_block = context.run_blockwise(model, handler)
     errors = [layer["relative_output_error"] for block in per_block for layer in block.values()]
     return {
         **pruning_summary(model, config, targeted, skipped),

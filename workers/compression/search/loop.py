@@ -317,10 +317,11 @@ def _mixed(state, stage, choices, search_units, costs, losses, alpha: float) -> 
         predicted = sum(losses[i][j] for i, j in enumerate(pick))
         trial = state.evaluate_trial(pick_recipe, "mixed", {"predicted_usage": alpha * predicted})
         while not trial["held"] and held is None:
-            promoted = _promote(pick, losses, len(choices))
-            if promoted is None:
+            worst = _worst(pick, losses, len(choices))
+            if worst is None:
                 return
-            worst = next(i for i, (a, b) in enumerate(zip(pick, promoted, strict=True)) if a != b)
+            promoted = list(pick)
+            promoted[worst] += 1  # one option up, towards float
             pick_recipe = mixed_recipe(stage, [choices[j] for j in promoted], search_units)
             if pick_recipe is None:
                 return
@@ -437,15 +438,10 @@ def _fit_scale(ladder_trials, choices, losses) -> float | None:
     return min(fits)[1] if fits else None
 
 
-def _promote(pick: list[int], losses: list[list[float]], num_options: int) -> list[int] | None:
-    """Move the unit whose option costs most quality one option up (towards float)."""
+def _worst(pick: list[int], losses: list[list[float]], num_options: int) -> int | None:
+    """The unit whose option costs most quality, of those not yet float (None: all are)."""
     candidates = [i for i, j in enumerate(pick) if j < num_options - 1]
-    if not candidates:
-        return None
-    worst = max(candidates, key=lambda i: losses[i][pick[i]])
-    promoted = list(pick)
-    promoted[worst] += 1
-    return promoted
+    return max(candidates, key=lambda i: losses[i][pick[i]]) if candidates else None
 
 
 def footprint(model: nn.Module, float_bits: int) -> tuple[int, float]:
