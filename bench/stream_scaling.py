@@ -28,17 +28,23 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import gc
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -52,6 +58,10 @@ METHODS = {
     "sparsegpt": [{"method": "sparsegpt", "sparsity": 0.5}],
     "fp8": [{"method": "fp8", "activations": "dynamic"}],
 }
+# A peer library's row, for the peak-memory ratio in the same run: llm-compressor's GPTQ at the
+# scheme of `gptq` above (symmetric int4, groups of 64), run in bench/.peers-venv
+# (`bench.quant_peers` builds it) on the same calibration token ids.
+PEERS = {"llmcompressor-gptq": {"library": "llm-compressor", "options": {"kind": "gptq-w4a16"}}}
 MODELS = ("smollm2", "llama-1b-4layers", "llama-1b", "llama-7b-4layers", "llama-7b")
 
 
@@ -103,6 +113,51 @@ class _RssSampler:
         return dict(self.peaks)
 
 
+class _Phases:
+    """Each phase's wall time, CPU time and its own peak RSS (the high-water mark is reset before
+    it starts), and on a GPU its peak device memory."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.sampler = _RssSampler()
+        self.measured: dict[str, dict] = {}
+
+    def run(self, name: str, work: Callable[[], Any]) -> Any:
+        from workers.compression import process_memory
+
+        _reset_peak()
+        self.sampler.restart()
+        at_start = process_memory.status_bytes("VmRSS")  # what earlier phases left resident
+        started = time.perf_counter(), _cpu_seconds()
+        value = work()
+        peaks = self.sampler.read()
+        self.measured[name] = {
+            "seconds": round(time.perf_counter() - started[0], 2),
+            "cpu_seconds": round(_cpu_seconds() - started[1], 2),
+            "peak_rss_bytes": process_memory.status_bytes("VmHWM"),
+            "peak_rss_anon_bytes": peaks["RssAnon"],
+            "peak_rss_file_bytes": peaks["RssFile"],
+            "rss_at_start_bytes": at_start,
+        }
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            self.measured[name]["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        return value
+
+    def totals(self) -> dict:
+        phases = self.measured
+        return {
+            "phases": phases,
+            "peak_rss_bytes": max(p["peak_rss_bytes"] for p in phases.values()),
+            "peak_rss_anon_bytes": max(p["peak_rss_anon_bytes"] for p in phases.values()),
+            "wall_s": round(sum(p["seconds"] for p in phases.values()), 2),
+            "cpu_s": round(sum(p["cpu_seconds"] for p in phases.values()), 2),
+        }
+
+
 def model_folder(name: str, work: Path) -> Path:
     from workers.compression.examples import builtin_model_folder
 
@@ -118,13 +173,136 @@ def model_folder(name: str, work: Path) -> Path:
     return folder
 
 
+def _calibration_texts() -> list[str]:
+    from workers.compression.examples import builtin_dataset_jsonl
+
+    return [
+        json.loads(line)["text"]
+        for line in builtin_dataset_jsonl("enwiki-calibration").splitlines()
+    ]
+
+
+def _calibration_sha256(calibration: list | None) -> str | None:
+    """The calibration's token ids, hashed as bench.quant_peers hashes its own: equal hashes, the
+    same calibration in both benches (and in a peer's row)."""
+    import torch
+
+    if not calibration:
+        return None
+    return hashlib.sha256(torch.cat(calibration).numpy().tobytes()).hexdigest()
+
+
+def peer_inputs(model: str, args: argparse.Namespace) -> list[str]:
+    """A peer row's model folder and calibration token ids, made here (the main venv) exactly as
+    our rows make them: the peer sees the same windows."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from workers.compression.data import calibration_batches
+
+    folder = model_folder(model, args.work)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calibration = calibration_batches(
+        _calibration_texts(), tokenizer, num_samples=args.samples, seq_len=args.seq_len, seed=0
+    )
+    path = args.work / f"calibration-{model}-{args.samples}x{args.seq_len}.safetensors"
+    save_file({"input_ids": torch.cat(calibration)}, path)
+    return ["--folder", str(folder), "--calibration", str(path)]
+
+
+def run_peer_row(args: argparse.Namespace) -> dict:
+    """A peer library's row, in bench/.peers-venv: the model loaded whole as the library's users
+    load it (transformers' `from_pretrained`, in the checkpoint's dtype), compressed by the library
+    on the same calibration token ids as our rows, saved compressed (`save_pretrained`), and
+    loaded back with transformers and run once on a sample (the check). The phases are ours."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.peers.compressors import build, targets_of
+
+    commit = _commit()
+    load_at_start = os.getloadavg()
+    torch.set_num_threads(args.threads)
+    # Both prepared by the main venv: the built-ins' packages are not in the peers' venv.
+    folder = args.folder
+    peer = PEERS[args.method]
+    compressor = build(peer["library"], peer["options"])
+    compressor.check()
+    phases = _Phases(args.device)
+
+    def load() -> tuple:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        ids = load_file(args.calibration)["input_ids"]
+        return model, tokenizer, [row.unsqueeze(0) for row in ids]
+
+    model, tokenizer, calibration = phases.run("load", load)
+    parameters = sum(p.numel() for p in model.parameters())
+    dtype = str(model.dtype).removeprefix("torch.")
+    loaded = SimpleNamespace(model=model, tokenizer=tokenizer, task="causal-lm", folder=folder)
+    summary = phases.run(
+        "compress", lambda: compressor.compress(loaded, calibration, targets_of(model))
+    )
+    out = args.work / f"out-{args.model}-{args.method}"
+    shutil.rmtree(out, ignore_errors=True)
+    phases.run("export", lambda: model.save_pretrained(out, save_compressed=True))
+    # The check's peak is the reloaded model's, not both: llm-compressor's session holds the
+    # model it compressed until it is reset.
+    loaded = model = None
+    if peer["library"] == "llm-compressor":
+        from llmcompressor.core import reset_session
+
+        reset_session()
+    gc.collect()
+    size = sum(path.stat().st_size for path in out.glob("*.safetensors"))
+
+    def check() -> list[int]:
+        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
+        with torch.no_grad():
+            logits = reloaded(calibration[0][:, :64]).logits
+        if not torch.isfinite(logits).all():
+            raise RuntimeError("the reloaded model's logits are not finite")
+        return list(logits.shape)
+
+    logits_shape = phases.run("check", check)
+    shutil.rmtree(out, ignore_errors=True)
+    on_disk = sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
+    return {
+        "model": args.model,
+        "method": args.method,
+        "library": peer["library"],
+        "library_version": importlib.metadata.version(peer["library"].replace("-", "")),
+        "streamed": False,
+        "stages": [peer["options"]],
+        "modifiers": summary.get("modifiers"),
+        "parameters": parameters,
+        "checkpoint_bytes": on_disk,
+        "checkpoint_dtype": dtype,
+        "calibration": {
+            "samples": args.samples,
+            "seq_len": args.seq_len,
+            "sha256": _calibration_sha256(calibration),
+        },
+        "threads": args.threads,
+        "device": args.device,
+        **phases.totals(),
+        "artifact_bytes": size,
+        "export_check": {"reloaded_logits_shape": logits_shape},
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "load_average_start": load_at_start,
+        "load_average": os.getloadavg(),
+        "commit": commit,
+    }
+
+
 def run_row(args: argparse.Namespace) -> dict:
     """One row, in this process."""
     import torch
 
     from workers.compression import compress, process_memory
     from workers.compression.data import calibration_batches
-    from workers.compression.examples import builtin_dataset_jsonl
     from workers.compression.export import verify, write_draft
     from workers.compression.loading import load_model
     from workers.compression.recipe import Recipe
@@ -136,75 +314,39 @@ def run_row(args: argparse.Namespace) -> dict:
     folder = model_folder(args.model, args.work)
     stages = METHODS[args.method]
     recipe = Recipe.model_validate({"stages": stages})
-    phases: dict[str, dict] = {}
+    phases = _Phases(args.device)
 
-    cuda = args.device.startswith("cuda")
-    sampler = _RssSampler()
-
-    def phase(name: str, started: tuple[float, float]) -> None:
-        peaks = sampler.read()
-        phases[name] = {
-            "seconds": round(time.perf_counter() - started[0], 2),
-            "cpu_seconds": round(_cpu_seconds() - started[1], 2),
-            "peak_rss_bytes": process_memory.status_bytes("VmHWM"),
-            "peak_rss_anon_bytes": peaks["RssAnon"],
-            "peak_rss_file_bytes": peaks["RssFile"],
-        }
-        if cuda:
-            torch.cuda.synchronize()
-            phases[name]["peak_device_bytes"] = torch.cuda.max_memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-
-    _reset_peak()
-    sampler.restart()
-    started = time.perf_counter(), _cpu_seconds()
-    # A scratch folder of the row's own: rows run side by side must not share block files.
-    scratch = args.work / f"blocks-{args.model}-{args.method}"
-    loaded = load_model(folder, device=args.device, streamed=not args.whole, scratch=scratch)
-    texts = [
-        json.loads(line)["text"]
-        for line in builtin_dataset_jsonl("enwiki-calibration").splitlines()
-    ]
-    calibration = (
-        calibration_batches(
-            texts, loaded.tokenizer, num_samples=args.samples, seq_len=args.seq_len, seed=0
+    def load() -> tuple:
+        # A scratch folder of the row's own: rows run side by side must not share block files.
+        scratch = args.work / f"blocks-{args.model}-{args.method}"
+        loaded = load_model(folder, device=args.device, streamed=not args.whole, scratch=scratch)
+        calibration = (
+            calibration_batches(
+                _calibration_texts(),
+                loaded.tokenizer,
+                num_samples=args.samples,
+                seq_len=args.seq_len,
+                seed=0,
+            )
+            if recipe.needs_calibration
+            else None
         )
-        if recipe.needs_calibration
-        else None
-    )
-    phase("load", started)
-    # The calibration's token ids, hashed as bench.quant_peers hashes its own: equal hashes, the
-    # same calibration in both benches.
-    calibration_sha256 = (
-        hashlib.sha256(torch.cat(calibration).numpy().tobytes()).hexdigest()
-        if calibration
-        else None
-    )
+        return loaded, calibration
+
+    loaded, calibration = phases.run("load", load)
     parameters = sum(p.numel() for p in loaded.model.parameters())  # before any layer is replaced
-
-    _reset_peak()
-    sampler.restart()
-    started = time.perf_counter(), _cpu_seconds()
-    result = compress(loaded.model, recipe, calibration)
-    phase("compress", started)
-
-    _reset_peak()
-    sampler.restart()
-    started = time.perf_counter(), _cpu_seconds()
+    result = phases.run("compress", lambda: compress(loaded.model, recipe, calibration))
     out = args.work / f"out-{args.model}-{args.method}"
-    draft = write_draft(
-        loaded, result.model, out, recipe={"stages": stages}, inputs={}, sparse_storage="dense"
+    draft = phases.run(
+        "export",
+        lambda: write_draft(
+            loaded, result.model, out, recipe={"stages": stages}, inputs={}, sparse_storage="dense"
+        ),
     )
-    phase("export", started)
     size = sum(path.stat().st_size for path in draft.path.glob("*.safetensors"))
-
-    _reset_peak()
-    sampler.restart()
-    started = time.perf_counter(), _cpu_seconds()
     sample = calibration[0][:, :64] if calibration else torch.tensor([[1, 450, 4996, 17354]])
     sample = sample.to(args.device)
-    check = verify(draft, result.model, loaded.task, sample)
-    phase("check", started)
+    check = phases.run("check", lambda: verify(draft, result.model, loaded.task, sample))
     draft.discard()
     on_disk = sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
     return {
@@ -216,17 +358,17 @@ def run_row(args: argparse.Namespace) -> dict:
         "checkpoint_bytes": on_disk,
         "checkpoint_dtype": str(loaded.dtype).removeprefix("torch."),
         "calibration": (
-            {"samples": args.samples, "seq_len": args.seq_len, "sha256": calibration_sha256}
+            {
+                "samples": args.samples,
+                "seq_len": args.seq_len,
+                "sha256": _calibration_sha256(calibration),
+            }
             if calibration
             else None
         ),
         "threads": args.threads,
         "device": args.device,
-        "phases": phases,
-        "peak_rss_bytes": max(p["peak_rss_bytes"] for p in phases.values()),
-        "peak_rss_anon_bytes": max(p["peak_rss_anon_bytes"] for p in phases.values()),
-        "wall_s": round(sum(p["seconds"] for p in phases.values()), 2),
-        "cpu_s": round(sum(p["cpu_seconds"] for p in phases.values()), 2),
+        **phases.totals(),
         "artifact_bytes": size,
         "export_check": {k: v for k, v in check.report.items() if k != "runtime"},
         "memory_budget_bytes": os.environ.get("SLIMFORMER_MEMORY_LIMIT_BYTES"),
@@ -331,7 +473,7 @@ def cpu_per_parameter_table(rows: list[dict]) -> list[str]:
     ]
     ordered = sorted(
         measured,
-        key=lambda r: (list(METHODS).index(r["method"]), _calibration(r), r["parameters"]),
+        key=lambda r: ([*METHODS, *PEERS].index(r["method"]), _calibration(r), r["parameters"]),
     )
     for row in ordered:
         compress = row["phases"]["compress"]
@@ -434,7 +576,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument(
-        "--methods", nargs="+", default=[m for m in METHODS if m != "fp8"], choices=list(METHODS)
+        "--methods",
+        nargs="+",
+        default=[m for m in METHODS if m != "fp8"],
+        choices=[*METHODS, *PEERS],
+        help=f"ours, or a peer's (in bench/.peers-venv, whole): {', '.join(PEERS)}",
     )
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU, blocks onloaded)")
     parser.add_argument("--samples", type=int, default=16)
@@ -447,6 +593,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path(".slimformer/bench-scaling"))
     parser.add_argument("--row", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--calibration", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
         "--merge", nargs="+", type=Path, metavar="ROW_JSON", help="merge rows run with --row"
     )
@@ -464,7 +612,7 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.row:
         args.model, args.method = args.row
-        row = run_row(args)
+        row = run_peer_row(args) if args.method in PEERS else run_row(args)
         budget = os.environ.get("SLIMFORMER_MEMORY_LIMIT_BYTES")
         row["command"] = (
             (f"SLIMFORMER_MEMORY_LIMIT_BYTES={budget} " if budget else "")
@@ -477,12 +625,20 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models:
         for method in args.methods:
             out = args.work / f"row-{model}-{method}.json"
+            python, peer = sys.executable, []
+            if method in PEERS:
+                from bench.quant_peers import peers_ready, setup_peers_venv, venv_python
+
+                if not peers_ready():
+                    setup_peers_venv()
+                python = str(venv_python("peers"))
+                peer = peer_inputs(model, args)
             command = [
-                sys.executable, "-m", "bench.stream_scaling", "--row", model, method,
+                python, "-m", "bench.stream_scaling", "--row", model, method,
                 "--out", str(out), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
                 "--threads", str(args.threads), "--work", str(args.work), "--budget-gb", str(args.budget_gb),
                 "--device", args.device,
-            ] + (["--whole"] if args.whole else [])  # fmt: skip
+            ] + (["--whole"] if args.whole else []) + peer  # fmt: skip
             print(f"{model} {method} ...", flush=True)
             # The export check loads the largest prefix of blocks that fits what preflight sees
             # as free; a budget keeps that (and so the row's peak) to what a worker would have.
