@@ -61,7 +61,13 @@ METHODS = {
 # A peer library's row, for the peak-memory ratio in the same run: llm-compressor's GPTQ at the
 # scheme of `gptq` above (symmetric int4, groups of 64), run in bench/.peers-venv
 # (`bench.quant_peers` builds it) on the same calibration token ids.
-PEERS = {"llmcompressor-gptq": {"library": "llm-compressor", "options": {"kind": "gptq-w4a16"}}}
+PEERS = {
+    "llmcompressor-gptq": {
+        "library": "llm-compressor",
+        "options": {"kind": "gptq-w4a16"},
+        "ours": "gptq",  # the row of ours it is compared with
+    }
+}
 MODELS = ("smollm2", "llama-1b-4layers", "llama-1b", "llama-7b-4layers", "llama-7b")
 
 
@@ -493,6 +499,59 @@ def cpu_per_parameter_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _through_compress(row: dict) -> int:
+    """The peak RSS of loading and compressing: what the peer's own work holds (its export and
+    our check differ in what they do)."""
+    return max(row["phases"][k]["peak_rss_bytes"] for k in ("load", "compress"))
+
+
+def peer_table(rows: list[dict]) -> list[str]:
+    """Each peer row against our streamed row of the same model, method and calibration ids."""
+    pairs = []
+    for peer in (r for r in rows if r["method"] in PEERS):
+        ours = [
+            r
+            for r in rows
+            if r["method"] == PEERS[peer["method"]]["ours"]
+            and r["model"] == peer["model"]
+            and r["streamed"]
+            and (r.get("calibration") or {}).get("sha256") == peer["calibration"]["sha256"]
+        ]
+        if ours:
+            pairs.append((ours[0], peer))
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "## Against a peer library, on the same calibration token ids",
+        "",
+        "Our streamed row against the peer's, which loads the model whole as its users do "
+        "(`from_pretrained` in the checkpoint's dtype) and runs in bench/.peers-venv. Load + "
+        "compress is the peak through compressing; overall adds export and check, where the two "
+        "differ in what they do (ours checks the artifact against the engine's model block by "
+        "block; the peer's reloads it with transformers and runs it once).",
+        "",
+        "| model | calibration | method | peak RSS MB, load + compress (ours / peer, ratio) | "
+        "peak RSS MB, overall (ours / peer, ratio) | compress CPU s (ours / peer) | "
+        "compress wall s (ours / peer) | measured (ours / peer) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for ours, peer in pairs:
+        early = _through_compress(ours), _through_compress(peer)
+        overall = ours["peak_rss_bytes"], peer["peak_rss_bytes"]
+        cpu = [r["phases"]["compress"]["cpu_seconds"] for r in (ours, peer)]
+        wall = [r["phases"]["compress"]["seconds"] for r in (ours, peer)]
+        lines.append(
+            f"| {ours['model']} | {_calibration(ours)} | {ours['method']} vs {peer['method']} "
+            f"({peer['library']} {peer['library_version']}) | {_mb(early[0])} / {_mb(early[1])} "
+            f"(**{early[0] / early[1]:.2f}×**) | {_mb(overall[0])} / {_mb(overall[1])} "
+            f"({overall[0] / overall[1]:.2f}×) | {cpu[0]:.0f} / {cpu[1]:.0f} | "
+            f"{wall[0]:.0f} / {wall[1]:.0f} | {ours['measured_at'][:16]} {ours.get('commit', '-')}"
+            f" / {peer['measured_at'][:16]} |"
+        )
+    return lines
+
+
 def merge_rows(new: list[dict], command: str) -> list[dict]:
     """Merge `new` into bench/results/stream_scaling.json (each replacing the row of its key) and
     rewrite the Markdown, under a lock: runs side by side each merge their own rows."""
@@ -563,6 +622,7 @@ def write_results(rows: list[dict], command: str) -> None:
             f"{row.get('commit', '-')} |"
         )
     lines += cpu_per_parameter_table(rows)
+    lines += peer_table(rows)
     notes = RESULTS / "stream_scaling.notes.md"  # kept by hand: what the rows show
     if notes.is_file():
         lines += ["", notes.read_text(encoding="utf-8").rstrip()]

@@ -103,3 +103,38 @@ def test_cpu_seconds_count_this_process_work():
     while stream_scaling._cpu_seconds() - before < 0.2:
         total += sum(range(10_000))
     assert stream_scaling._cpu_seconds() - before >= 0.2
+
+
+def test_a_peer_row_is_compared_with_ours_on_the_same_calibration_ids(results):
+    same = {"samples": 64, "seq_len": 512, "sha256": "aa"}
+    ours = _row("smollm2", 135_000_000, 480.0, same)
+    ours["phases"]["compress"]["peak_rss_bytes"] = 670_000_000
+    ours["peak_rss_bytes"] = 700_000_000
+    peer = _row("smollm2", 135_000_000, 4000.0, same) | {
+        "method": "llmcompressor-gptq",
+        "library": "llm-compressor",
+        "library_version": "0.14.0.1",
+        "streamed": False,
+        "peak_rss_bytes": 1_900_000_000,
+        "measured_at": "2026-12-07T16:00:00+00:00",
+    }
+    peer["phases"]["compress"]["peak_rss_bytes"] = 1_340_000_000
+    ours["measured_at"] = "2026-12-07T15:00:00+00:00"
+    # Another calibration's row of ours is not its pair, even at the same settings.
+    other = _row("smollm2", 135_000_000, 470.0, {"samples": 64, "seq_len": 512, "sha256": "bb"})
+    other["streamed"] = False
+    stream_scaling.merge_rows([ours, peer, other], "cmd")
+
+    page = (results / "stream_scaling.md").read_text()
+    table = page.split("## Against a peer library")[1]
+    lines = [line for line in table.splitlines() if line.startswith("| smollm2")]
+    assert len(lines) == 1
+    # Load + compress: 670 / 1,340 MB; overall 700 / 1,900.
+    assert "670 / 1,340 (**0.50×**)" in lines[0]
+    assert "700 / 1,900 (0.37×)" in lines[0]
+    assert "| 480 / 4000 |" in lines[0]
+
+
+def test_without_a_peer_row_there_is_no_peer_table(results):
+    stream_scaling.merge_rows([_row("smollm2", 135_000_000, 480.0, None)], "cmd")
+    assert "## Against a peer library" not in (results / "stream_scaling.md").read_text()
