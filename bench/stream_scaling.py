@@ -15,6 +15,8 @@ measured here (random weights); the built-in quality tests and `bench.quant_peer
     .venv/bin/python -m bench.stream_scaling                                  # every row
     .venv/bin/python -m bench.stream_scaling --models smollm2 --methods gptq --samples 64 --seq-len 512
     .venv/bin/python -m bench.stream_scaling --whole ...     # the same rows, model held whole (for the ratio)
+    .venv/bin/python -m bench.stream_scaling --models smollm2 --methods gptq llmcompressor-gptq \
+        --samples 64 --seq-len 512 --threads 1    # and llm-compressor's GPTQ, in bench/.peers-venv
 
     .venv/bin/python -m bench.stream_scaling --row MODEL METHOD --out row.json ...   # one row, no merge
     .venv/bin/python -m bench.stream_scaling --merge row.json ...   # merge rows run with --row
