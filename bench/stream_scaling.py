@@ -66,6 +66,7 @@ METHODS = {
 PEERS = {
     "llmcompressor-gptq": {
         "library": "llm-compressor",
+        "package": "llmcompressor",  # its distribution's name, for the version
         "options": {"kind": "gptq-w4a16"},
         "ours": "gptq",  # the row of ours it is compared with
     }
@@ -122,11 +123,16 @@ class _RssSampler:
 
 
 class _Phases:
-    """Each phase's wall time, CPU time and its own peak RSS (the high-water mark is reset before
-    it starts), and on a GPU its peak device memory."""
+    """A row's measurements: each phase's wall time, CPU time and its own peak RSS (the
+    high-water mark is reset before it starts), on a GPU its peak device memory, and what the row
+    ran under (commit, threads, device, load average)."""
 
-    def __init__(self, device: str) -> None:
-        self.cuda = device.startswith("cuda")
+    def __init__(self, args: argparse.Namespace) -> None:
+        # The code this row runs, read at its start: a commit made meanwhile is not it.
+        self.commit = _commit()
+        self.load_at_start = os.getloadavg()
+        self.threads, self.device = args.threads, args.device
+        self.cuda = args.device.startswith("cuda")
         self.sampler = _RssSampler()
         self.measured: dict[str, dict] = {}
 
@@ -158,11 +164,17 @@ class _Phases:
     def totals(self) -> dict:
         phases = self.measured
         return {
+            "threads": self.threads,
+            "device": self.device,
             "phases": phases,
             "peak_rss_bytes": max(p["peak_rss_bytes"] for p in phases.values()),
             "peak_rss_anon_bytes": max(p["peak_rss_anon_bytes"] for p in phases.values()),
             "wall_s": round(sum(p["seconds"] for p in phases.values()), 2),
             "cpu_s": round(sum(p["cpu_seconds"] for p in phases.values()), 2),
+            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "load_average_start": self.load_at_start,
+            "load_average": os.getloadavg(),
+            "commit": self.commit,
         }
 
 
@@ -181,23 +193,33 @@ def model_folder(name: str, work: Path) -> Path:
     return folder
 
 
-def _calibration_texts() -> list[str]:
+def _calibration_ids(tokenizer: Any, args: argparse.Namespace) -> list:
+    """The row's calibration windows of enwiki-calibration, as every row (a peer's too) makes them."""
+    from workers.compression.data import calibration_batches
     from workers.compression.examples import builtin_dataset_jsonl
 
-    return [
+    texts = [
         json.loads(line)["text"]
         for line in builtin_dataset_jsonl("enwiki-calibration").splitlines()
     ]
+    return calibration_batches(
+        texts, tokenizer, num_samples=args.samples, seq_len=args.seq_len, seed=0
+    )
 
 
-def _calibration_sha256(calibration: list | None) -> str | None:
-    """The calibration's token ids, hashed as bench.quant_peers hashes its own: equal hashes, the
-    same calibration in both benches (and in a peer's row)."""
+def _calibration_record(args: argparse.Namespace, calibration: list | None) -> dict | None:
+    """The row's calibration, its token ids hashed as bench.quant_peers hashes its own: equal
+    hashes, the same calibration in both benches (and in a peer's row)."""
     import torch
 
     if not calibration:
         return None
-    return hashlib.sha256(torch.cat(calibration).numpy().tobytes()).hexdigest()
+    ids = torch.cat(calibration).numpy().tobytes()
+    return {
+        "samples": args.samples,
+        "seq_len": args.seq_len,
+        "sha256": hashlib.sha256(ids).hexdigest(),
+    }
 
 
 def peer_inputs(model: str, args: argparse.Namespace) -> list[str]:
@@ -207,13 +229,8 @@ def peer_inputs(model: str, args: argparse.Namespace) -> list[str]:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from workers.compression.data import calibration_batches
-
     folder = model_folder(model, args.work)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    calibration = calibration_batches(
-        _calibration_texts(), tokenizer, num_samples=args.samples, seq_len=args.seq_len, seed=0
-    )
+    calibration = _calibration_ids(AutoTokenizer.from_pretrained(folder), args)
     path = args.work / f"calibration-{model}-{args.samples}x{args.seq_len}.safetensors"
     save_file({"input_ids": torch.cat(calibration)}, path)
     return ["--folder", str(folder), "--calibration", str(path)]
@@ -230,15 +247,13 @@ def run_peer_row(args: argparse.Namespace) -> dict:
 
     from bench.peers.compressors import build, targets_of
 
-    commit = _commit()
-    load_at_start = os.getloadavg()
+    phases = _Phases(args)
     torch.set_num_threads(args.threads)
     # Both prepared by the main venv: the built-ins' packages are not in the peers' venv.
     folder = args.folder
     peer = PEERS[args.method]
     compressor = build(peer["library"], peer["options"])
     compressor.check()
-    phases = _Phases(args.device)
 
     def load() -> tuple:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
@@ -281,27 +296,17 @@ def run_peer_row(args: argparse.Namespace) -> dict:
         "model": args.model,
         "method": args.method,
         "library": peer["library"],
-        "library_version": importlib.metadata.version(peer["library"].replace("-", "")),
+        "library_version": importlib.metadata.version(peer["package"]),
         "streamed": False,
         "stages": [peer["options"]],
         "modifiers": summary.get("modifiers"),
         "parameters": parameters,
         "checkpoint_bytes": on_disk,
         "checkpoint_dtype": dtype,
-        "calibration": {
-            "samples": args.samples,
-            "seq_len": args.seq_len,
-            "sha256": _calibration_sha256(calibration),
-        },
-        "threads": args.threads,
-        "device": args.device,
+        "calibration": _calibration_record(args, calibration),
         **phases.totals(),
         "artifact_bytes": size,
         "export_check": {"reloaded_logits_shape": logits_shape},
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "load_average_start": load_at_start,
-        "load_average": os.getloadavg(),
-        "commit": commit,
     }
 
 
@@ -310,35 +315,22 @@ def run_row(args: argparse.Namespace) -> dict:
     import torch
 
     from workers.compression import compress, process_memory
-    from workers.compression.data import calibration_batches
     from workers.compression.export import verify, write_draft
     from workers.compression.loading import load_model
     from workers.compression.recipe import Recipe
 
-    commit = _commit()  # the code this row runs (read now: a commit made meanwhile is not it)
-    load_at_start = os.getloadavg()
+    phases = _Phases(args)
     torch.set_num_threads(args.threads)
     process_memory.return_large_frees()  # as a worker's job process does (workers/celery_app.py)
     folder = model_folder(args.model, args.work)
     stages = METHODS[args.method]
     recipe = Recipe.model_validate({"stages": stages})
-    phases = _Phases(args.device)
 
     def load() -> tuple:
         # A scratch folder of the row's own: rows run side by side must not share block files.
         scratch = args.work / f"blocks-{args.model}-{args.method}"
         loaded = load_model(folder, device=args.device, streamed=not args.whole, scratch=scratch)
-        calibration = (
-            calibration_batches(
-                _calibration_texts(),
-                loaded.tokenizer,
-                num_samples=args.samples,
-                seq_len=args.seq_len,
-                seed=0,
-            )
-            if recipe.needs_calibration
-            else None
-        )
+        calibration = _calibration_ids(loaded.tokenizer, args) if recipe.needs_calibration else None
         return loaded, calibration
 
     loaded, calibration = phases.run("load", load)
@@ -365,25 +357,11 @@ def run_row(args: argparse.Namespace) -> dict:
         "parameters": parameters,
         "checkpoint_bytes": on_disk,
         "checkpoint_dtype": str(loaded.dtype).removeprefix("torch."),
-        "calibration": (
-            {
-                "samples": args.samples,
-                "seq_len": args.seq_len,
-                "sha256": _calibration_sha256(calibration),
-            }
-            if calibration
-            else None
-        ),
-        "threads": args.threads,
-        "device": args.device,
+        "calibration": _calibration_record(args, calibration),
         **phases.totals(),
         "artifact_bytes": size,
         "export_check": {k: v for k, v in check.report.items() if k != "runtime"},
         "memory_budget_bytes": os.environ.get("SLIMFORMER_MEMORY_LIMIT_BYTES"),
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "load_average_start": load_at_start,
-        "load_average": os.getloadavg(),
-        "commit": commit,
     }
 
 
